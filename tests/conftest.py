@@ -1,0 +1,20 @@
+"""Shared fixtures. One local Ray for the whole session: Ray starts in seconds, not milliseconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance shared by every test that asks for it (integration and e2e)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        # More logical CPUs than cores: Ray Data actors and Ray Train workers mostly wait on each other in tests.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

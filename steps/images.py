@@ -14,11 +14,14 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch costs seconds to import in every Ray Data worker that only handles PNGs
+    import torch
 
 IMAGE_META_KEY = b"vqvae2.images"
 SPLITS = ("train", "val")
@@ -62,7 +65,7 @@ def decode_batch(images: Sequence[bytes], channels: int) -> np.ndarray:
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Model output (B, C, S, S) in [-1, 1] -> uint8 (B, S, S) for C == 1 or (B, S, S, 3)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
     return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
 
 

@@ -18,3 +18,13 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digit_shards(ray_local, tmp_path_factory) -> str:
+    """240 bundled digits at 32x32, 1 channel, sharded by the real shard step (about 20 % val)."""
+    from steps.shard import ShardConfig, run
+
+    out = tmp_path_factory.mktemp("shards")
+    run(ShardConfig(limit=240, val_fraction=0.2, rows_per_shard=100), {}, str(out))
+    return str(out)

@@ -1,0 +1,274 @@
+"""The distributed training loop both training steps share (Ray Train V2, ``TorchTrainer``).
+
+A :class:`TrainTask` says what differs between training an autoencoder and a prior (how to build the model, turn a
+batch into a loss, evaluate, and what to write at the end); :func:`fit` owns everything else: DDP through
+``prepare_model`` (gloo on CPU, NCCL on GPU), the optimiser and learning-rate schedule, bf16 autocast on GPU,
+gradient clipping, periodic checkpoints carrying model, optimiser, scheduler, step and RNG state, resuming from
+``ray.train.get_checkpoint()`` after a worker failure or a restarted driver, and rank-0 metrics to the sink.
+
+Training counts optimiser steps, not epochs: every worker runs exactly ``steps`` updates, cycling over its data
+shard as often as needed, so ranks never disagree about how many collectives remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from steps.common import MetricsSink
+from steps.nn.checkpoint import checkpoint_dict, unwrap
+
+log = logging.getLogger(__name__)
+STATE_FILE = "model.pt"
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train, independent of what is trained."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    batch_size: int = 64  # per worker
+    steps: int = 2000
+    lr: float = 3e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    checkpoint_every: int = 500
+    log_every: int = 25
+    val_batches: int = 4  # batches of val data scored at every checkpoint
+    max_failures: int = 2
+    seed: int = 0
+    bf16: bool = True  # autocast on GPU; CPU always trains in fp32
+    # Test-only fault injection: rank 0 raises once, right after this step (0 = off). Fires once per run directory,
+    # so the restarted attempt gets past it; used to prove resume-from-checkpoint.
+    fail_at_step: int = 0
+
+    def validate(self, owner: str) -> None:
+        positive = ("num_workers", "cpus_per_worker", "batch_size", "steps", "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{owner}.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "val_batches", "max_failures", "fail_at_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"{owner}.lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{owner}.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` after ``step`` updates: linear warm-up, then the schedule's decay to zero."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = min((step - self.warmup_steps) / max(self.steps - self.warmup_steps, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
+
+
+class TrainTask:
+    """What one kind of training needs on each worker. Subclasses must be picklable (Ray ships them to workers)."""
+
+    name = "train"
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare_batch(self, batch: Mapping[str, Any], device: torch.device) -> Any:
+        """A Ray Data batch (dict of numpy arrays) -> what :meth:`loss` takes, on ``device``."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss to minimise, detached scalars to log)."""
+        raise NotImplementedError
+
+    def window_stats(self, model: nn.Module) -> dict[str, float]:
+        """Statistics over the steps since the last log line (e.g. codebook usage); called at every log step."""
+        return {}
+
+    def evaluate(self, model: nn.Module, batches: list[Any]) -> dict[str, float]:
+        """Validation metrics on a few val batches (rank 0, eval mode, no grad)."""
+        return {}
+
+    def finalize(self, model: nn.Module, batches: list[Any], out_dir: str) -> None:
+        """Write extra artifacts (e.g. a reconstruction grid) into ``out_dir`` at the end (rank 0)."""
+
+
+def _batches(dataset, batch_size: int) -> Iterator[Mapping[str, Any]]:
+    """Cycle over a dataset shard forever in numpy batches; a new pass starts where the last one ended."""
+    while True:
+        empty = True
+        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"a worker's data shard holds fewer rows than one batch ({batch_size})")
+
+
+def _save(path: str, model: nn.Module, opt, sched, step: int, metrics: dict) -> None:
+    payload = checkpoint_dict(
+        model,
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        step=step,
+        rng=torch.get_rng_state(),
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+    torch.save(payload, path)
+
+
+def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, marker: str | None) -> None:
+    if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and marker and not os.path.exists(marker):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        open(marker, "w").close()
+        raise RuntimeError(f"injected fault at step {step} (train.fail_at_step)")
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    task: TrainTask = config["task"]
+    tc: TrainConfig = config["train"]
+    sink: MetricsSink = config["sink"] or MetricsSink()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(tc.cpus_per_worker)
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = task.build_model()
+    # Buffers (the EMA codebooks) are kept identical by the quantiser's own all-reduce; DDP's per-forward
+    # broadcast of them from rank 0 would only cost time.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, tc.lr_factor)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        if rank == 0:
+            torch.set_rng_state(state["rng"])
+        log.info("%s: resumed from step %d", task.name, step)
+    # Each rank draws differently from here on (dropout, restarts), reproducibly for a given step.
+    if rank != 0 or checkpoint is None:
+        torch.manual_seed(tc.seed * 1_000_003 + rank * 7919 + step)
+
+    train_iter = _batches(ray.train.get_dataset_shard("train"), tc.batch_size)
+    val_shard = ray.train.get_dataset_shard("val") if rank == 0 and tc.val_batches else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
+    window: dict[str, float] = {}
+    last_train: dict[str, float] = {}
+    seen, t0 = 0, time.perf_counter()
+    while step < tc.steps:
+        model.train()
+        batch = task.prepare_batch(next(train_iter), device)
+        with autocast:
+            loss, stats = task.loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{task.name}: loss is {loss.item()} at step {step + 1}; stopping")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        seen += 1
+        for k, v in {"loss": loss.detach(), **stats}.items():
+            window[k] = window.get(k, 0.0) + float(v)
+        last = step == tc.steps
+        if step % tc.log_every == 0 or last:
+            elapsed = time.perf_counter() - t0
+            metrics = {f"train/{k}": v / seen for k, v in window.items()}
+            metrics.update({f"train/{k}": v for k, v in task.window_stats(unwrap(model)).items()})
+            metrics["train/lr"] = sched.get_last_lr()[0]
+            metrics["train/items_per_s"] = seen * tc.batch_size * world / max(elapsed, 1e-9)
+            if rank == 0:
+                sink.log_metrics(metrics, step)
+            last_train = metrics
+            window, seen, t0 = {}, 0, time.perf_counter()
+        if step % tc.checkpoint_every == 0 or last:
+            report: dict[str, float] = {"step": step, **last_train}
+            val = []
+            if val_shard is not None:
+                val = [
+                    task.prepare_batch(b, device)
+                    for _, b in zip(
+                        range(tc.val_batches),
+                        val_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"),
+                        strict=False,
+                    )
+                ]
+                model.eval()
+                with torch.no_grad(), autocast:
+                    report.update({f"val/{k}": v for k, v in task.evaluate(unwrap(model), val).items()})
+                sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    _save(os.path.join(d, STATE_FILE), model, opt, sched, step, report)
+                    if last:
+                        model.eval()
+                        with torch.no_grad(), autocast:
+                            task.finalize(unwrap(model), val, d)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        _maybe_inject_fault(tc, step, rank, config.get("fault_marker"))
+
+
+def fit(
+    task: TrainTask,
+    tc: TrainConfig,
+    datasets: Mapping[str, Any],
+    storage: str,
+    name: str,
+    sink: MetricsSink | None = None,
+):
+    """Train ``task`` on ``datasets`` ({"train": ..., "val": ...} Ray Datasets) and return the final checkpoint.
+
+    ``storage``/``name`` locate Ray Train's run state: a second call with the same pair resumes from the latest
+    checkpoint there instead of starting over (a restarted driver continues the run).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "task": task,
+            "train": tc,
+            "sink": sink,
+            "fault_marker": os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=dict(datasets),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{task.name}: training finished without a checkpoint (see the Ray Train logs)")
+    return result

@@ -1,0 +1,292 @@
+"""The sample step on local Ray with tiny untrained models: artifacts, determinism, conditioning, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from steps.common import MissingInputError
+from steps.nn.checkpoint import CheckpointError, save_checkpoint
+from steps.nn.prior import PixelCNNPrior, PriorConfig
+from steps.nn.vae import VAE, VAEConfig
+from steps.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
+from steps.sample import SAMPLES_META_KEY, SampleConfig, run, shard_seed
+
+SMALL = {"image_size": 32, "in_channels": 1, "channels": 16, "res_channels": 8, "res_blocks": 1}
+TOP = PriorConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2)
+BOTTOM = PriorConfig(num_codes=16, shape=(8, 8), channels=16, layers=2, cond_num_codes=16, cond_shape=(4, 4))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def save_model(folder: Path, model: torch.nn.Module) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "model.pt", model, step=1)
+    return digest(folder / "model.pt")
+
+
+def save_priors(folder: Path, vqvae: str, **configs: PriorConfig) -> str:
+    """One checkpoint per level (``top=..., bottom=...``), as train_prior writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for level, config in configs.items():
+        torch.manual_seed(len(level))
+        prior = PixelCNNPrior(config)
+        num_classes = config.num_classes or None
+        save_checkpoint(folder / f"{level}.pt", prior, level=level, vqvae=vqvae, num_classes=num_classes, step=1)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def vq2(tmp_path_factory) -> dict[str, str]:
+    """A two-level VQ-VAE and unconditional top / bottom priors trained (nominally) on its codes."""
+    root = tmp_path_factory.mktemp("vq2")
+    torch.manual_seed(0)
+    d = save_model(root / "vqvae", VQVAE2(VQVAE2Config(**SMALL, codebook_size=16, embed_dim=8)))
+    return {
+        "train_vqvae": str(root / "vqvae"),
+        "train_prior": save_priors(root / "prior", d, top=TOP, bottom=BOTTOM),
+        "digest": d,
+    }
+
+
+@pytest.fixture(scope="module")
+def base_run(ray_local, vq2, tmp_path_factory):
+    """3 shards (the last one short) over 2 actors; the grid covers the first two shards."""
+    cfg = SampleConfig(num_samples=10, shard_size=4, grid_size=6, num_actors=2)
+    out = tmp_path_factory.mktemp("base") / "out"
+    result = run(cfg, inputs_of(vq2), str(out))
+    return cfg, out, result
+
+
+def inputs_of(fixture: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in fixture.items() if k in ("train_vqvae", "train_prior")}
+
+
+def pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
+
+
+def grid_side(n: int, size: int, pad: int = 2) -> tuple[int, int]:
+    """(width, height) of steps.images.grid_png for n images of side size."""
+    nrow = math.ceil(math.sqrt(n))
+    return nrow * (size + pad) + pad, math.ceil(n / nrow) * (size + pad) + pad
+
+
+def image(path: Path) -> Image.Image:
+    return Image.open(io.BytesIO(path.read_bytes()))
+
+
+# ------------------------------------------------------------------------------------------------ two levels
+def test_writes_images_codes_grid_and_metadata(base_run, vq2):
+    _, out, result = base_run
+    assert sorted(pngs(out)) == [f"{i:06d}.png" for i in range(10)]
+    first = image(out / "images" / "000000.png")
+    assert first.size == (32, 32) and first.mode == "L"
+    grid = image(out / "grid.png")
+    assert grid.size == grid_side(6, 32) and grid.mode == "L"
+    tiles = np.asarray(grid)
+    for i in range(6):  # in sample order, whichever actor drew them
+        y, x = (2 + 34 * k for k in divmod(i, 3))
+        assert np.array_equal(tiles[y : y + 32, x : x + 32], np.asarray(image(out / "images" / f"{i:06d}.png")))
+
+    assert sorted(p.name for p in (out / "codes").iterdir()) == [f"part-{k:05d}.parquet" for k in range(3)]
+    table = pq.read_table(out / "codes").sort_by("id")
+    assert table.num_rows == 10
+    assert table.column("id").to_pylist() == [f"sample-{i:06d}" for i in range(10)]
+    assert table.column("label").null_count == 10
+    assert table.column("seed").to_pylist() == [shard_seed(0, i // 4) for i in range(10)]
+    for level, size in (("top", 16), ("bottom", 64)):
+        kind = table.schema.field(level).type
+        assert pa.types.is_fixed_size_list(kind) and kind.list_size == size and kind.value_type == pa.int16()
+        codes = np.array(table.column(level).to_pylist())
+        assert codes.min() >= 0 and codes.max() < 16
+    duckdb = pytest.importorskip("duckdb")
+    assert duckdb.sql(f"select count(*) from '{out}/codes/*.parquet'").fetchall() == [(10,)]
+    meta = json.loads(table.schema.metadata[SAMPLES_META_KEY])
+    assert meta["vqvae"] == vq2["digest"]
+    assert meta["top_shape"] == [4, 4] and meta["bottom_shape"] == [8, 8]
+    assert meta["codebook_size"] == {"top": 16, "bottom": 16}
+
+    info = json.loads((out / "samples.json").read_text())
+    assert info["num_samples"] == 10 and info["num_shards"] == 3 and info["vqvae"] == vq2["digest"]
+    assert info["labels"] is None and info["shapes"] == {"top": [4, 4], "bottom": [8, 8]}
+    prior_dir = Path(vq2["train_prior"])
+    assert info["priors"] == {lv: digest(prior_dir / f"{lv}.pt") for lv in ("top", "bottom")}
+    assert info["samples_per_s"] > 0
+    assert result.metrics["num_samples"] == 10 and result.metrics["samples_per_s"] > 0
+    assert result.artifacts == {
+        "grid": str(out / "grid.png"),
+        "images": str(out / "images"),
+        "codes": str(out / "codes"),
+        "metadata": str(out / "samples.json"),
+    }
+
+
+def test_same_config_gives_same_samples_on_any_number_of_actors(base_run, vq2, tmp_path):
+    cfg, first, _ = base_run
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "999999.png").write_bytes(b"left over by a crashed attempt")
+    run(replace(cfg, num_actors=1), inputs_of(vq2), str(out))
+    assert pngs(out) == pngs(first)
+    assert (out / "grid.png").read_bytes() == (first / "grid.png").read_bytes()
+    assert pq.read_table(out / "codes").sort_by("id").equals(pq.read_table(first / "codes").sort_by("id"))
+
+
+def test_another_seed_gives_other_codes(base_run, vq2, tmp_path):
+    cfg, first, _ = base_run
+    run(replace(cfg, seed=1, num_actors=1, num_samples=4), inputs_of(vq2), str(tmp_path))
+    ours = pq.read_table(tmp_path / "codes").sort_by("id")
+    theirs = pq.read_table(first / "codes").sort_by("id").slice(0, 4)
+    assert ours.column("top").to_pylist() != theirs.column("top").to_pylist()
+    assert ours.column("seed").to_pylist() == [shard_seed(1, 0)] * 4
+
+
+# ------------------------------------------------------------------------------------------------ other models
+@pytest.fixture(scope="module")
+def conditional(vq2, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cond")
+    top, bottom = replace(TOP, num_classes=3), replace(BOTTOM, num_classes=3)
+    return {**vq2, "train_prior": save_priors(root, vq2["digest"], top=top, bottom=bottom)}
+
+
+def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_path):
+    cfg = SampleConfig(num_samples=5, shard_size=3, labels=[2, 0], num_actors=1)
+    run(cfg, inputs_of(conditional), str(tmp_path / "given"))
+    table = pq.read_table(tmp_path / "given" / "codes").sort_by("id")
+    assert table.column("label").to_pylist() == [2, 0, 2, 0, 2]
+    assert json.loads((tmp_path / "given" / "samples.json").read_text())["labels"] == [2, 0]
+
+    # Without labels every class takes its turn; without PNGs only the grid shows the images.
+    result = run(
+        SampleConfig(num_samples=4, shard_size=4, num_actors=1, write_pngs=False),
+        inputs_of(conditional),
+        str(tmp_path / "default"),
+    )
+    assert pq.read_table(tmp_path / "default" / "codes").sort_by("id").column("label").to_pylist() == [0, 1, 2, 0]
+    assert not (tmp_path / "default" / "images").exists() and "images" not in result.artifacts
+    assert image(tmp_path / "default" / "grid.png").size == grid_side(4, 32)
+
+
+def test_one_level_vqvae(ray_local, tmp_path):
+    torch.manual_seed(0)
+    d = save_model(tmp_path / "vqvae", VQVAE(VQVAEConfig(**SMALL, codebook_size=16, embed_dim=8, downsample=8)))
+    inputs = {"train_vqvae": str(tmp_path / "vqvae"), "train_prior": save_priors(tmp_path / "prior", d, top=TOP)}
+    result = run(SampleConfig(num_samples=3, shard_size=2, num_actors=1), inputs, str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "codes")
+    assert table.column_names == ["id", "label", "seed", "top"] and table.num_rows == 3
+    assert len(pngs(tmp_path / "out")) == 3
+    assert image(tmp_path / "out" / "grid.png").size == grid_side(3, 32)  # grid_size 64 > num_samples
+    assert result.artifacts["codes"] == str(tmp_path / "out" / "codes")
+
+
+def test_vae_decodes_gaussian_draws(ray_local, tmp_path):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(**{**SMALL, "in_channels": 3}, latent_channels=4))
+    save_model(tmp_path / "vae", vae)
+    cfg = SampleConfig(num_samples=5, shard_size=2, grid_size=4, num_actors=1)
+    result = run(cfg, {"train_vqvae": str(tmp_path / "vae")}, str(tmp_path / "out"))
+    out = tmp_path / "out"
+    assert len(pngs(out)) == 5 and image(out / "images" / "000004.png").mode == "RGB"
+    grid = image(out / "grid.png")
+    assert grid.size == grid_side(4, 32) and grid.mode == "RGB"
+    assert not (out / "codes").exists() and "codes" not in result.artifacts
+    assert json.loads((out / "samples.json").read_text())["kind"] == "vae"
+
+
+# ------------------------------------------------------------------------------------------------ clear errors
+def expect_error(exc: type[Exception], match: str, inputs: dict[str, str], out: Path, **cfg) -> None:
+    """run() fails with ``exc`` before it touches ``out``."""
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(exc, match=match):
+        run(SampleConfig(**cfg), inputs, str(out))
+    assert [p.name for p in out.iterdir()] == ["keep"]
+
+
+def test_priors_of_another_vqvae_are_refused(vq2, tmp_path):
+    prior = save_priors(tmp_path / "prior", "0" * 16, top=TOP, bottom=BOTTOM)
+    match = f"trained on codes of VQ-VAE 0{{16}}, but train_vqvae holds {vq2['digest']}: rerun train_prior"
+    expect_error(CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out")
+
+
+def test_prior_shape_and_level_mismatches_are_refused(vq2, tmp_path):
+    prior = save_priors(tmp_path / "shape", vq2["digest"], top=replace(TOP, shape=(8, 8)), bottom=BOTTOM)
+    match = r"top\.pt models 16 codes on a \[8, 8\] map, but .*model\.pt has 16 codes on a \[4, 4\] map"
+    expect_error(CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out1")
+
+    prior = save_priors(tmp_path / "codes", vq2["digest"], top=TOP, bottom=replace(BOTTOM, num_codes=32))
+    expect_error(
+        CheckpointError, r"bottom\.pt models 32 codes", {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out2"
+    )
+
+    prior = save_priors(tmp_path / "cond", vq2["digest"], top=TOP, bottom=replace(BOTTOM, cond_num_codes=0))
+    expect_error(
+        CheckpointError,
+        r"bottom\.pt is conditioned on 0 codes",
+        {**inputs_of(vq2), "train_prior": prior},
+        tmp_path / "out3",
+    )
+
+    prior = Path(save_priors(tmp_path / "level", vq2["digest"], top=TOP, bottom=BOTTOM))
+    (prior / "top.pt").write_bytes((prior / "bottom.pt").read_bytes())
+    match = r"top\.pt holds a prior for level 'bottom', expected 'top'"
+    expect_error(CheckpointError, match, {**inputs_of(vq2), "train_prior": str(prior)}, tmp_path / "out4")
+
+    (prior / "top.pt").unlink()
+    match = r"top\.pt does not exist.*rerun train_prior"
+    expect_error(MissingInputError, match, {**inputs_of(vq2), "train_prior": str(prior)}, tmp_path / "out5")
+
+
+def test_labels_must_fit_the_priors(vq2, conditional, tmp_path):
+    expect_error(
+        ValueError,
+        "sample.labels given, but the priors are not class-conditional",
+        inputs_of(vq2),
+        tmp_path / "out1",
+        labels=[0],
+    )
+    expect_error(
+        ValueError, r"sample.labels must be in \[0, 3\)", inputs_of(conditional), tmp_path / "out2", labels=[1, 3]
+    )
+
+
+def test_missing_inputs_name_the_step_to_run(vq2, tmp_path):
+    expect_error(
+        MissingInputError, "run the train_prior step first", {"train_vqvae": vq2["train_vqvae"]}, tmp_path / "out1"
+    )
+    expect_error(
+        MissingInputError, "run the train_vqvae step first", {"train_prior": vq2["train_prior"]}, tmp_path / "out2"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_samples", 0),
+        ("shard_size", -1),
+        ("temperature", 0.0),
+        ("labels", [-1]),
+        ("labels", []),
+        ("seed", -1),
+        ("num_actors", 0),
+        ("grid_size", 0),
+        ("write_pngs", 1),
+    ],
+)
+def test_config_is_validated(field, value):
+    with pytest.raises(ValueError, match=f"sample.{field}"):
+        SampleConfig(**{field: value})

@@ -1,0 +1,198 @@
+"""The shard step's pure-Python parts: config validation, split hash, image conversion, source listing and loading."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from steps import sources
+from steps.shard import ShardConfig
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def idx_bytes(magic: int, arr: np.ndarray) -> bytes:
+    return struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"source": "webdataset"}, "shard.source"),
+        ({"source": "image_folder"}, "shard.path"),
+        ({"path": "/data"}, "shard.path"),
+        ({"image_size": 36}, "shard.image_size must be a multiple of 8 in [32, 256], got 36"),
+        ({"image_size": 512}, "shard.image_size"),
+        ({"channels": 2}, "shard.channels"),
+        ({"val_fraction": 1.0}, "shard.val_fraction"),
+        ({"val_fraction": -0.1}, "shard.val_fraction"),
+        ({"rows_per_shard": 0}, "shard.rows_per_shard"),
+        ({"limit": 0}, "shard.limit"),
+        ({"on_bad_file": "ignore"}, "shard.on_bad_file"),
+        ({"image_column": ""}, "shard.image_column"),
+        ({"label_column": ""}, "shard.label_column"),
+        ({"id_column": ""}, "shard.id_column"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        ShardConfig(**kwargs)
+
+
+def test_config_defaults_are_valid():
+    cfg = ShardConfig()
+    assert (cfg.source, cfg.image_size, cfg.channels) == ("digits", 32, 1)
+    ShardConfig(source="parquet", path="x.parquet", val_fraction=0, label_column=None, limit=5)
+
+
+# ------------------------------------------------------------------------------------------------ split
+def test_split_is_a_pure_function_of_id_and_salt():
+    ids = [f"img-{i}" for i in range(4000)]
+    splits = [sources.split_of(i, 0.1) for i in ids]
+    assert splits == [sources.split_of(i, 0.1) for i in reversed(ids)][::-1]
+    assert 0.08 < splits.count("val") / len(ids) < 0.12
+    assert all(sources.split_of(i, 0.0) == "train" for i in ids[:100])
+    salted = [sources.split_of(i, 0.1, salt="b") for i in ids]
+    assert salted != splits
+
+
+# ------------------------------------------------------------------------------------------------ images
+def test_modes_convert_to_l_or_rgb():
+    transparent = Image.new("RGBA", (10, 6), (255, 0, 0, 0))
+    assert np.all(np.asarray(sources.to_channels(transparent, 1)) == 255)  # composited on white
+    opaque = Image.new("RGBA", (10, 6), (255, 0, 0, 255))
+    assert np.asarray(sources.to_channels(opaque, 3))[0, 0].tolist() == [255, 0, 0]
+    deep = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert deep.mode.startswith("I;16")
+    assert np.all(np.asarray(sources.to_channels(deep, 1)) == 255)
+    half = Image.fromarray(np.full((4, 4), 32896, np.uint16))
+    assert np.all(np.asarray(sources.to_channels(half, 1)) == 128)
+    pal = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")
+    assert sources.to_channels(pal, 3).mode == "RGB"
+    assert sources.to_channels(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 3).getpixel((0, 0)) == (255, 255, 255)
+    assert sources.to_channels(Image.new("1", (4, 4), 1), 1).getpixel((0, 0)) == 255
+
+
+def test_fit_square_scales_short_side_and_centre_crops():
+    img = Image.new("L", (90, 30), 0)
+    img.paste(255, (30, 0, 60, 30))  # a white centre square, black wings
+    out = sources.fit_square(img, 32)
+    assert out.size == (32, 32)
+    assert np.asarray(out).min() > 200  # only the centre survives the crop
+    assert sources.fit_square(Image.new("RGB", (17, 300)), 64).size == (64, 64)
+
+
+def test_decode_image_errors():
+    with pytest.raises(ValueError, match="empty"):
+        sources.decode_image(b"", 32, 1)
+    with pytest.raises(Image.UnidentifiedImageError):
+        sources.decode_image(b"not an image at all", 32, 1)
+    jpeg = png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
+    with pytest.raises(OSError):
+        sources.decode_image(jpeg[: len(jpeg) // 2], 32, 3)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    data = bytearray(png_bytes(Image.new("L", (4, 4))))
+    ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", 20000, 20000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    with pytest.raises(Image.DecompressionBombError):
+        sources.decode_image(bytes(data), 32, 1)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("L", (60, 20), 0)
+    img.paste(255, (20, 0, 40, 10))  # stored landscape: white on the top half of the centre square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the white block lands on the right of the centre
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    out = sources.decode_image(buf.getvalue(), 32, 1).astype(float)
+    assert out[:, :8].mean() < 60 and out[:, -8:].mean() > 200
+    assert abs(out[:8].mean() - out[-8:].mean()) < 30
+
+
+# ------------------------------------------------------------------------------------------------ idx
+def test_read_idx_raw_gzip_and_errors(tmp_path):
+    images = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    (tmp_path / "raw").write_bytes(idx_bytes(2051, images))
+    (tmp_path / "zipped").write_bytes(gzip.compress(idx_bytes(2051, images)))
+    for name in ("raw", "zipped"):
+        magic, shape, data = sources.read_idx(str(tmp_path / name))
+        assert (magic, shape) == (2051, (2, 3, 4))
+        np.testing.assert_array_equal(data, images)
+    (tmp_path / "wrong").write_bytes(idx_bytes(2052, images))
+    with pytest.raises(ValueError, match=r"wrong.*magic number 2052"):
+        sources.read_idx(str(tmp_path / "wrong"))
+    (tmp_path / "short").write_bytes(idx_bytes(2051, images)[:-5])
+    with pytest.raises(ValueError, match=r"short.*truncated"):
+        sources.read_idx(str(tmp_path / "short"))
+
+
+def test_list_idx_single_file_finds_labels_by_name(tmp_path):
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(2051, np.zeros((3, 28, 28))))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(2049, np.array([7, 8, 9]))))
+    listing = sources.list_idx(str(tmp_path / "t10k-images-idx3-ubyte"))
+    assert [(i["id"], i["label"]) for i in listing.items] == [("t10k-00000", 7), ("t10k-00001", 8), ("t10k-00002", 9)]
+    assert [i["id"] for i in sources.list_idx(str(tmp_path), limit=2).items] == ["t10k-00000", "t10k-00001"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nothing to shard in"):
+        sources.list_idx(str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def test_walk_survives_symlink_loops_and_lists_classes(tmp_path):
+    for rel in ("b/x.png", "a/deep/y.PNG", "z.jpg", "a/notes.txt", ".hidden/h.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    assert sources.walk_files(str(tmp_path)) == ["a/deep/y.PNG", "a/notes.txt", "b/x.png", "z.jpg"]
+    listing = sources.list_image_folder(str(tmp_path))
+    assert listing.classes == ["a", "b"]
+    assert [(i["id"], i["label"]) for i in listing.items] == [("a/deep/y.PNG", 0), ("b/x.png", 1), ("z.jpg", None)]
+    assert listing.ignored_files == 1
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="nothing to shard in"):
+        sources.list_image_folder(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"shard\.path"):
+        sources.list_image_folder(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------------ parquet
+def test_parquet_listing_and_loading(tmp_path):
+    good = png_bytes(Image.new("RGB", (40, 20), (10, 200, 30)))
+    cells = [{"bytes": good, "path": None}, {"bytes": None, "path": "side.png"}, {"bytes": b"junk", "path": None}]
+    (tmp_path / "side.png").write_bytes(good)
+    table = pa.table({"image": cells, "label": ["dog", "cat", None], "key": ["k0", "k1", "k2"]})
+    pq.write_table(table, tmp_path / "hf.parquet", row_group_size=2)
+    listing = sources.list_parquet(str(tmp_path / "hf.parquet"), "image", "label", "key", None)
+    assert listing.classes == ["cat", "dog"]
+    assert [(i["id"], i["label"]) for i in listing.items] == [("k0", 1), ("k1", 0), ("k2", None)]
+    loaded = list(sources.load_items("parquet", listing.items[::-1], 32, 3, "image"))
+    assert [pixels is None for _, pixels, _, _ in loaded] == [True, False, False]
+    assert loaded[0][3].endswith("hf.parquet#row=2")
+    assert loaded[1][1].shape == (32, 32, 3) and loaded[1][1][16, 16].tolist() == [10, 200, 30]
+    with pytest.raises(ValueError, match=r"hf\.parquet.*no image column 'img'"):
+        sources.list_parquet(str(tmp_path / "hf.parquet"), "img", None, None, None)
+    limited = sources.list_parquet(str(tmp_path), "image", "missing_label", None, 2)
+    assert [(i["id"], i["label"]) for i in limited.items] == [("hf-0", None), ("hf-1", None)]

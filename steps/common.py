@@ -124,6 +124,20 @@ class MetricsSink:
         pass
 
 
+class PrefixSink(MetricsSink):
+    """Prefixes metric names, e.g. ``top/`` and ``bottom/`` for two priors logging into one run."""
+
+    def __init__(self, inner: MetricsSink, prefix: str) -> None:
+        self.inner = inner
+        self.prefix = prefix
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.inner.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(local_path, artifact_path)
+
+
 class JsonlSink(MetricsSink):
     """Appends ``{"step": s, **metrics}`` lines to a local file: handy in tests and for offline runs."""
 

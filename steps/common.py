@@ -11,6 +11,7 @@ so live curves reach whatever run the orchestrator opened. Sinks are small pickl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -173,7 +174,16 @@ class MLflowSink(MetricsSink):
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        # A busy SQLite store or a flaky server must not kill hours of training: retry, then drop with a warning.
+        for attempt in range(4):
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                return
+            except Exception as exc:
+                if attempt == 3:
+                    logging.getLogger(__name__).warning("dropped metrics of step %d: %s", step, exc)
+                    return
+                time.sleep(0.5 * 2**attempt)
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_path, artifact_path)

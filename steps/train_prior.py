@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,11 @@ class PriorHParams:
     cond_channels: int = 64
     cond_res_blocks: int = 2
 
+    def __post_init__(self) -> None:
+        # Check the architecture now, not after encoding: the same checks as the full config, on a stand-in shape.
+        probe = {"num_codes": 2, "shape": (8, 8), "cond_num_codes": 2, "cond_shape": (4, 4)}
+        PriorConfig(**probe, **{k: v for k, v in asdict(self).items()})
+
 
 def _top_default() -> PriorHParams:
     return PriorHParams(attn_heads=4)
@@ -59,7 +64,7 @@ class TrainPriorConfig:
     parallel: bool = True  # train the levels at the same time
 
     def __post_init__(self) -> None:
-        self.train.validate("train_prior")
+        self.train.validate("train_prior.train")
 
 
 def prior_config(hp: PriorHParams, meta: CodeMeta, level: str, class_conditional: bool) -> PriorConfig:

@@ -42,7 +42,7 @@ class TrainVQVAEConfig:
     grid_images: int = 16  # val images shown in recon.png
 
     def __post_init__(self) -> None:
-        self.train.validate("train_vqvae")
+        self.train.validate("train_vqvae.train")
         if self.grid_images < 1:
             raise ValueError(f"train_vqvae.grid_images must be >= 1, got {self.grid_images}")
 

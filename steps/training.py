@@ -52,6 +52,10 @@ class TrainConfig:
     max_failures: int = 2
     seed: int = 0
     bf16: bool = True  # autocast on GPU; CPU always trains in fp32
+    # Read and decode the datasets into Ray's object store before training starts. Training workers then never
+    # wait on read tasks, which matters when they hold every CPU (a laptop); turn off for datasets larger than
+    # the object store can hold or spill.
+    cache_data: bool = True
     # Test-only fault injection: rank 0 raises once, right after this step (0 = off). Fires once per run directory,
     # so the restarted attempt gets past it; used to prove resume-from-checkpoint.
     fail_at_step: int = 0
@@ -239,7 +243,7 @@ def fit(
     storage: str,
     name: str,
     sink: MetricsSink | None = None,
-):
+):  # -> ray.train.Result
     """Train ``task`` on ``datasets`` ({"train": ..., "val": ...} Ray Datasets) and return the final checkpoint.
 
     ``storage``/``name`` locate Ray Train's run state: a second call with the same pair resumes from the latest
@@ -248,6 +252,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if tc.cache_data:
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={

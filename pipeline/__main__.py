@@ -1,0 +1,35 @@
+"""python -m pipeline [overrides]: run the VQ-VAE-2 pipeline (see conf/config.yaml and README.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import ConfigError, load, register
+from pipeline.run import MissingUpstreamError, execute
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+log = logging.getLogger("pipeline")
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(dcfg: DictConfig) -> None:
+    try:
+        cfg = load(dcfg)  # every value validated here, before Ray starts
+        overrides = list(HydraConfig.get().overrides.task)
+        execute(cfg, OmegaConf.to_yaml(dcfg, resolve=True), overrides)
+    except (ConfigError, MissingUpstreamError) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Fingerprints and the artifact store: what makes a finished step skippable and a crashed one harmless.
+
+    <root>/<step>/<fingerprint>/            a finished output; its _SUCCESS (JSON) is written before it appears
+    <root>/<step>/<fingerprint>.partial/    work in progress (a crashed attempt resumes or restarts here)
+    <root>/<step>/<fingerprint>.lock        held while a pipeline works on that output
+
+fingerprint = sha256(step name, resolved step config, upstream fingerprints, project version). On local disk a step
+writes into ``.partial`` and the directory is renamed into place with ``_SUCCESS`` inside, so a directory without
+``.partial`` in its name is always complete. On object stores (no rename) the step writes in place and
+``_SUCCESS`` goes last; readers only trust directories with a ``_SUCCESS``. Two pipelines on one root serialise on
+the lock: the second finds the first one's ``_SUCCESS`` and skips the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from pipeline import __version__
+from steps import common
+
+SUCCESS = "_SUCCESS"
+# Settings that cannot change a step's result; kept out of the fingerprint so e.g. a retry budget does not
+# invalidate finished work.
+NOT_FINGERPRINTED = frozenset({"max_failures", "fail_at_step", "cache_data"})
+
+
+def _canonical(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"__type__": type(obj).__name__, **{k: v for k, v in fields.items() if k not in NOT_FINGERPRINTED}}
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    return obj
+
+
+def fingerprint(step: str, config: Any, upstream: Mapping[str, str]) -> str:
+    payload = {
+        "step": step,
+        "config": _canonical(config),
+        "upstream": dict(sorted(upstream.items())),
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ArtifactStore:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.local = common.is_local(root)
+
+    def final(self, step: str, fp: str) -> str:
+        return common.join(self.root, step, fp)
+
+    def work_dir(self, step: str, fp: str) -> str:
+        """Where the step writes while it runs."""
+        return common.join(self.root, step, fp + ".partial") if self.local else self.final(step, fp)
+
+    def record(self, step: str, fp: str) -> dict | None:
+        """The ``_SUCCESS`` record of a finished output, or None."""
+        uri = common.join(self.final(step, fp), SUCCESS)
+        return common.read_json(uri) if common.exists(uri) else None
+
+    @contextlib.contextmanager
+    def lock(self, step: str, fp: str) -> Iterator[None]:
+        """Exclusive hold on one output (local roots; shared object stores rely on _SUCCESS-last instead)."""
+        if not self.local:
+            yield
+            return
+        path = common.filesystem(common.join(self.root, step, fp + ".lock"))[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"[pipeline] {step} {fp}: another pipeline is working on it; waiting for its lock", flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def clear_work_dir(self, step: str, fp: str) -> None:
+        path = common.filesystem(self.work_dir(step, fp))[1]
+        if self.local and os.path.isdir(path):
+            shutil.rmtree(path)
+
+    def publish(self, step: str, fp: str, record: dict) -> str:
+        """Write ``_SUCCESS`` and move the work into place; returns the final URI."""
+        work, final = self.work_dir(step, fp), self.final(step, fp)
+        if not self.local:
+            common.write_json(common.join(final, SUCCESS), record)
+            return final
+        work_path, final_path = common.filesystem(work)[1], common.filesystem(final)[1]
+        common.write_json(common.join(work, SUCCESS), record)
+        if os.path.exists(final_path):  # a forced rerun replaces the old output
+            old = f"{final_path}.old-{int(time.time())}"
+            os.replace(final_path, old)
+            os.replace(work_path, final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work_path, final_path)
+        return final
+
+
+def relocate(uri: str, work: str, final: str) -> str:
+    """An artifact URI the step reported under its work dir, as it reads after publishing."""
+    return final + uri[len(work) :] if uri.startswith(work) else uri

@@ -1,0 +1,165 @@
+"""Plan the step graph against the cache, then run what is missing, each step inside its MLflow child run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import __version__, cache, graph
+from pipeline.config import ConfigError, PipelineConfig, flatten
+from pipeline.tracking import Tracker, result_record
+from steps.common import MLflowSink
+
+log = logging.getLogger("pipeline")
+REGISTERED = {"train_vqvae": ("model", "vqvae"), "train_prior": None}
+
+
+class MissingUpstreamError(RuntimeError):
+    """A selected step needs an upstream output that is not in the cache."""
+
+
+@dataclass
+class Planned:
+    step: graph.Step
+    fingerprint: str
+    inputs: dict[str, str]  # upstream name -> final URI
+    action: str  # "run" | "cached"
+    record: dict | None = None
+    seconds: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(cfg: PipelineConfig, store: cache.ArtifactStore) -> list[Planned]:
+    active = graph.active(cfg)
+    names = [s.name for s in active]
+    for key, values in (("steps", cfg.steps), ("force", cfg.force)):
+        unknown = [v for v in values if v not in graph.NAMES]
+        if unknown:
+            raise ConfigError(f"{key}: unknown step(s) {unknown}; steps are {list(graph.NAMES)}")
+        off = [v for v in values if v not in names]
+        if off:
+            raise ConfigError(f"{key}: {off} not used with model.kind={cfg.model_kind} (steps: {names})")
+    selected = set(cfg.steps) or set(names)
+    forced = graph.downstream(set(cfg.force), cfg) & selected
+    fps: dict[str, str] = {}
+    planned: list[Planned] = []
+    for step in active:
+        ups = graph.inputs_of(step, cfg)
+        fps[step.name] = cache.fingerprint(step.name, step.config(cfg), {u: fps[u] for u in ups})
+        if step.name not in selected:
+            continue
+        record = store.record(step.name, fps[step.name])
+        action = "run" if record is None or step.name in forced else "cached"
+        inputs = {u: store.final(u, fps[u]) for u in ups}
+        planned.append(Planned(step, fps[step.name], inputs, action, record))
+    will_run = {p.step.name for p in planned if p.action == "run"}
+    for p in planned:
+        if p.action != "run":
+            continue
+        for up, uri in p.inputs.items():
+            if up not in will_run and store.record(up, fps[up]) is None:
+                raise MissingUpstreamError(
+                    f"{p.step.name} needs the {up} output for this config ({uri}), which does not exist: run "
+                    f"`python -m pipeline steps=[{up}]` with the same settings, or the whole pipeline"
+                )
+    return planned
+
+
+def _start_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard}
+    if not address:
+        kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
+    # Workers import our packages from the working directory that `ray job submit --working-dir` ships, or from
+    # this checkout when run locally.
+    ray.init(address=address, log_to_driver=True, **kwargs)
+
+
+def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str]) -> list[Planned]:
+    store = cache.ArtifactStore(cfg.root)
+    planned = plan(cfg, store)
+    todo = [p.step.name for p in planned if p.action == "run"]
+    log.info("plan: %s", ", ".join(f"{p.step.name}={p.action}" for p in planned))
+    if todo:
+        _start_ray(cfg)
+    tags = {"overrides": " ".join(overrides)[:5000], "version": __version__, "artifacts_root": cfg.root}
+    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, tags) as tracker:
+        tracker.log_text(resolved_yaml, "config.yaml")
+        for p in planned:
+            _execute_one(p, cfg, store, tracker)
+    _print_summary(planned)
+    return planned
+
+
+def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tracker: Tracker) -> None:
+    step, fp = p.step, p.fingerprint
+    step_cfg = step.config(cfg)
+    with tracker.step(step.name, fp, p.inputs, flatten(step_cfg)) as run_id:
+        if p.action == "cached":
+            log.info("%s: cached (%s)", step.name, store.final(step.name, fp))
+            tracker.cached(run_id, p.record)
+            return
+        with store.lock(step.name, fp):
+            record = store.record(step.name, fp)
+            if record is not None and step.name not in graph.downstream(set(cfg.force), cfg):
+                p.action, p.record = "cached", record  # another pipeline finished it while we waited
+                tracker.cached(run_id, record)
+                return
+            if step.name in cfg.force or record is not None:
+                store.clear_work_dir(step.name, fp)  # forced: start over rather than resume
+            work = store.work_dir(step.name, fp)
+            sink = MLflowSink(cfg.mlflow.tracking_uri, run_id) if step.trains else None
+            log.info("%s: running -> %s", step.name, work)
+            start = time.perf_counter()
+            result = step.run(step_cfg, p.inputs, work, sink=sink)
+            p.seconds = time.perf_counter() - start
+            final = store.final(step.name, fp)
+            out = result_record(result)
+            out["artifacts"] = {k: cache.relocate(v, work, final) for k, v in out["artifacts"].items()}
+            record = {
+                "step": step.name,
+                "fingerprint": fp,
+                "version": __version__,
+                "inputs": p.inputs,
+                "config": flatten(step_cfg),
+                "mlflow_run_id": run_id,
+                "seconds": round(p.seconds, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **out,
+            }
+            store.publish(step.name, fp, record)
+        p.record = record
+        tracker.log_result(run_id, {**result.metrics, "seconds": p.seconds}, out["artifacts"])
+        if cfg.mlflow.register_models:
+            _register(tracker, run_id, step.name, out["artifacts"], cfg)
+
+
+def _register(tracker: Tracker, run_id: str, step: str, artifacts: dict[str, str], cfg: PipelineConfig) -> None:
+    exp = cfg.mlflow.experiment
+    wanted = {
+        "train_vqvae": {"model": f"{exp}-{cfg.model_kind}"},
+        "train_prior": {"prior_top": f"{exp}-prior-top", "prior_bottom": f"{exp}-prior-bottom"},
+    }
+    for key, name in wanted.get(step, {}).items():
+        if key in artifacts:
+            uri = tracker.register(run_id, name, artifacts[key], cfg.mlflow.model_alias)
+            if uri:
+                log.info("%s: registered %s", step, uri)
+
+
+def _print_summary(planned: list[Planned]) -> None:
+    lines = ["", f"{'step':<12} {'status':<7} {'seconds':>8}  output"]
+    for p in planned:
+        final = (p.record or {}).get("artifacts", {})
+        where = next(iter(final.values()), "") if final else ""
+        lines.append(f"{p.step.name:<12} {p.action:<7} {p.seconds:>8.1f}  {os.path.dirname(where) or where}")
+    total = sum(p.seconds for p in planned)
+    lines.append(f"{'total':<12} {'':<7} {total:>8.1f}")
+    print("\n".join(lines), flush=True)

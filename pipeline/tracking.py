@@ -1,0 +1,140 @@
+"""The MLflow run tree: one parent run per invocation, one nested child run per step.
+
+Only this driver and the rank-0 training workers write (SQLite allows one writer at a time). A child run gets the
+step's flattened config as params, its fingerprint, inputs and git sha as tags, its final metrics, its image grids
+as artifacts and its output URIs as tags. A cached step still gets a child run, tagged ``cached=true`` and linked
+to the run that produced the output, so every invocation shows the whole graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from steps import common
+from steps.common import StepResult
+
+log = logging.getLogger(__name__)
+MAX_PARAM_LEN = 6000  # MLflow 3 limit for param values
+SECRET_HINTS = ("token", "password", "secret", "key_id", "access_key")
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _param_value(key: str, value: Any) -> str:
+    if any(h in key.lower() for h in SECRET_HINTS):
+        return "***"
+    return str(value)[:MAX_PARAM_LEN]
+
+
+class Tracker:
+    """Opens the parent run on enter; :meth:`step` opens child runs."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags)
+        self.parent = None
+
+    def __enter__(self) -> Tracker:
+        self.mlflow.set_tracking_uri(self.tracking_uri)
+        self.mlflow.set_experiment(self.experiment)
+        self.parent = self.mlflow.start_run(run_name=self.run_name, tags={"git_sha": git_sha(), **self.tags})
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+    @property
+    def run_id(self) -> str:
+        return self.parent.info.run_id
+
+    def log_text(self, text: str, name: str) -> None:
+        self.mlflow.log_text(text, name)
+
+    @contextlib.contextmanager
+    def step(self, name: str, fp: str, inputs: Mapping[str, str], params: Mapping[str, Any]) -> Iterator[str]:
+        tags = {"step": name, "fingerprint": fp, "git_sha": git_sha()}
+        tags.update({f"input.{k}": v for k, v in inputs.items()})
+        with self.mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+            items = [(k, _param_value(k, v)) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
+                self.mlflow.log_params(dict(items[i : i + 100]))
+            yield run.info.run_id
+
+    def cached(self, run_id: str, record: Mapping[str, Any]) -> None:
+        client = self.mlflow.tracking.MlflowClient()
+        client.set_tag(run_id, "cached", "true")
+        if record.get("mlflow_run_id"):
+            client.set_tag(run_id, "produced_by", record["mlflow_run_id"])
+        self.log_result(run_id, record.get("metrics", {}), record.get("artifacts", {}), images=False)
+
+    def log_result(
+        self, run_id: str, metrics: Mapping[str, float], artifacts: Mapping[str, str], images: bool = True
+    ) -> None:
+        client = self.mlflow.tracking.MlflowClient()
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag(f"artifact.{k}", v) for k, v in artifacts.items()],
+        )
+        if not images:
+            return
+        for uri in artifacts.values():
+            if uri.endswith((".png", ".json")):
+                with tempfile.TemporaryDirectory() as d:
+                    local = os.path.join(d, os.path.basename(uri))
+                    with open(local, "wb") as f:
+                        f.write(common.read_bytes(uri))
+                    client.log_artifact(run_id, local)
+
+    def register(self, run_id: str, name: str, checkpoint_uri: str, alias: str) -> str | None:
+        """Log a checkpoint as an MLflow pyfunc model in ``run_id`` and register it with ``alias``."""
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                local = os.path.join(d, os.path.basename(checkpoint_uri))
+                with open(local, "wb") as f:
+                    f.write(common.read_bytes(checkpoint_uri))
+                with self.mlflow.start_run(run_id=run_id, nested=True):
+                    info = self.mlflow.pyfunc.log_model(
+                        name=name,
+                        python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving.py"),
+                        artifacts={"checkpoint": local},
+                        code_paths=[os.path.dirname(os.path.abspath(common.__file__))],  # the steps package
+                        pip_requirements=["torch", "numpy", "pillow", "pandas", "pyarrow"],
+                    )
+            version = self.mlflow.register_model(info.model_uri, name)
+            self.mlflow.tracking.MlflowClient().set_registered_model_alias(name, alias, version.version)
+            return f"models:/{name}@{alias}"
+        except Exception as exc:  # registration is a convenience: never fail a finished step over it
+            log.warning("could not register %s in MLflow: %s", name, exc)
+            return None
+
+
+def result_record(result: StepResult) -> dict[str, Any]:
+    return {"metrics": dict(result.metrics), "artifacts": dict(result.artifacts), "info": result.info}

@@ -123,6 +123,7 @@ class RayConf:
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
     include_dashboard: bool = False
+    log_level: str = "WARNING"  # of Ray's own logging in workers; INFO shows every Ray Data pass
 
 
 ShardSchema = schema(ShardConfig)

@@ -79,7 +79,17 @@ def _start_ray(cfg: PipelineConfig) -> None:
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
     # Workers import our packages from the working directory that `ray job submit --working-dir` ships, or from
     # this checkout when run locally.
-    ray.init(address=address, log_to_driver=True, **kwargs)
+    ray.init(address=address, logging_config=ray.LoggingConfig(log_level=cfg.ray.log_level), **kwargs)
+    _quiet_ray_data(cfg.ray.log_level)
+
+
+def _quiet_ray_data(level: str) -> None:
+    """Ray Data reports every dataset pass at INFO; keep the driver's output to our own progress lines."""
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(level)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = level in ("DEBUG", "INFO")
 
 
 def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str]) -> list[Planned]:

@@ -115,7 +115,10 @@ def _batches(dataset, batch_size: int) -> Iterator[Mapping[str, Any]]:
     """Cycle over a dataset shard forever in numpy batches; a new pass starts where the last one ended."""
     while True:
         empty = True
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        batches = dataset.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=8 * batch_size
+        )
+        for batch in batches:
             empty = False
             yield batch
         if empty:

@@ -238,11 +238,11 @@ class LocalCluster:
         """
         deadline = time.monotonic() + timeout_s
         while True:
+            if self.process.poll() is not None:
+                raise ClusterError(f"the Ray head exited ({self.process.returncode}):\n{self.tail_log()}")
             status = self.status(job_id)
             if status in TERMINAL:
                 return status
-            if self.process.poll() is not None:
-                raise ClusterError(f"the Ray head exited ({self.process.returncode}):\n{self.tail_log()}")
             if time.monotonic() > deadline:
                 logs = self.logs(job_id)
                 with contextlib.suppress(Exception):

@@ -1,0 +1,137 @@
+"""The whole pipeline as a user runs it (`python -m pipeline debug=tiny`), then cached, then a sample-only rerun."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from steps.codes import read_code_meta
+from steps.nn.checkpoint import load_model
+
+pytestmark = pytest.mark.e2e
+STEPS = ["shard", "train_vqvae", "encode", "train_prior", "sample"]
+
+
+def pipeline(workdir: Path, *overrides: str) -> str:
+    root, db = workdir / "artifacts", workdir / "mlflow.db"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "debug=tiny",
+        f"artifacts.root={root}",
+        f"mlflow.tracking_uri=sqlite:///{db}",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def finished(root: Path, step: str) -> list[Path]:
+    return sorted(p.parent for p in (root / step).glob("*/_SUCCESS"))
+
+
+def mlflow_runs(workdir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vqvae2")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {
+        p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents
+    }
+    return client, parents, children
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("e2e")
+    pipeline(path)
+    return path
+
+
+def test_every_artifact_and_schema(workdir):
+    root = workdir / "artifacts"
+    outs = {step: finished(root, step) for step in STEPS}
+    assert all(len(v) == 1 for v in outs.values()), outs
+    assert not list(root.glob("*/*.partial")), "no work directory may be left behind"
+    for step, (out,) in outs.items():
+        record = json.loads((out / "_SUCCESS").read_text())
+        assert record["step"] == step and record["fingerprint"] == out.name
+
+    manifest = json.loads((outs["shard"][0] / "manifest.json").read_text())
+    assert manifest["rows"]["train"] + manifest["rows"]["val"] == 200
+
+    model, _ = load_model(outs["train_vqvae"][0] / "model.pt", expect="vqvae2")
+    assert model.config.codebook_size == 512
+    assert (outs["train_vqvae"][0] / "recon.png").stat().st_size > 0
+
+    codes = outs["encode"][0]
+    meta = read_code_meta(str(codes))
+    assert meta.shapes == {"top": (4, 4), "bottom": (8, 8)} and meta.codebook_size == {"top": 512, "bottom": 512}
+    table = pq.read_table(codes / "train")
+    assert table.schema.field("top").type.list_size == 16 and table.schema.field("bottom").type.list_size == 64
+    assert str(table.schema.field("top").type.value_type) == "int16"
+    assert table.num_rows == manifest["rows"]["train"] and len(set(table.column("id").to_pylist())) == table.num_rows
+
+    top, top_payload = load_model(outs["train_prior"][0] / "top.pt", expect="prior")
+    assert top_payload["vqvae"] == meta.vqvae and top.config.attn_heads == 2
+    bottom, _ = load_model(outs["train_prior"][0] / "bottom.pt", expect="prior")
+    assert bottom.config.cond_shape == (4, 4)
+
+    sample = outs["sample"][0]
+    assert len(list((sample / "images").glob("*.png"))) == 8 and (sample / "grid.png").exists()
+    assert pq.read_table(sample / "codes").num_rows == 8
+
+
+def test_mlflow_run_tree(workdir):
+    client, parents, children = mlflow_runs(workdir)
+    assert len(parents) == 1
+    kids = {r.data.tags["mlflow.runName"]: r for r in children[parents[0].info.run_id]}
+    assert sorted(kids) == sorted(STEPS)
+    tv = kids["train_vqvae"]
+    assert tv.data.params["model.codebook_size"] == "512" and tv.data.params["train.steps"] == "10"
+    out = finished(workdir / "artifacts", "train_vqvae")[0]
+    assert tv.data.tags["fingerprint"] == out.name and tv.data.tags["git_sha"]
+    assert tv.data.tags["input.shard"].endswith(finished(workdir / "artifacts", "shard")[0].name)
+    history = client.get_metric_history(tv.info.run_id, "train/loss")
+    assert [m.step for m in history] == [5, 10], "rank-0 worker streams metrics by global step"
+    assert "final/val_recon_mse" in tv.data.metrics
+    assert any(a.path == "recon.png" for a in client.list_artifacts(tv.info.run_id))
+    prior = kids["train_prior"]
+    assert {"top/train/nll_bits", "bottom/train/nll_bits"} <= set(prior.data.metrics)
+    assert any(a.path == "grid.png" for a in client.list_artifacts(kids["sample"].info.run_id))
+    version = client.get_model_version_by_alias("vqvae2-vqvae2", "current")
+    assert version.run_id == tv.info.run_id
+
+
+def test_second_invocation_is_fully_cached(workdir):
+    before = {step: finished(workdir / "artifacts", step) for step in STEPS}
+    output = pipeline(workdir)
+    assert output.count("cached") >= len(STEPS)
+    assert {step: finished(workdir / "artifacts", step) for step in STEPS} == before
+    _, parents, children = mlflow_runs(workdir)
+    first, second = parents
+    produced = {r.data.tags["mlflow.runName"]: r.info.run_id for r in children[first.info.run_id]}
+    for run in children[second.info.run_id]:
+        assert run.data.tags["cached"] == "true"
+        assert run.data.tags["produced_by"] == produced[run.data.tags["mlflow.runName"]]
+
+
+def test_sample_only_rerun_reuses_the_priors(workdir):
+    root = workdir / "artifacts"
+    priors = finished(root, "train_prior")
+    stamp = (priors[0] / "_SUCCESS").stat().st_mtime
+    pipeline(workdir, "steps=[sample]", "sample.num_samples=12")
+    assert finished(root, "train_prior") == priors and (priors[0] / "_SUCCESS").stat().st_mtime == stamp
+    samples = finished(root, "sample")
+    assert len(samples) == 2
+    counts = sorted(len(list((s / "images").glob("*.png"))) for s in samples)
+    assert counts == [8, 12]
+    _, parents, children = mlflow_runs(workdir)
+    assert [r.data.tags["mlflow.runName"] for r in children[parents[-1].info.run_id]] == ["sample"]

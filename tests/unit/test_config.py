@@ -1,0 +1,125 @@
+"""Every conf file composes and validates; bad values fail naming the key; fingerprints and the plan behave."""
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline import cache, graph
+from pipeline.config import ConfigError, load, register
+from pipeline.run import MissingUpstreamError, plan
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+register()
+NEEDS_PATH = {"ffhq256", "imagenet256", "image_folder", "parquet"}  # options that read the user's own data
+
+
+def make(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return load(compose("config", overrides=list(overrides)))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_experiment_composes_with_every_model(experiment, model):
+    path = ["data.path=/data"] if experiment in NEEDS_PATH else []
+    cfg = make(f"experiment={experiment}", f"model={model}", *path)
+    assert cfg.model_kind == model
+    assert cfg.train_vqvae.model.image_size == cfg.shard.image_size
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in ("data", "prior", "ray", "mlflow", "debug") for o in options(g)]
+)
+def test_every_group_option_composes(group, option):
+    cfg = make(f"{group}={option}", *(["data.path=/data"] if option in NEEDS_PATH else []))
+    assert cfg.root.startswith("/")
+
+
+def test_defaults_are_the_digits_recipe():
+    cfg = make()
+    assert cfg.shard.source == "digits" and cfg.shard.image_size == 32 and cfg.model_kind == "vqvae2"
+    assert cfg.mlflow.tracking_uri == "sqlite:///" + os.path.abspath("mlflow.db")
+    assert cfg.train_prior.top.attn_heads > 0 and cfg.train_prior.bottom.attn_heads == 0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train_vqvae.train.lr=-1", "train_vqvae.train.lr"),
+        ("data.image_size=36", "data.image_size"),
+        ("model.codebook_size=40000", "model.codebook_size"),
+        ("data.source=flickr", "data.source"),
+        ("prior.top.kernel_size=4", "prior.top.kernel_size"),
+        ("sample.num_samples=0", "sample.num_samples"),
+        ("encode.batch_size=0", "encode.batch_size"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        make(override)
+
+
+@pytest.mark.parametrize("override", ["model.bogus=1", "data.image_size=abc", "train_vqvae.train.typo=3"])
+def test_unknown_keys_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(Exception, match=override.split("=")[0].split(".")[-1]):
+        make(override)
+
+
+def test_fingerprints_follow_config_and_upstream():
+    cfg = make("debug=tiny")
+    fp = cache.fingerprint("sample", cfg.sample, {"train_prior": "a"})
+    assert fp == cache.fingerprint("sample", cfg.sample, {"train_prior": "a"})
+    assert fp != cache.fingerprint("sample", replace(cfg.sample, num_samples=9), {"train_prior": "a"})
+    assert fp != cache.fingerprint("sample", cfg.sample, {"train_prior": "b"})
+    # Settings that cannot change the result keep the fingerprint.
+    tv = cfg.train_vqvae
+    same = replace(tv, train=replace(tv.train, max_failures=9, fail_at_step=3, cache_data=False))
+    assert cache.fingerprint("t", tv, {}) == cache.fingerprint("t", same, {})
+
+
+def test_graph_skips_code_steps_for_the_vae():
+    names = [s.name for s in graph.active(make("model=vae"))]
+    assert names == ["shard", "train_vqvae", "sample"]
+    vae = make("model=vae")
+    assert graph.inputs_of(graph.GRAPH[-1], vae) == ("train_vqvae",)
+
+
+def test_plan_changes_propagate_downstream(tmp_path):
+    store = cache.ArtifactStore(str(tmp_path))
+    base = {p.step.name: p.fingerprint for p in plan(make("debug=tiny"), store)}
+    more = {p.step.name: p.fingerprint for p in plan(make("debug=tiny", "model.codebook_size=64"), store)}
+    assert base["shard"] == more["shard"]
+    assert all(base[s] != more[s] for s in ("train_vqvae", "encode", "train_prior", "sample"))
+
+
+def test_plan_errors(tmp_path):
+    store = cache.ArtifactStore(str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown step"):
+        plan(make("steps=[sampel]"), store)
+    with pytest.raises(ConfigError, match="not used with model.kind=vae"):
+        plan(make("model=vae", "steps=[encode]"), store)
+    with pytest.raises(MissingUpstreamError, match=r"sample needs the train_vqvae output.*steps=\[train_vqvae\]"):
+        plan(make("steps=[sample]"), store)
+
+
+def test_atomic_publish_and_force(tmp_path):
+    store = cache.ArtifactStore(str(tmp_path))
+    work = store.work_dir("shard", "abc")
+    os.makedirs(work)
+    Path(work, "data.txt").write_text("v1")
+    assert store.record("shard", "abc") is None  # a work dir is never mistaken for a finished output
+    final = store.publish("shard", "abc", {"step": "shard"})
+    assert Path(final, "data.txt").read_text() == "v1" and store.record("shard", "abc") == {"step": "shard"}
+    assert not os.path.exists(work)
+    os.makedirs(work)
+    Path(work, "data.txt").write_text("v2")
+    store.publish("shard", "abc", {"step": "shard", "n": 2})
+    assert Path(final, "data.txt").read_text() == "v2" and not list(tmp_path.glob("shard/*.old-*"))

@@ -68,6 +68,17 @@ def plan(cfg: PipelineConfig, store: cache.ArtifactStore) -> list[Planned]:
     return planned
 
 
+def worker_tracking_uri(uri: str) -> str:
+    """A server on this machine's loopback is not reachable from other nodes: give workers this node's IP."""
+    for host in ("127.0.0.1", "localhost"):
+        if uri.startswith(f"http://{host}:"):
+            import ray
+
+            if ray.is_initialized():
+                return uri.replace(host, ray.util.get_node_ip_address(), 1)
+    return uri
+
+
 def _start_ray(cfg: PipelineConfig) -> None:
     import ray
 
@@ -125,7 +136,7 @@ def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tr
             if step.name in cfg.force or record is not None:
                 store.clear_work_dir(step.name, fp)  # forced: start over rather than resume
             work = store.work_dir(step.name, fp)
-            sink = MLflowSink(cfg.mlflow.tracking_uri, run_id) if step.trains else None
+            sink = MLflowSink(worker_tracking_uri(cfg.mlflow.tracking_uri), run_id) if step.trains else None
             log.info("%s: running -> %s", step.name, work)
             start = time.perf_counter()
             result = step.run(step_cfg, p.inputs, work, sink=sink)

@@ -121,6 +121,10 @@ class MetricsSink:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
+    def last_step(self, key: str) -> int:
+        """The highest step already logged for ``key`` (0 if none): a restarted worker does not log twice."""
+        return 0
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         pass
 
@@ -135,6 +139,9 @@ class PrefixSink(MetricsSink):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.inner.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step)
 
+    def last_step(self, key: str) -> int:
+        return self.inner.last_step(self.prefix + key)
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(local_path, artifact_path)
 
@@ -148,6 +155,13 @@ class JsonlSink(MetricsSink):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def last_step(self, key: str) -> int:
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return max((r["step"] for r in rows if key in r), default=0)
 
 
 class MLflowSink(MetricsSink):
@@ -184,6 +198,13 @@ class MLflowSink(MetricsSink):
                     logging.getLogger(__name__).warning("dropped metrics of step %d: %s", step, exc)
                     return
                 time.sleep(0.5 * 2**attempt)
+
+    def last_step(self, key: str) -> int:
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception as exc:  # an unreachable store must not stop training; at worst a step is logged twice
+            logging.getLogger(__name__).warning("could not read metric history of %s: %s", key, exc)
+            return 0
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_path, artifact_path)

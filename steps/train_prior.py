@@ -48,7 +48,10 @@ class PriorHParams:
     def __post_init__(self) -> None:
         # Check the architecture now, not after encoding: the same checks as the full config, on a stand-in shape.
         probe = {"num_codes": 2, "shape": (8, 8), "cond_num_codes": 2, "cond_shape": (4, 4)}
-        PriorConfig(**probe, **{k: v for k, v in asdict(self).items()})
+        try:
+            PriorConfig(**probe, **asdict(self))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("PriorConfig.", "PriorHParams.")) from None
 
 
 def _top_default() -> PriorHParams:

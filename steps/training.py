@@ -137,6 +137,20 @@ def _save(path: str, model: nn.Module, opt, sched, step: int, metrics: dict) -> 
     torch.save(payload, path)
 
 
+def _check_replicas(model: nn.Module, step: int) -> None:
+    """Every rank must hold identical buffers (the EMA codebooks): compare checksums, fail loudly if not."""
+    import torch.distributed as dist
+
+    buffers = [b.detach().double().sum() for b in unwrap(model).buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    local = torch.stack(buffers).to(next(model.parameters()).device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
+        raise RuntimeError(f"model buffers (codebooks) differ between ranks at step {step}")
+
+
 def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, marker: str | None) -> None:
     if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and marker and not os.path.exists(marker):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -178,6 +192,8 @@ def _worker_loop(config: dict) -> None:
     if rank != 0 or checkpoint is None:
         torch.manual_seed(tc.seed * 1_000_003 + rank * 7919 + step)
 
+    # After a restart, steps between the checkpoint and the crash were already logged: do not log them twice.
+    logged_until = sink.last_step("train/loss") if rank == 0 and checkpoint is not None else 0
     train_iter = _batches(ray.train.get_dataset_shard("train"), tc.batch_size)
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 and tc.val_batches else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
@@ -208,11 +224,13 @@ def _worker_loop(config: dict) -> None:
             metrics.update({f"train/{k}": v for k, v in task.window_stats(unwrap(model)).items()})
             metrics["train/lr"] = sched.get_last_lr()[0]
             metrics["train/items_per_s"] = seen * tc.batch_size * world / max(elapsed, 1e-9)
-            if rank == 0:
+            if rank == 0 and step > logged_until:
                 sink.log_metrics(metrics, step)
             last_train = metrics
             window, seen, t0 = {}, 0, time.perf_counter()
         if step % tc.checkpoint_every == 0 or last:
+            if world > 1:
+                _check_replicas(model, step)
             report: dict[str, float] = {"step": step, **last_train}
             val = []
             if val_shard is not None:
@@ -227,7 +245,8 @@ def _worker_loop(config: dict) -> None:
                 model.eval()
                 with torch.no_grad(), autocast:
                     report.update({f"val/{k}": v for k, v in task.evaluate(unwrap(model), val).items()})
-                sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
+                if step > logged_until:
+                    sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     _save(os.path.join(d, STATE_FILE), model, opt, sched, step, report)

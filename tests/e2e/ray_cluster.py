@@ -269,7 +269,7 @@ class LocalCluster:
         except OSError:
             return "(no log)"
 
-    def stop(self, grace_s: float = 30.0, keep_files: bool = False) -> None:
+    def stop(self, grace_s: float = 20.0, keep_files: bool = False) -> None:
         """Stop unfinished jobs, then the head: SIGTERM to ``ray start --block`` (which shuts its processes down),
         SIGKILL to whatever of its process group is left after ``grace_s``. Idempotent."""
         if self.process.poll() is None:

@@ -58,14 +58,25 @@ def test_train_vqvae2(ray_local, digit_shards, tmp_path):
     assert last < first, "loss must fall over the run"
 
 
+def test_two_workers_ddp(ray_local, digit_shards, tmp_path):
+    """Two gloo workers: DDP trains, and the loop's replica check proves the codebooks stayed identical."""
+    train = replace(TINY_TRAIN, num_workers=2, steps=6, checkpoint_every=3)
+    cfg = train_vqvae.TrainVQVAEConfig(model=VQVAE2Config(**{**TINY_VQ, "restart_after": 2}), train=train)
+    result = train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"))
+    assert result.info["step"] == 6
+    model, _ = load_model(tmp_path / "out" / "model.pt", expect="vqvae2")
+    assert int(model.quantizers["bottom"].restarts) > 0, "restarts happened, and replicas still matched"
+
+
 def test_resume_after_a_crash_continues_from_the_checkpoint(ray_local, digit_shards, tmp_path):
-    """A crash at step 8 (after the step-6 checkpoint): Ray Train restarts the worker from step 6, not from 0."""
-    train = replace(TINY_TRAIN, fail_at_step=8, max_failures=1)
+    """A crash at step 10 (after the step-6 checkpoint and the step-9 log line): Ray Train restarts the worker
+    from step 6, not from 0, and step 9 is not logged a second time."""
+    train = replace(TINY_TRAIN, fail_at_step=10, max_failures=1)
     cfg = train_vqvae.TrainVQVAEConfig(model=VQVAE2Config(**TINY_VQ), train=train)
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
     train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"), sink=sink)
     steps = [r["step"] for r in read_sink(tmp_path / "metrics.jsonl") if "train/loss" in r]
-    # Steps 3 and 6 logged, crash after 8, resume from the step-6 checkpoint: 9 and 12 follow; nothing restarts at 3.
+    # Steps 3, 6, 9 logged, crash after 10, resume from the step-6 checkpoint: 9 is not repeated, 12 follows.
     assert steps == [3, 6, 9, 12]
     assert torch.load(tmp_path / "out" / "model.pt", weights_only=True)["step"] == 12
 
@@ -102,5 +113,5 @@ def test_clear_errors(digit_shards, tmp_path):
         train_vqvae.run(cfg, {}, str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match=r"run the shard step"):
         train_vqvae.run(cfg, {"shard": str(tmp_path / "nothing")}, str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="train_vqvae.lr"):
+    with pytest.raises(ValueError, match="train_vqvae.train.lr"):
         train_vqvae.TrainVQVAEConfig(train=TrainConfig(lr=-1.0))

@@ -1,14 +1,25 @@
-"""The sample step: draw new images from the trained priors (VQ-VAE-2, Razavi et al. 2019, section 3.2).
+"""The sample step: draw new images from the trained priors (VQ-VAE-2, Razavi et al. 2019, sections 3.2 and 4).
 
 For a VQ-VAE-2, every sample draws a top code map from the top prior, then a bottom code map from the bottom prior
 conditioned on those top codes, then decodes both to pixels; a one-level VQ-VAE has only the top prior, and the VAE
-baseline decodes N(0, temperature^2 I) draws with no prior at all.
+baseline decodes N(0, temperature^2 I) draws with no prior at all. Codes come from the cached sampler
+(:mod:`steps.nn.sampler`), with temperature, top-k and top-p filtering.
 
-The ``num_samples`` samples are cut into shards of ``shard_size``. Shard ``k`` draws from its own generator seeded by
-:func:`shard_seed` ``(seed, k)`` and labels come from the global sample index, so a config gives the same images
-whatever the number of actors or the order in which shards finish. Shards run on a pool of Ray actors that load the
-checkpoints once; each writes its PNGs and its Parquet part of sampled codes straight under ``out`` and returns only
-small metadata (plus the pixels of the samples that go into the grid), so the driver never holds all samples.
+Seeds. Sample ``i`` draws all its randomness (top codes, then bottom codes, or the VAE latent) from its own CPU
+generator seeded with :func:`sample_seed` ``(seed, i, attempt)``, and labels come from the global sample index. A
+sample therefore does not depend on the shard it lands in, the number of actors, the order in which shards finish or
+the device (up to float rounding); the same config gives byte-identical images.
+
+Rejection (section 4 of the paper). With ``classifier`` (a checkpoint from ``python -m steps.train_classifier``) and
+class-conditional priors, a sample is redrawn (attempt 1, 2, ...) until the classifier gives its label a probability
+of at least ``reject_threshold``, for at most ``max_attempts`` attempts; a sample that never passes keeps its most
+likely attempt and is marked ``accepted=false`` (with a warning). The acceptance rate (passing draws / draws) is in the
+result metrics and ``samples.json``.
+
+The ``num_samples`` samples are cut into shards of ``shard_size``. Shards run on a pool of Ray actors (one per GPU
+with ``use_gpu``) that load the checkpoints once; each writes its PNGs and its Parquet part of sampled codes straight
+under ``out`` and returns only small metadata (plus the pixels of the samples that go into the grid), so the driver
+never holds all samples. The driver logs progress as shards finish.
 
 Outputs: ``images/{index:06d}.png``, ``codes/part-{shard:05d}.parquet`` (not for the VAE), ``grid.png`` and, last,
 ``samples.json``.
@@ -20,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -46,14 +58,13 @@ from steps.common import (
 )
 from steps.images import encode_png, grid_png, to_uint8
 from steps.nn.checkpoint import CheckpointError, load_model
-from steps.nn.prior import sample_naive
+from steps.nn.sampler import CachedSampler
 
 log = logging.getLogger(__name__)
 
 STEP = "sample"
 SAMPLES_META_KEY = b"vqvae2.samples"
 AUTOENCODER_KINDS = ("vqvae2", "vqvae", "vae")
-_SEED_STRIDE = 1_000_003  # a prime larger than any realistic shard count, so (seed, k) pairs do not collide
 
 
 @dataclass(frozen=True)
@@ -62,14 +73,23 @@ class SampleConfig:
 
     Attributes:
         num_samples: how many images to draw.
-        shard_size: samples per work unit; each shard has its own seed, so changing it changes the images.
-        seed: base seed; shard ``k`` uses :func:`shard_seed` ``(seed, k)``.
+        shard_size: samples per work unit (and per batch); samples have their own seeds, so it does not change
+            the images beyond float rounding of batched arithmetic.
+        seed: base seed; sample ``i``'s attempt ``a`` uses :func:`sample_seed` ``(seed, i, a)``.
         temperature: divides the priors' logits (scales the VAE's latent draws); < 1 gives safer samples.
+        top_k: keep only the ``top_k`` most likely codes at each position (0: off).
+        top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1.0: off).
         labels: class label per sample, cycled over the samples; only for class-conditional priors. None with
             class-conditional priors cycles ``0 .. num_classes - 1``.
-        num_actors: size of the Ray actor pool (capped at the number of shards).
+        classifier: URI of a classifier checkpoint (``python -m steps.train_classifier``) for classifier-based
+            rejection; needs class-conditional priors. None: no rejection.
+        reject_threshold: keep a draw when the classifier gives its label at least this probability.
+        max_attempts: draws per sample at most; a sample that never passes keeps its most likely draw.
+        num_actors: size of the Ray actor pool (capped at the number of shards); with ``use_gpu``, one actor per
+            GPU of the cluster instead (``num_actors`` while the cluster shows no GPU).
         cpus_per_actor: CPUs each actor reserves, and its torch thread count.
-        use_gpu: give each actor one GPU and sample on it (seeded draws then differ from CPU ones).
+        use_gpu: give each actor one GPU and sample on it (random streams stay on the CPU, so the codes match
+            CPU ones up to float rounding).
         write_pngs: write one PNG per sample under ``images/``.
         grid_size: the first ``grid_size`` samples are tiled into ``grid.png``.
     """
@@ -78,7 +98,12 @@ class SampleConfig:
     shard_size: int = 32
     seed: int = 0
     temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
     labels: Optional[list[int]] = None  # noqa: UP045 - OmegaConf structured configs need typing.Optional
+    classifier: Optional[str] = None  # noqa: UP045
+    reject_threshold: float = 0.0
+    max_attempts: int = 10
     num_actors: int = 2
     cpus_per_actor: int = 1
     use_gpu: bool = False
@@ -90,10 +115,20 @@ class SampleConfig:
             _check_int(name, getattr(self, name), minimum)
         _check_int("grid_size", self.grid_size, 1)
         _check_int("seed", self.seed, 0)
+        _check_int("top_k", self.top_k, 0)
+        _check_int("max_attempts", self.max_attempts, 1)
         if self.seed >= 2**32:
             raise ValueError(f"sample.seed must be < 2**32, got {self.seed}")
         if type(self.temperature) not in (int, float) or not self.temperature > 0:
             raise ValueError(f"sample.temperature must be a number > 0, got {self.temperature!r}")
+        if type(self.top_p) not in (int, float) or not 0 < self.top_p <= 1:
+            raise ValueError(f"sample.top_p must be a number in (0, 1] (1: off), got {self.top_p!r}")
+        if type(self.reject_threshold) not in (int, float) or not 0 <= self.reject_threshold < 1:
+            raise ValueError(f"sample.reject_threshold must be a number in [0, 1), got {self.reject_threshold!r}")
+        if self.classifier is not None and (not isinstance(self.classifier, str) or not self.classifier):
+            raise ValueError(f"sample.classifier must be None or a checkpoint URI, got {self.classifier!r}")
+        if self.reject_threshold > 0 and self.classifier is None:
+            raise ValueError("sample.reject_threshold > 0 needs sample.classifier (a classifier checkpoint URI)")
         for name in ("use_gpu", "write_pngs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sample.{name} must be a bool, got {getattr(self, name)!r}")
@@ -113,9 +148,14 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"sample.{name} must be an int >= {minimum}, got {value!r}")
 
 
-def shard_seed(seed: int, shard: int) -> int:
-    """The generator seed of shard ``shard``: a fixed integer mix (never Python's salted ``hash``)."""
-    return seed * _SEED_STRIDE + shard
+def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
+    """The generator seed of attempt ``attempt`` of sample ``index``: a fixed hash (never Python's salted ``hash``).
+
+    Below 2**63, so it fits the int64 ``seed`` column; ``torch.Generator().manual_seed(...)`` on it reproduces the
+    sample (top codes, then bottom codes, from the one generator).
+    """
+    digest = hashlib.sha256(f"vqvae2-sample/{seed}/{index}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _digest(data: bytes) -> str:
@@ -139,18 +179,23 @@ class SamplePlan:
     image_shape: list[int]  # [C, S, S]
     label_cycle: Optional[list[int]]  # noqa: UP045
     conditional: dict[str, bool]  # level -> prior takes labels
-    files: dict[str, tuple[str, str]] = field(default_factory=dict)  # "model" / level -> (uri, digest)
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)  # "model" / level / "classifier" -> (uri, digest)
 
-    def labels_for(self, start: int, count: int) -> list[int] | None:
-        """Labels of samples ``start .. start + count - 1``, or None without class conditioning."""
-        if self.label_cycle is None:
-            return None
+    @property
+    def rejection(self) -> bool:
+        return "classifier" in self.files
+
+    def labels_of(self, indices: list[int]) -> list[int] | None:
+        """Labels of the samples at global ``indices``, or None without class conditioning."""
         cycle = self.label_cycle
-        return [cycle[i % len(cycle)] for i in range(start, start + count)]
+        return None if cycle is None else [cycle[i % len(cycle)] for i in indices]
 
     def schema(self) -> pa.Schema:
-        """Arrow schema of a codes part: id, label, seed, one fixed-size int16 list per level."""
+        """Arrow schema of a codes part: id, label, seed, [attempt, class_prob, accepted,] one int16 list per level."""
         cols = [pa.field("id", pa.string()), pa.field("label", pa.int32()), pa.field("seed", pa.int64())]
+        if self.rejection:
+            cols += [pa.field("attempt", pa.int32()), pa.field("class_prob", pa.float32())]
+            cols += [pa.field("accepted", pa.bool_())]
         cols += [pa.field(lv, pa.list_(pa.int16(), math.prod(self.shapes[lv]))) for lv in self.levels]
         meta = {"vqvae": self.vqvae, "levels": list(self.levels), "codebook_size": self.codebook_size}
         meta.update({f"{lv}_shape": self.shapes[lv] for lv in self.levels})
@@ -166,8 +211,9 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
     files = {"model": (model_uri, digest)}
     image_shape = [mcfg.in_channels, mcfg.image_size, mcfg.image_size]
     if model.kind == "vae":
-        if cfg.labels is not None:
-            raise ValueError(f"sample.labels given, but {model_uri} holds a VAE, which is not class-conditional")
+        for name in ("labels", "classifier"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"sample.{name} given, but {model_uri} holds a VAE, which is not class-conditional")
         if "train_prior" in inputs:
             log.info("sample: %s holds a VAE; ignoring the train_prior input", model_uri)
         shapes = {"latent": list(mcfg.latent_shape)}
@@ -214,7 +260,33 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
         num_classes[lv] = pc.num_classes
     conditional = {lv: k > 0 for lv, k in num_classes.items()}
     cycle = _label_cycle(cfg, num_classes)
+    if cfg.classifier is not None:
+        files["classifier"] = _check_classifier(cfg.classifier, image_shape, max(num_classes.values()))
     return SamplePlan(model.kind, digest, levels, shapes, sizes, image_shape, cycle, conditional, files)
+
+
+def _check_classifier(uri: str, image_shape: list[int], num_classes: int) -> tuple[str, str]:
+    """(uri, digest) of a classifier that fits the images and the priors' classes."""
+    if num_classes == 0:
+        raise ValueError(
+            "sample.classifier given, but the priors are not class-conditional: rejection keeps samples whose "
+            "label the classifier confirms; train the priors with train_prior.class_conditional=true"
+        )
+    uri = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))  # actors may run elsewhere
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        raise MissingInputError(
+            f"sample.classifier {uri} does not exist; see python -m steps.train_classifier"
+        ) from None
+    cc = load_model(data, expect="classifier")[0].config
+    if [cc.in_channels, cc.image_size, cc.image_size] != image_shape or cc.num_classes != num_classes:
+        raise CheckpointError(
+            f"sample.classifier {uri} takes {cc.in_channels}x{cc.image_size}x{cc.image_size} images and "
+            f"{cc.num_classes} classes, but the models make {'x'.join(map(str, image_shape))} images of "
+            f"{num_classes} classes"
+        )
+    return uri, _digest(data)
 
 
 def _label_cycle(cfg: SampleConfig, num_classes: dict[str, int]) -> list[int] | None:
@@ -243,7 +315,9 @@ class ShardSampler:
         self.cfg, self.plan, self.out = cfg, plan, out
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
         self.model = self._load("model", AUTOENCODER_KINDS)
-        self.priors = {lv: self._load(lv, "prior") for lv in plan.levels}
+        self.samplers = {lv: CachedSampler(self._load(lv, "prior")) for lv in plan.levels}
+        self.classifier = self._load("classifier", "classifier") if plan.rejection else None
+        self.cache_bytes = dict.fromkeys(plan.levels, 0)  # the largest sampler caches so far, per level
 
     def _load(self, name: str, expect: str | tuple[str, ...]) -> torch.nn.Module:
         """A checkpoint the driver checked; refuses one that was replaced since."""
@@ -254,55 +328,107 @@ class ShardSampler:
         return load_model(data, expect=expect)[0].to(self.device)
 
     @torch.no_grad()
-    def draw(self, start: int, count: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Images (count, C, S, S) in [-1, 1] and code maps per level (count, H, W) of one shard."""
+    def draw(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images (n, C, S, S) in [-1, 1] and code maps per level (n, H, W) of the samples at ``indices``."""
         cfg, plan = self.cfg, self.plan
+        # CPU generators: the same random streams whatever the device. Each level continues the streams.
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         if plan.kind == "vae":
-            g = torch.Generator().manual_seed(seed)  # VAE.sample draws on the CPU: same images on any device
-            return self.model.sample(count, generator=g, temperature=cfg.temperature), {}
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        labels = plan.labels_for(start, count)
+            shape = self.model.config.latent_shape
+            z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # (n, *latent)
+            return self.model.decode(z * cfg.temperature), {}
+        labels = plan.labels_of(indices)
         labels_t = torch.tensor(labels, device=self.device) if labels is not None else None
         codes: dict[str, torch.Tensor] = {}
         cond = None
         for lv in plan.levels:
+            sampler = self.samplers[lv]
             lab = labels_t if plan.conditional[lv] else None
-            codes[lv] = sample_naive(
-                self.priors[lv], count, labels=lab, cond=cond, temperature=cfg.temperature, generator=g
-            )  # (count, H, W)
+            controls = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+            codes[lv] = sampler.sample(len(indices), lab, cond, generator=gens, **controls)  # (n, H, W)
+            self.cache_bytes[lv] = max(self.cache_bytes[lv], sampler.cache_bytes)
             cond = codes[lv]
         return self.model.decode_codes(*codes.values()), codes
+
+    def _class_prob(self, pixels: np.ndarray, indices: list[int]) -> np.ndarray:
+        """Classifier probability (n,) of each sample's label, on the uint8 pixels that are written."""
+        x = torch.from_numpy(pixels).float().div(127.5).sub(1.0)  # (n, S, S) or (n, S, S, 3)
+        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (n, C, S, S)
+        labels = torch.tensor(self.plan.labels_of(indices), device=self.device)
+        return self.classifier.class_probability(x.to(self.device), labels).cpu().numpy().astype(np.float64)
+
+    def draw_accepted(self, indices: list[int]) -> tuple[np.ndarray, dict[str, torch.Tensor], dict[str, Any]]:
+        """Redraw each sample until its class probability reaches the threshold (at most ``max_attempts``).
+
+        Returns:
+            uint8 pixels, codes per level, and per sample ``seed``, ``attempt``, ``class_prob``, ``accepted``
+            (numpy arrays) plus ``draws``, the number of samples drawn in all.
+        """
+        cfg, n = self.cfg, len(indices)
+        info = {"seed": np.zeros(n, np.int64), "attempt": np.zeros(n, np.int32), "class_prob": np.full(n, -1.0)}
+        pixels, codes, draws = None, {}, 0
+        pending = np.arange(n)
+        for attempt in range(cfg.max_attempts):
+            idx = [indices[j] for j in pending]
+            seeds = [sample_seed(cfg.seed, i, attempt) for i in idx]
+            images, drawn = self.draw(idx, seeds)
+            px = to_uint8(images)
+            prob = self._class_prob(px, idx)
+            draws += len(idx)
+            if pixels is None:  # the first attempt covers every sample
+                pixels, codes = px.copy(), {lv: c.clone() for lv, c in drawn.items()}
+            better = prob > info["class_prob"][pending]  # keep each sample's most likely draw so far
+            slots = pending[better]
+            pixels[slots] = px[better]
+            for lv, c in drawn.items():
+                codes[lv][torch.from_numpy(slots).to(c.device)] = c[torch.from_numpy(better).to(c.device)]
+            info["seed"][slots] = np.asarray(seeds, dtype=np.int64)[better]
+            info["attempt"][slots], info["class_prob"][slots] = attempt, prob[better]
+            pending = pending[prob < cfg.reject_threshold]
+            if not len(pending):
+                break
+        info["accepted"] = info["class_prob"] >= cfg.reject_threshold
+        info["draws"] = draws
+        return pixels, codes, info
 
     def run_shard(self, shard: int) -> dict[str, Any]:
         """Sample shard ``shard``, write its PNGs and codes part, and return its metadata."""
         cfg, plan = self.cfg, self.plan
         start = shard * cfg.shard_size
         count = min(cfg.shard_size, cfg.num_samples - start)
-        seed = shard_seed(cfg.seed, shard)
+        indices = list(range(start, start + count))
         t0 = time.perf_counter()
-        images, codes = self.draw(start, count, seed)
-        pixels = to_uint8(images)  # (count, S, S) or (count, S, S, 3)
+        if plan.rejection:
+            pixels, codes, info = self.draw_accepted(indices)
+            seeds = info["seed"].tolist()
+        else:
+            seeds = [sample_seed(cfg.seed, i) for i in indices]
+            images, codes = self.draw(indices, seeds)
+            pixels, info = to_uint8(images), {"draws": count}  # (count, S, S) or (count, S, S, 3)
         if cfg.write_pngs:
             for i in range(count):
                 write_bytes(join(self.out, "images", f"{start + i:06d}.png"), encode_png(pixels[i]))
         if codes:
-            table = pa.table(
-                {
-                    "id": [f"sample-{start + i:06d}" for i in range(count)],
-                    "label": plan.labels_for(start, count) or [None] * count,
-                    "seed": [seed] * count,
-                    **{lv: _code_column(c, math.prod(plan.shapes[lv])) for lv, c in codes.items()},
-                },
-                schema=plan.schema(),
-            )
+            columns = {
+                "id": [f"sample-{i:06d}" for i in indices],
+                "label": plan.labels_of(indices) or [None] * count,
+                "seed": seeds,
+            }
+            if plan.rejection:
+                columns.update({k: info[k].tolist() for k in ("attempt", "class_prob", "accepted")})
+            columns.update({lv: _code_column(c, math.prod(plan.shapes[lv])) for lv, c in codes.items()})
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
+            pq.write_table(pa.table(columns, schema=plan.schema()), sink)
             write_bytes(join(self.out, "codes", f"part-{shard:05d}.parquet"), sink.getvalue().to_pybytes())
         in_grid = max(0, min(count, cfg.grid_size - start))
+        accepted = int(info["accepted"].sum()) if plan.rejection else count
         return {
             "shard": shard,
             "start": start,
             "count": count,
+            "draws": info["draws"],
+            "accepted": accepted,
+            "cache_bytes": dict(self.cache_bytes),
             "seconds": time.perf_counter() - t0,
             "grid": pixels[:in_grid].copy() if in_grid else None,
         }
@@ -328,12 +454,16 @@ def _reset(out: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
-def _warn_resources(cfg: SampleConfig, num_actors: int) -> None:
+def _pool_size(cfg: SampleConfig, num_shards: int) -> int:
+    """Actors to start: one per GPU of the cluster with ``use_gpu``, else ``num_actors``; never more than shards."""
     have = ray.cluster_resources()
+    gpus = int(have.get("GPU", 0)) if cfg.use_gpu else 0
+    num_actors = min(gpus or cfg.num_actors, num_shards)
     need = {"CPU": num_actors * cfg.cpus_per_actor, "GPU": num_actors if cfg.use_gpu else 0}
     for name, n in need.items():
         if n > have.get(name, 0):  # on an autoscaling cluster they may still come
             log.warning("sample: %d actors need %s %s, the cluster has %s now", num_actors, n, name, have.get(name, 0))
+    return num_actors
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -347,20 +477,20 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
         sink: unused; the result's metrics are logged by the orchestrator.
 
     Returns:
-        metrics ``num_samples``, ``samples_per_s``; artifacts ``grid``, ``images`` (if written), ``codes`` (not for
+        metrics ``num_samples``, ``samples_per_s`` (and with a classifier ``acceptance_rate``,
+        ``draws_per_sample``, ``failed_samples``); artifacts ``grid``, ``images`` (if written), ``codes`` (not for
         a VAE), ``metadata``.
 
     Raises:
-        MissingInputError: an upstream output or prior checkpoint is missing.
-        CheckpointError: the checkpoints do not belong together (digest, level, shape or codebook mismatch).
-        ValueError: ``cfg.labels`` do not fit the priors.
+        MissingInputError: an upstream output, prior or classifier checkpoint is missing.
+        CheckpointError: the checkpoints do not belong together (digest, level, shape, codebook or class mismatch).
+        ValueError: ``cfg.labels`` or ``cfg.classifier`` do not fit the models.
     """
     t0 = time.perf_counter()
     plan = make_plan(cfg, inputs)  # every check happens before an actor starts
     _reset(out)
     shards = list(range(math.ceil(cfg.num_samples / cfg.shard_size)))
-    num_actors = min(cfg.num_actors, len(shards))
-    _warn_resources(cfg, num_actors)
+    num_actors = _pool_size(cfg, len(shards))
     # Actors read the checkpoints from storage, which must be shared on a cluster anyway (they write to ``out``).
     # Shards are deterministic and written atomically, so a retried shard on a restarted actor is harmless.
     actor_cls = ray.remote(ShardSampler).options(
@@ -368,28 +498,64 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     )
     actors = [actor_cls.remote(cfg, plan, out) for _ in range(num_actors)]
     grid_parts: dict[int, np.ndarray] = {}
-    shard_seconds = 0.0
+    totals = {"samples": 0, "draws": 0, "accepted": 0, "seconds": 0.0}
+    cache_bytes = dict.fromkeys(plan.levels, 0)
     try:
         pool = ActorPool(actors)
         for done, meta in enumerate(pool.map_unordered(lambda a, k: a.run_shard.remote(k), shards), 1):
-            shard_seconds += meta["seconds"]
+            for key, value in (("samples", meta["count"]), ("draws", meta["draws"]), ("accepted", meta["accepted"])):
+                totals[key] += value
+            totals["seconds"] += meta["seconds"]
+            cache_bytes = {lv: max(cache_bytes[lv], meta["cache_bytes"][lv]) for lv in plan.levels}
             if meta["grid"] is not None:
                 grid_parts[meta["start"]] = meta["grid"]
-            log.info("sample: %d/%d shards", done, len(shards))
+            rate = totals["samples"] / (time.perf_counter() - t0)
+            left = (cfg.num_samples - totals["samples"]) / rate
+            accept = f", acceptance {totals['accepted'] / totals['draws']:.1%}" if plan.rejection else ""
+            log.info(
+                "sample: %d/%d shards, %d/%d samples, %.2f samples/s, ~%.0f s left%s",
+                *(done, len(shards), totals["samples"], cfg.num_samples, rate, left, accept),
+            )
     finally:
         for actor in actors:
             ray.kill(actor)
     write_bytes(join(out, "grid.png"), _grid(np.concatenate([grid_parts[s] for s in sorted(grid_parts)])))
     seconds = time.perf_counter() - t0
     samples_per_s = cfg.num_samples / seconds
+    metrics = {"num_samples": float(cfg.num_samples), "samples_per_s": samples_per_s}
+    rejection: dict[str, Any] = {"classifier": None}
+    if plan.rejection:
+        failed = cfg.num_samples - totals["accepted"]
+        metrics["acceptance_rate"] = totals["accepted"] / totals["draws"]
+        metrics["draws_per_sample"] = totals["draws"] / cfg.num_samples
+        metrics["failed_samples"] = float(failed)
+        rejection = {
+            "classifier": plan.files["classifier"][1],
+            "reject_threshold": cfg.reject_threshold,
+            "max_attempts": cfg.max_attempts,
+            "draws": totals["draws"],
+            "accepted": totals["accepted"],
+            "acceptance_rate": metrics["acceptance_rate"],
+            "failed_samples": failed,
+        }
+        if failed:
+            log.warning(
+                "sample: %d of %d samples never reached class probability %.3f in %d attempts (acceptance rate "
+                "%.1f%%); they keep their most likely draw and accepted=false in the codes. Lower "
+                "sample.reject_threshold or raise sample.max_attempts.",
+                *(failed, cfg.num_samples, cfg.reject_threshold, cfg.max_attempts, 100 * metrics["acceptance_rate"]),
+            )
     write_json(
         join(out, "samples.json"),
         {
             "num_samples": cfg.num_samples,
             "seed": cfg.seed,
+            "seeds": "per sample: steps.sample.sample_seed(seed, index, attempt)",
             "shard_size": cfg.shard_size,
             "num_shards": len(shards),
             "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
             "labels": plan.label_cycle,  # cycled over the samples; per-sample labels are in the codes
             "kind": plan.kind,
             "vqvae": plan.vqvae,
@@ -398,22 +564,21 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
             "shapes": plan.shapes,
             "codebook_size": plan.codebook_size,
             "image_shape": plan.image_shape,
+            "sampler": "cached" if plan.levels else None,
+            "cache_bytes": cache_bytes,  # the largest sampler caches of one shard, per level
+            **rejection,
             "num_actors": num_actors,
             "seconds": seconds,
-            "shard_seconds": shard_seconds,
+            "shard_seconds": totals["seconds"],
             "samples_per_s": samples_per_s,
             "config": asdict(cfg),
         },
     )
-    log.info("sample: %d samples in %.1f s (%.1f samples/s)", cfg.num_samples, seconds, samples_per_s)
+    log.info("sample: %d samples in %.1f s (%.2f samples/s)", cfg.num_samples, seconds, samples_per_s)
     artifacts = {"grid": join(out, "grid.png")}
     if cfg.write_pngs:
         artifacts["images"] = join(out, "images")
     if plan.levels:
         artifacts["codes"] = join(out, "codes")
     artifacts["metadata"] = join(out, "samples.json")
-    return StepResult(
-        metrics={"num_samples": float(cfg.num_samples), "samples_per_s": samples_per_s},
-        artifacts=artifacts,
-        info={"num_shards": len(shards), "vqvae": plan.vqvae},
-    )
+    return StepResult(metrics=metrics, artifacts=artifacts, info={"num_shards": len(shards), "vqvae": plan.vqvae})

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from steps.nn.classifier import ImageClassifier
 from steps.nn.prior import PixelCNNPrior, PriorConfig
 from steps.nn.vae import VAE
 from steps.nn.vqvae import VQVAE, VQVAE2
@@ -23,6 +24,7 @@ from steps.nn.vqvae import VQVAE, VQVAE2
 FORMAT = 1
 AUTOENCODERS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (VQVAE2, VQVAE, VAE)}
 PRIOR_KIND = "prior"
+CLASSIFIER_KIND = ImageClassifier.kind  # "classifier": for classifier-based rejection in the sample step
 
 
 class CheckpointError(ValueError):
@@ -89,7 +91,7 @@ def load_model(
 
     Args:
         source: a path, file object, bytes, or an already loaded payload.
-        expect: kind(s) the caller can use (``"vqvae2"``, ``"vqvae"``, ``"vae"``, ``"prior"``).
+        expect: kind(s) the caller can use (``"vqvae2"``, ``"vqvae"``, ``"vae"``, ``"prior"``, ``"classifier"``).
 
     Returns:
         ``(model, payload)``; the model is on the CPU in eval mode.
@@ -106,6 +108,8 @@ def load_model(
         model: nn.Module = PixelCNNPrior(PriorConfig.from_dict(payload["config"]))
     elif kind in AUTOENCODERS:
         model = AUTOENCODERS[kind].from_config_dict(payload["config"])
+    elif kind == CLASSIFIER_KIND:
+        model = ImageClassifier.from_config_dict(payload["config"])
     else:
         raise CheckpointError(f"unknown model kind {kind!r} in checkpoint")
     try:

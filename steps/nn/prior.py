@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from steps.nn.draw import RandomSource, check_controls, draw_codes, uniforms
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -374,11 +376,14 @@ def sample_naive(
     labels: Tensor | None = None,
     cond: Tensor | None = None,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: RandomSource = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Tensor:
     """Draw ``n`` code maps in raster order, rerunning the full forward pass for every position.
 
-    Slow (H * W forward passes) but obviously correct; faster samplers are tested against it.
+    Slow (H * W forward passes) but obviously correct; the cached sampler (steps/nn/sampler.py) is tested against
+    it. Both draw through :func:`steps.nn.draw.draw_codes`, so the same random streams give the same codes.
 
     Args:
         model: the prior; it is put in eval mode while sampling and its previous mode restored afterwards.
@@ -386,26 +391,28 @@ def sample_naive(
         labels: (n,) class labels for a class-conditional prior.
         cond: (n, *cond_shape) conditioning codes for a spatially conditioned prior.
         temperature: divides the logits; < 1 sharpens, > 1 flattens.
-        generator: random generator on the model's device, for reproducible samples.
+        generator: the random streams (see :func:`steps.nn.draw.uniforms`): one generator for the batch, one
+            generator or int seed per sample, or None.
+        top_k: keep only the ``top_k`` most likely codes (0: off).
+        top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1: off).
 
     Returns:
         (n, H, W) int64 codes.
     """
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_controls(temperature, top_k, top_p)
     height, width = model.config.shape
     device = next(model.parameters()).device
+    u = uniforms(n, height * width, generator, device)  # (n, H*W)
     codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
         for r in range(height):
             for c in range(width):
-                logits = model(codes, labels, cond)[:, :, r, c].float() / temperature  # (n, K)
-                probs = torch.softmax(logits, dim=-1)
-                codes[:, r, c] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                logits = model(codes, labels, cond)[:, :, r, c]  # (n, K)
+                codes[:, r, c] = draw_codes(logits, u[:, r * width + c], temperature, top_k, top_p)
     finally:
         model.train(was_training)
     return codes

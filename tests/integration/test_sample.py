@@ -1,10 +1,12 @@
-"""The sample step on local Ray with tiny untrained models: artifacts, determinism, conditioning, clear errors."""
+"""The sample step on local Ray with tiny untrained models: artifacts, determinism, conditioning, the cached sampler,
+sampling controls, classifier-based rejection, clear errors."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +19,15 @@ import torch
 from PIL import Image
 
 from steps.common import MissingInputError
-from steps.nn.checkpoint import CheckpointError, save_checkpoint
+from steps.nn.checkpoint import CheckpointError, load_model, save_checkpoint
+from steps.nn.classifier import ClassifierConfig, ImageClassifier
 from steps.nn.prior import PixelCNNPrior, PriorConfig
+from steps.nn.sampler import CachedSampler
 from steps.nn.vae import VAE, VAEConfig
 from steps.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
-from steps.sample import SAMPLES_META_KEY, SampleConfig, run, shard_seed
+from steps.sample import SAMPLES_META_KEY, SampleConfig, run, sample_seed
+from steps.train_classifier import TrainClassifierConfig
+from steps.train_classifier import train as train_classifier
 
 SMALL = {"image_size": 32, "in_channels": 1, "channels": 16, "res_channels": 8, "res_blocks": 1}
 TOP = PriorConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2)
@@ -107,7 +113,7 @@ def test_writes_images_codes_grid_and_metadata(base_run, vq2):
     assert table.num_rows == 10
     assert table.column("id").to_pylist() == [f"sample-{i:06d}" for i in range(10)]
     assert table.column("label").null_count == 10
-    assert table.column("seed").to_pylist() == [shard_seed(0, i // 4) for i in range(10)]
+    assert table.column("seed").to_pylist() == [sample_seed(0, i) for i in range(10)]
     for level, size in (("top", 16), ("bottom", 64)):
         kind = table.schema.field(level).type
         assert pa.types.is_fixed_size_list(kind) and kind.list_size == size and kind.value_type == pa.int16()
@@ -152,7 +158,34 @@ def test_another_seed_gives_other_codes(base_run, vq2, tmp_path):
     ours = pq.read_table(tmp_path / "codes").sort_by("id")
     theirs = pq.read_table(first / "codes").sort_by("id").slice(0, 4)
     assert ours.column("top").to_pylist() != theirs.column("top").to_pylist()
-    assert ours.column("seed").to_pylist() == [shard_seed(1, 0)] * 4
+    assert ours.column("seed").to_pylist() == [sample_seed(1, i) for i in range(4)]
+
+
+def test_codes_come_from_the_cached_sampler_with_a_seed_per_sample(base_run, vq2):
+    """Sample i is reproducible on its own: its seed column, one CPU generator, top then bottom from it."""
+    _, out, _ = base_run
+    table = pq.read_table(out / "codes").sort_by("id")
+    priors = {lv: load_model(Path(vq2["train_prior"]) / f"{lv}.pt")[0] for lv in ("top", "bottom")}
+    gens = [torch.Generator().manual_seed(s) for s in table.column("seed").to_pylist()[:4]]  # shard 0
+    top = CachedSampler(priors["top"]).sample(4, generator=gens)
+    bottom = CachedSampler(priors["bottom"]).sample(4, cond=top, generator=gens)  # the same streams, continued
+    assert table.column("top").to_pylist()[:4] == top.flatten(1).tolist()
+    assert table.column("bottom").to_pylist()[:4] == bottom.flatten(1).tolist()
+    info = json.loads((out / "samples.json").read_text())
+    assert info["sampler"] == "cached" and info["top_k"] == 0 and info["top_p"] == 1.0
+    assert info["cache_bytes"]["top"] > 0 and info["cache_bytes"]["bottom"] > 0
+
+
+def test_top_k_1_is_greedy_whatever_the_seed(ray_local, vq2, tmp_path):
+    cfg = SampleConfig(num_samples=4, shard_size=2, num_actors=1, top_k=1, write_pngs=False)
+    result = run(cfg, inputs_of(vq2), str(tmp_path / "greedy"))
+    table = pq.read_table(tmp_path / "greedy" / "codes")
+    assert len({tuple(c) for c in table.column("top").to_pylist()}) == 1  # unconditional prior: one greedy map
+    assert len({tuple(c) for c in table.column("bottom").to_pylist()}) == 1
+    assert result.metrics["num_samples"] == 4 and "acceptance_rate" not in result.metrics
+    run(replace(cfg, top_k=0, top_p=0.5), inputs_of(vq2), str(tmp_path / "nucleus"))
+    info = json.loads((tmp_path / "nucleus" / "samples.json").read_text())
+    assert info["top_p"] == 0.5 and info["config"]["top_p"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------ other models
@@ -193,6 +226,105 @@ def test_one_level_vqvae(ray_local, tmp_path):
     assert result.artifacts["codes"] == str(tmp_path / "out" / "codes")
 
 
+# ------------------------------------------------------------------------------------------------ rejection
+@pytest.fixture(scope="module")
+def digits_classifier(digit_shards, tmp_path_factory) -> tuple[str, dict]:
+    """A tiny classifier trained by steps.train_classifier on the bundled digits (10 classes, 1 x 32 x 32)."""
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    metrics = train_classifier(
+        TrainClassifierConfig(steps=120, batch_size=32, channels=8, threads=1), digit_shards, str(path)
+    )
+    return str(path), metrics
+
+
+@pytest.fixture(scope="module")
+def ten_classes(vq2, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ten")
+    top, bottom = replace(TOP, num_classes=10), replace(BOTTOM, num_classes=10)
+    return {**vq2, "train_prior": save_priors(root, vq2["digest"], top=top, bottom=bottom)}
+
+
+def test_train_classifier_on_image_shards(digits_classifier):
+    path, metrics = digits_classifier
+    model, payload = load_model(path, expect="classifier")
+    assert isinstance(model, ImageClassifier) and model.config.num_classes == 10
+    assert model.config.image_size == 32 and model.config.in_channels == 1
+    assert metrics["train_images"] + metrics["val_images"] == 240 and payload["metrics"] == metrics
+    assert metrics["val_accuracy"] > 0.5  # chance is 0.1; 120 tiny steps beat it clearly
+
+
+def test_classifier_rejection(ray_local, ten_classes, digits_classifier, tmp_path, caplog):
+    path, _ = digits_classifier
+    base = SampleConfig(num_samples=6, shard_size=4, num_actors=2, classifier=path, max_attempts=3)
+    run(base, inputs_of(ten_classes), str(tmp_path / "all"))  # threshold 0: every first draw passes
+    first = pq.read_table(tmp_path / "all" / "codes").sort_by("id")
+    assert first.column("attempt").to_pylist() == [0] * 6 and all(first.column("accepted").to_pylist())
+    probs = first.column("class_prob").to_pylist()
+    threshold = float(np.median(probs))  # about half the first draws fail: they are redrawn
+
+    cfg = replace(base, reject_threshold=threshold)
+    with caplog.at_level(logging.INFO, logger="steps.sample"):
+        result = run(cfg, inputs_of(ten_classes), str(tmp_path / "some"))
+    assert any("acceptance" in r.getMessage() and "2/2 shards" in r.getMessage() for r in caplog.records)
+    table = pq.read_table(tmp_path / "some" / "codes").sort_by("id")
+    rows = table.to_pylist()
+    classifier = load_model(path, expect="classifier")[0]
+    for i, row in enumerate(rows):
+        assert row["seed"] == sample_seed(0, i, row["attempt"])
+        assert row["accepted"] == (row["class_prob"] >= threshold)
+        if probs[i] >= threshold:  # the same first draw as with threshold 0, kept
+            assert row["attempt"] == 0 and row["top"] == first.column("top")[i].as_py()
+        else:
+            assert row["attempt"] > 0 or not row["accepted"]
+        pixels = np.asarray(image(tmp_path / "some" / "images" / f"{i:06d}.png"), dtype=np.float32)
+        x = torch.from_numpy(pixels / 127.5 - 1.0)[None, None]  # the written PNG, re-read
+        prob = classifier.class_probability(x, torch.tensor([row["label"]])).item()
+        assert prob == pytest.approx(row["class_prob"], abs=1e-4)
+    info = json.loads((tmp_path / "some" / "samples.json").read_text())
+    draws = info["draws"]
+    assert draws > 6 and info["accepted"] == sum(r["accepted"] for r in rows)
+    assert result.metrics["acceptance_rate"] == pytest.approx(info["accepted"] / draws) == info["acceptance_rate"]
+    assert result.metrics["draws_per_sample"] == pytest.approx(draws / 6)
+    assert info["failed_samples"] == result.metrics["failed_samples"] == 6 - info["accepted"]
+    assert info["reject_threshold"] == threshold and len(info["classifier"]) == 16
+
+    # Rejection is as deterministic as plain sampling: another actor count gives the same bytes.
+    run(replace(cfg, num_actors=1), inputs_of(ten_classes), str(tmp_path / "again"))
+    assert pngs(tmp_path / "again") == pngs(tmp_path / "some")
+    assert pq.read_table(tmp_path / "again" / "codes").sort_by("id").equals(table)
+
+
+def test_rejection_needs_a_fitting_classifier(vq2, conditional, digits_classifier, tmp_path):
+    path, _ = digits_classifier
+    expect_error(ValueError, "priors are not class-conditional", inputs_of(vq2), tmp_path / "out1", classifier=path)
+    expect_error(
+        CheckpointError,
+        "10 classes, but the models make 1x32x32 images of 3 classes",
+        inputs_of(conditional),
+        tmp_path / "out2",
+        classifier=path,
+    )
+    wrong = tmp_path / "rgb.pt"
+    save_checkpoint(wrong, ImageClassifier(ClassifierConfig(image_size=32, in_channels=3, num_classes=3)))
+    expect_error(
+        CheckpointError, "takes 3x32x32 images", inputs_of(conditional), tmp_path / "out3", classifier=str(wrong)
+    )
+    expect_error(
+        MissingInputError,
+        "sample.classifier .* does not exist",
+        inputs_of(conditional),
+        tmp_path / "out4",
+        classifier=str(tmp_path / "none.pt"),
+    )
+    expect_error(
+        CheckpointError,
+        "holds a 'prior' model, expected 'classifier'",
+        inputs_of(conditional),
+        tmp_path / "out5",
+        classifier=str(Path(conditional["train_prior"]) / "top.pt"),
+    )
+
+
 def test_vae_decodes_gaussian_draws(ray_local, tmp_path):
     torch.manual_seed(0)
     vae = VAE(VAEConfig(**{**SMALL, "in_channels": 3}, latent_channels=4))
@@ -205,6 +337,8 @@ def test_vae_decodes_gaussian_draws(ray_local, tmp_path):
     assert grid.size == grid_side(4, 32) and grid.mode == "RGB"
     assert not (out / "codes").exists() and "codes" not in result.artifacts
     assert json.loads((out / "samples.json").read_text())["kind"] == "vae"
+    match = "sample.classifier given, but .* holds a VAE"
+    expect_error(ValueError, match, {"train_vqvae": str(tmp_path / "vae")}, tmp_path / "out2", classifier="c.pt")
 
 
 # ------------------------------------------------------------------------------------------------ clear errors
@@ -285,6 +419,15 @@ def test_missing_inputs_name_the_step_to_run(vq2, tmp_path):
         ("num_actors", 0),
         ("grid_size", 0),
         ("write_pngs", 1),
+        ("top_k", -1),
+        ("top_k", 1.5),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("reject_threshold", 1.0),
+        ("reject_threshold", -0.1),
+        ("reject_threshold", 0.5),  # without a classifier
+        ("max_attempts", 0),
+        ("classifier", ""),
     ],
 )
 def test_config_is_validated(field, value):

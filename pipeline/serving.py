@@ -23,14 +23,15 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from steps.images import decode_batch, encode_png, to_uint8
-        from steps.nn.prior import PixelCNNPrior, sample_naive
+        from steps.nn.prior import PixelCNNPrior
+        from steps.nn.sampler import sample
 
         params = params or {}
         with torch.inference_mode():
             if isinstance(self.model, PixelCNNPrior):
                 n = int(model_input["n"].iloc[0])
                 gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
-                codes = sample_naive(self.model, n, temperature=float(params.get("temperature", 1.0)), generator=gen)
+                codes = sample(self.model, n, temperature=float(params.get("temperature", 1.0)), generator=gen)
                 return pd.DataFrame({"codes": [c.flatten().tolist() for c in codes]})
             channels = self.model.config.in_channels
             x = torch.from_numpy(decode_batch(list(model_input["image"]), channels))

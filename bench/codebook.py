@@ -45,7 +45,11 @@ def train(cfg: VQVAE2Config, data: torch.Tensor, steps: int, batch_size: int, se
         out.loss.backward()
         opt.step()
         if step % max(steps // 10, 1) == 0:
-            curve.append({"step": step, "recon_mse": round(out.recon_loss.item(), 5)})
+            # Usage over the steps since the last point (a window, not the whole run; restarts do not read it).
+            usage = {f"usage_{n}": round(q.usage_fraction(), 4) for n, q in model.quantizers.items()}
+            for q in model.quantizers.values():
+                q.reset_usage()
+            curve.append({"step": step, "recon_mse": round(out.recon_loss.item(), 5), **usage})
     seconds = time.perf_counter() - start
 
     # Dataset-level usage: which codes does the whole dataset choose once training is over?

@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from steps.encode import EncodeConfig
+from steps.evaluate import EvaluateConfig
 from steps.nn.vae import VAEConfig
 from steps.nn.vqvae import VQVAE2Config, VQVAEConfig
 from steps.sample import SampleConfig
@@ -131,6 +132,7 @@ TrainSchema = schema(TrainConfig)
 PriorSchema = schema(PriorHParams)
 EncodeSchema = schema(EncodeConfig)
 SampleSchema = schema(SampleConfig)
+EvaluateSchema = schema(EvaluateConfig)
 
 
 @dataclass
@@ -161,6 +163,7 @@ class PipelineSchema:
     encode: EncodeSchema = field(default_factory=EncodeSchema)
     train_prior: TrainPriorConf = field(default_factory=TrainPriorConf)
     sample: SampleSchema = field(default_factory=SampleSchema)
+    evaluate: EvaluateSchema = field(default_factory=EvaluateSchema)
     ray: RayConf = field(default_factory=RayConf)
     mlflow: MLflowConf = field(default_factory=MLflowConf)
     artifacts: ArtifactsConf = field(default_factory=ArtifactsConf)
@@ -186,6 +189,7 @@ class PipelineConfig:
     encode: EncodeConfig
     train_prior: TrainPriorConfig
     sample: SampleConfig
+    evaluate: EvaluateConfig
     ray: RayConf
     mlflow: MLflowConf
     root: str
@@ -226,6 +230,7 @@ def load(cfg: DictConfig) -> PipelineConfig:
             "train_prior",
         ),
         sample=build(SampleConfig, data["sample"], "sample"),
+        evaluate=build(EvaluateConfig, data["evaluate"], "evaluate"),
         ray=RayConf(**data["ray"]),
         mlflow=MLflowConf(**{**data["mlflow"], "tracking_uri": absolute_tracking_uri(data["mlflow"]["tracking_uri"])}),
         root=root if "://" in root else os.path.abspath(os.path.expanduser(root)),

@@ -1,6 +1,6 @@
 """The step graph, as data: name, upstream steps, the step function and its slice of the config.
 
-    shard -> train_vqvae -> encode -> train_prior -> sample
+    shard -> train_vqvae -> encode -> train_prior -> sample -> evaluate
 
 Read top to bottom, this is the whole pipeline. A step is switched off for some models (a Gaussian VAE has no codes,
 so it skips encode and train_prior); a step's inputs are its upstream steps that are switched on.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from steps import encode, sample, shard, train_prior, train_vqvae
+from steps import encode, evaluate, sample, shard, train_prior, train_vqvae
 
 
 def _has_codes(cfg: PipelineConfig) -> bool:
@@ -40,6 +40,7 @@ GRAPH: tuple[Step, ...] = (
     Step("encode", encode.run, ("shard", "train_vqvae"), lambda c: c.encode, enabled=_has_codes),
     Step("train_prior", train_prior.run, ("encode",), lambda c: c.train_prior, enabled=_has_codes, trains=True),
     Step("sample", sample.run, ("train_vqvae", "train_prior"), lambda c: c.sample),
+    Step("evaluate", evaluate.run, ("shard", "train_vqvae", "encode", "train_prior", "sample"), lambda c: c.evaluate),
 )
 NAMES = tuple(s.name for s in GRAPH)
 

@@ -12,7 +12,9 @@ from steps.codes import read_code_meta
 from steps.nn.checkpoint import load_model
 
 pytestmark = pytest.mark.e2e
-STEPS = ["shard", "train_vqvae", "encode", "train_prior", "sample"]
+EVALUATE_METRICS = ["recon_mse", "psnr", "ssim", "usage_top", "perplexity_bottom", "nll_bits_top", "bits_per_dim"]
+EVALUATE_METRICS += ["fd_effnet", "kid_effnet", "kid_effnet_std", "precision", "recall", "fd_effnet_real"]
+STEPS = ["shard", "train_vqvae", "encode", "train_prior", "sample", "evaluate"]
 
 
 def pipeline(workdir: Path, *overrides: str) -> str:
@@ -88,6 +90,14 @@ def test_every_artifact_and_schema(workdir):
     assert len(list((sample / "images").glob("*.png"))) == 8 and (sample / "grid.png").exists()
     assert pq.read_table(sample / "codes").num_rows == 8
 
+    report = json.loads((outs["evaluate"][0] / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert set(EVALUATE_METRICS) <= set(metrics), set(EVALUATE_METRICS) - set(metrics)
+    assert metrics["recon_mse"] > 0 and 0 < metrics["usage_top"] <= 1 and metrics["nll_bits_bottom"] > 0
+    assert metrics["fd_effnet_real"] >= 0 and 0 <= metrics["precision"] <= 1
+    assert report["counts"]["real_split"] == "val" and report["counts"]["samples"] == 8
+    assert (outs["evaluate"][0] / "real_vs_samples.png").stat().st_size > 0
+
 
 def test_mlflow_run_tree(workdir):
     client, parents, children = mlflow_runs(workdir)
@@ -106,6 +116,10 @@ def test_mlflow_run_tree(workdir):
     prior = kids["train_prior"]
     assert {"top/train/nll_bits", "bottom/train/nll_bits"} <= set(prior.data.metrics)
     assert any(a.path == "grid.png" for a in client.list_artifacts(kids["sample"].info.run_id))
+    evaluation = kids["evaluate"]
+    assert {f"final/{name}" for name in EVALUATE_METRICS} <= set(evaluation.data.metrics)
+    assert evaluation.data.params["knn_k"] == "3"
+    assert {"metrics.json", "real_vs_samples.png"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     version = client.get_model_version_by_alias("vqvae2-vqvae2", "current")
     assert version.run_id == tv.info.run_id
 

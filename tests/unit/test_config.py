@@ -59,6 +59,7 @@ def test_defaults_are_the_digits_recipe():
         ("prior.top.kernel_size=4", "prior.top.kernel_size"),
         ("sample.num_samples=0", "sample.num_samples"),
         ("encode.batch_size=0", "encode.batch_size"),
+        ("evaluate.knn_k=0", "evaluate.knn_k"),
         ("data.val_fraction=1.5", "data.val_fraction"),
     ],
 )
@@ -87,9 +88,11 @@ def test_fingerprints_follow_config_and_upstream():
 
 def test_graph_skips_code_steps_for_the_vae():
     names = [s.name for s in graph.active(make("model=vae"))]
-    assert names == ["shard", "train_vqvae", "sample"]
+    assert names == ["shard", "train_vqvae", "sample", "evaluate"]
     vae = make("model=vae")
-    assert graph.inputs_of(graph.GRAPH[-1], vae) == ("train_vqvae",)
+    steps = {s.name: s for s in graph.GRAPH}
+    assert graph.inputs_of(steps["sample"], vae) == ("train_vqvae",)
+    assert graph.inputs_of(steps["evaluate"], vae) == ("shard", "train_vqvae", "sample")
 
 
 def test_plan_changes_propagate_downstream(tmp_path):
@@ -97,7 +100,7 @@ def test_plan_changes_propagate_downstream(tmp_path):
     base = {p.step.name: p.fingerprint for p in plan(make("debug=tiny"), store)}
     more = {p.step.name: p.fingerprint for p in plan(make("debug=tiny", "model.codebook_size=64"), store)}
     assert base["shard"] == more["shard"]
-    assert all(base[s] != more[s] for s in ("train_vqvae", "encode", "train_prior", "sample"))
+    assert all(base[s] != more[s] for s in ("train_vqvae", "encode", "train_prior", "sample", "evaluate"))
 
 
 def test_plan_errors(tmp_path):

@@ -124,7 +124,7 @@ class RayConf:
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
     include_dashboard: bool = False
-    log_level: str = "WARNING"  # of Ray's own logging in workers; INFO shows every Ray Data pass
+    log_level: str = "WARNING"  # of Ray Data on the driver; INFO shows every dataset pass and progress bars
 
 
 ShardSchema = schema(ShardConfig)

@@ -90,7 +90,8 @@ def _start_ray(cfg: PipelineConfig) -> None:
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
     # Workers import our packages from the working directory that `ray job submit --working-dir` ships, or from
     # this checkout when run locally.
-    ray.init(address=address, logging_config=ray.LoggingConfig(log_level=cfg.ray.log_level), **kwargs)
+    # No ray.LoggingConfig here: it would also lower this driver's own logging and hide the step progress lines.
+    ray.init(address=address, **kwargs)
     _quiet_ray_data(cfg.ray.log_level)
 
 

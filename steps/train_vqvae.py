@@ -75,7 +75,8 @@ class AutoencoderTask(TrainTask):
         return AUTOENCODERS[self.kind].from_config_dict(self.model_config)
 
     def prepare_batch(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(batch["image"])).to(device).float() / 127.5 - 1.0  # (B, C, S, S)
+        pixels = np.require(batch["image"], requirements="W")  # Ray hands out read-only views; copy only those
+        return torch.from_numpy(pixels).to(device).float() / 127.5 - 1.0  # (B, C, S, S)
 
     def loss(self, model, x):
         out = model(x)

@@ -45,6 +45,7 @@ import ray
 import torch
 from ray.util import ActorPool
 
+from steps.codes import model_digest
 from steps.common import (
     MetricsSink,
     MissingInputError,
@@ -158,14 +159,6 @@ def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _digest(data: bytes) -> str:
-    """Identity of a checkpoint file: the first 16 hex chars of the sha256 of its bytes.
-
-    Same definition as ``steps.codes.model_digest``; kept local until that module lands.
-    """
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------------------ plan (driver)
 @dataclass(frozen=True)
 class SamplePlan:
@@ -207,7 +200,7 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
     model_uri = join(require_input(inputs, STEP, "train_vqvae"), "model.pt")
     data = read_bytes(model_uri)
     model, _ = load_model(data, expect=AUTOENCODER_KINDS)
-    mcfg, digest = model.config, _digest(data)
+    mcfg, digest = model.config, model_digest(data)
     files = {"model": (model_uri, digest)}
     image_shape = [mcfg.in_channels, mcfg.image_size, mcfg.image_size]
     if model.kind == "vae":
@@ -235,7 +228,7 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
                 f"{uri} does not exist: the {model.kind} model has levels {list(levels)}; rerun train_prior"
             ) from None
         prior, payload = load_model(data, expect="prior")
-        files[lv] = (uri, _digest(data))
+        files[lv] = (uri, model_digest(data))
         pc = prior.config
         if payload.get("level") != lv:
             raise CheckpointError(f"{uri} holds a prior for level {payload.get('level')!r}, expected {lv!r}")
@@ -286,7 +279,7 @@ def _check_classifier(uri: str, image_shape: list[int], num_classes: int) -> tup
             f"{cc.num_classes} classes, but the models make {'x'.join(map(str, image_shape))} images of "
             f"{num_classes} classes"
         )
-    return uri, _digest(data)
+    return uri, model_digest(data)
 
 
 def _label_cycle(cfg: SampleConfig, num_classes: dict[str, int]) -> list[int] | None:
@@ -323,7 +316,7 @@ class ShardSampler:
         """A checkpoint the driver checked; refuses one that was replaced since."""
         uri, digest = self.plan.files[name]
         data = read_bytes(uri)
-        if (got := _digest(data)) != digest:
+        if (got := model_digest(data)) != digest:
             raise CheckpointError(f"{uri} changed after the driver checked it (digest {got}, checked {digest})")
         return load_model(data, expect=expect)[0].to(self.device)
 

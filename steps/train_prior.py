@@ -12,7 +12,6 @@ cluster has room. Either can be class-conditional when the code dataset has labe
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Mapping
@@ -25,9 +24,8 @@ import torch
 from steps import common
 from steps.codes import CodeMeta, batch_to_tensors, parquet_files, read_code_meta
 from steps.common import MetricsSink, PrefixSink, StepResult, require_input
-from steps.nn.checkpoint import read_checkpoint
 from steps.nn.prior import PixelCNNPrior, PriorConfig
-from steps.training import STATE_FILE, TrainConfig, TrainTask, fit
+from steps.training import TrainConfig, TrainTask, export_checkpoint, fit, run_storage
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +153,7 @@ def run(cfg: TrainPriorConfig, inputs: Mapping[str, str], out: str, sink: Metric
         raise FileNotFoundError(f"no training codes under {common.join(code_uri, 'train')}: run the encode step")
     hparams = {"top": cfg.top, "bottom": cfg.bottom}
     configs = {lvl: prior_config(hparams[lvl], meta, lvl, cfg.class_conditional) for lvl in meta.levels}
-    storage = common.join(out, "ray") if not common.is_local(out) else common.filesystem(out)[1] + "/ray"
+    storage = run_storage(out)
 
     jobs = {lvl: (lvl, configs[lvl], meta, cfg, code_uri, storage, sink) for lvl in meta.levels}
     if cfg.parallel and len(jobs) > 1:
@@ -169,14 +167,10 @@ def run(cfg: TrainPriorConfig, inputs: Mapping[str, str], out: str, sink: Metric
     artifacts: dict[str, str] = {}
     summary: dict[str, Any] = {"levels": list(meta.levels), "vqvae": meta.vqvae, "metrics": {}}
     for lvl, result in results.items():
-        with result.checkpoint.as_directory() as d:
-            payload = read_checkpoint(f"{d}/{STATE_FILE}")
-        final = {k: payload[k] for k in ("format", "kind", "config", "model", "step", "metrics")}
-        final.update(level=lvl, vqvae=meta.vqvae, num_classes=meta.num_classes if cfg.class_conditional else None)
-        buf = io.BytesIO()
-        torch.save(final, buf)
         uri = common.join(out, f"{lvl}.pt")
-        common.write_bytes(uri, buf.getvalue())
+        num_classes = meta.num_classes if cfg.class_conditional else None
+        with result.checkpoint.as_directory() as d:
+            export_checkpoint(d, uri, level=lvl, vqvae=meta.vqvae, num_classes=num_classes)
         artifacts[f"prior_{lvl}"] = uri
         level_metrics = {k.replace("/", "_"): float(v) for k, v in (result.metrics or {}).items() if k != "step"}
         summary["metrics"][lvl] = level_metrics

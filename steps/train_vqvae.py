@@ -11,7 +11,6 @@ trains with :func:`steps.training.fit` and writes
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ import torch.nn.functional as F
 from steps import common
 from steps.common import MetricsSink, StepResult, require_input
 from steps.images import decode_batch, grid_png
-from steps.nn.checkpoint import AUTOENCODERS, read_checkpoint
+from steps.nn.checkpoint import AUTOENCODERS
 from steps.nn.vae import VAEConfig
 from steps.nn.vqvae import VQVAE2Config, VQVAEConfig
 from steps.shard import read_manifest, shard_files
-from steps.training import STATE_FILE, TrainConfig, TrainTask, fit
+from steps.training import TrainConfig, TrainTask, export_checkpoint, fit, run_storage
 
 ModelConfig = VQVAE2Config | VQVAEConfig | VAEConfig
 KINDS = {VQVAE2Config: "vqvae2", VQVAEConfig: "vqvae", VAEConfig: "vae"}
@@ -147,16 +146,11 @@ def run(cfg: TrainVQVAEConfig, inputs: Mapping[str, str], out: str, sink: Metric
     if val is not None:
         datasets["val"] = val
     task = AutoencoderTask(cfg.kind, model_cfg.to_dict(), cfg.grid_images)
-    storage = common.join(out, "ray") if not common.is_local(out) else common.filesystem(out)[1] + "/ray"
-    result = fit(task, cfg.train, datasets, storage=storage, name="train_vqvae", sink=sink)
+    result = fit(task, cfg.train, datasets, storage=run_storage(out), name="train_vqvae", sink=sink)
 
     with result.checkpoint.as_directory() as d:
-        payload = read_checkpoint(f"{d}/{STATE_FILE}")
+        payload = export_checkpoint(d, common.join(out, "model.pt"))
         grid = Path(d, "recon.png").read_bytes() if val is not None else None
-    final = {k: payload[k] for k in ("format", "kind", "config", "model", "step", "metrics")}
-    buf = io.BytesIO()
-    torch.save(final, buf)
-    common.write_bytes(common.join(out, "model.pt"), buf.getvalue())
     artifacts = {"model": common.join(out, "model.pt")}
     if grid is not None:
         common.write_bytes(common.join(out, "recon.png"), grid)

@@ -12,6 +12,7 @@ shard as often as needed, so ranks never disagree about how many collectives rem
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -256,6 +257,30 @@ def _worker_loop(config: dict) -> None:
                             task.finalize(unwrap(model), val, d)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
         _maybe_inject_fault(tc, step, rank, config.get("fault_marker"))
+
+
+def run_storage(out: str) -> str:
+    """Where Ray Train keeps a step's run state: ``<out>/ray`` (an absolute path for local outputs)."""
+    from steps import common
+
+    return common.join(out, "ray") if not common.is_local(out) else common.filesystem(out)[1] + "/ray"
+
+
+def export_checkpoint(checkpoint_dir: str, uri: str, **extra: Any) -> dict[str, Any]:
+    """Write the final model of a training checkpoint to ``uri`` without optimiser/scheduler/RNG state.
+
+    Returns the payload written (``format``, ``kind``, ``config``, ``model``, ``step``, ``metrics`` and ``extra``).
+    """
+    from steps import common
+    from steps.nn.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(os.path.join(checkpoint_dir, STATE_FILE))
+    final = {k: payload[k] for k in ("format", "kind", "config", "model", "step", "metrics")}
+    final.update(extra)
+    buf = io.BytesIO()
+    torch.save(final, buf)
+    common.write_bytes(uri, buf.getvalue())
+    return final
 
 
 def fit(

@@ -30,7 +30,7 @@ from steps import common
 SUCCESS = "_SUCCESS"
 # Settings that cannot change a step's result; kept out of the fingerprint so e.g. a retry budget does not
 # invalidate finished work.
-NOT_FINGERPRINTED = frozenset({"max_failures", "fail_at_step", "cache_data"})
+NOT_FINGERPRINTED = frozenset({"max_failures", "fail_at_step", "nan_at_step", "cache_data"})
 
 
 def _canonical(obj: Any) -> Any:

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from steps.common import MetricsSink
+from steps.common import MetricsSink, exists, join, read_json, write_json
 from steps.nn.checkpoint import checkpoint_dict, unwrap
 
 log = logging.getLogger(__name__)
 STATE_FILE = "model.pt"
+NONFINITE_FILE = "nonfinite.json"  # in the run's storage: written by rank 0 when the loss diverges
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -60,13 +61,23 @@ class TrainConfig:
     # Test-only fault injection: rank 0 raises once, right after this step (0 = off). Fires once per run directory,
     # so the restarted attempt gets past it; used to prove resume-from-checkpoint.
     fail_at_step: int = 0
+    # Test-only: rank 0's loss at this step becomes NaN (0 = off); used to prove a diverged run stops cleanly.
+    nan_at_step: int = 0
 
     def validate(self, owner: str) -> None:
         positive = ("num_workers", "cpus_per_worker", "batch_size", "steps", "checkpoint_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{owner}.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "val_batches", "max_failures", "fail_at_step"):
+        for name in (
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "val_batches",
+            "max_failures",
+            "fail_at_step",
+            "nan_at_step",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -82,6 +93,11 @@ class TrainConfig:
             return 1.0
         progress = min((step - self.warmup_steps) / max(self.steps - self.warmup_steps, 1), 1.0)
         return 0.5 * (1 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf. Training stopped at once without retrying (a retry from the last checkpoint would
+    repeat the same updates); the last good checkpoint stays in the run's storage."""
 
 
 class TrainTask:
@@ -152,6 +168,19 @@ def _check_replicas(model: nn.Module, step: int) -> None:
         raise RuntimeError(f"model buffers (codebooks) differ between ranks at step {step}")
 
 
+def _nonfinite_ranks(loss: torch.Tensor, world: int) -> list[int]:
+    """Ranks whose loss is NaN/Inf. Every rank gets the same answer, so all stop together (none waits forever in
+    the next gradient all-reduce for a rank that left)."""
+    flag = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+    if world == 1:
+        return [0] if flag.item() else []
+    import torch.distributed as dist
+
+    flags = [torch.empty_like(flag) for _ in range(world)]
+    dist.all_gather(flags, flag)
+    return [r for r, f in enumerate(flags) if f.item()]
+
+
 def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, marker: str | None) -> None:
     if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and marker and not os.path.exists(marker):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -195,6 +224,8 @@ def _worker_loop(config: dict) -> None:
 
     # After a restart, steps between the checkpoint and the crash were already logged: do not log them twice.
     logged_until = sink.last_step("train/loss") if rank == 0 and checkpoint is not None else 0
+    if rank == 0 and checkpoint is not None:
+        sink.log_metrics({"train/resumed_from": step}, step)  # shows each restart in the run's metrics
     train_iter = _batches(ray.train.get_dataset_shard("train"), tc.batch_size)
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 and tc.val_batches else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
@@ -206,8 +237,19 @@ def _worker_loop(config: dict) -> None:
         batch = task.prepare_batch(next(train_iter), device)
         with autocast:
             loss, stats = task.loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{task.name}: loss is {loss.item()} at step {step + 1}; stopping")
+        if tc.nan_at_step == step + 1 and rank == 0:
+            loss = loss * float("nan")
+        bad_ranks = _nonfinite_ranks(loss, world)
+        if bad_ranks:
+            # Returning (not raising) keeps Ray Train from restarting the workers: a retry would resume from the
+            # same checkpoint with the same data order and diverge again. The driver turns the record into an error.
+            if rank == 0:
+                write_json(
+                    config["nonfinite_marker"],
+                    {"step": step + 1, "ranks": bad_ranks, "loss_rank0": float(loss.detach())},
+                )
+            log.error("%s: loss is not finite on rank(s) %s at step %d; stopping", task.name, bad_ranks, step + 1)
+            return
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -259,6 +301,14 @@ def _worker_loop(config: dict) -> None:
         _maybe_inject_fault(tc, step, rank, config.get("fault_marker"))
 
 
+def _remove(uri: str) -> None:
+    from steps.common import filesystem
+
+    if exists(uri):
+        fs, path = filesystem(uri)
+        fs.delete_file(path)
+
+
 def run_storage(out: str) -> str:
     """Where Ray Train keeps a step's run state: ``<out>/ray`` (an absolute path for local outputs)."""
     from steps import common
@@ -299,6 +349,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    nonfinite_marker = join(storage, name, NONFINITE_FILE)
+    _remove(nonfinite_marker)  # a record from an earlier attempt of this run is history now
     if tc.cache_data:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     trainer = TorchTrainer(
@@ -308,6 +360,7 @@ def fit(
             "train": tc,
             "sink": sink,
             "fault_marker": os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
+            "nonfinite_marker": nonfinite_marker,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
@@ -322,6 +375,19 @@ def fit(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
+    if exists(nonfinite_marker):
+        record = read_json(nonfinite_marker)
+        kept = (
+            f"the last good checkpoint (step {int((result.metrics or {}).get('step', 0))}) is kept at "
+            f"{result.checkpoint.path}"
+            if result.checkpoint is not None
+            else "there is no checkpoint yet (it diverged before the first one)"
+        )
+        raise NonFiniteLossError(
+            f"{task.name}: loss is not finite (NaN/Inf) on rank(s) {record['ranks']} at step {record['step']}; "
+            f"training stopped without retrying, and {kept}. Lower train.lr, raise train.warmup_steps or set "
+            f"train.grad_clip, then run again (a changed setting starts a new run)."
+        )
     if result.checkpoint is None:
         raise RuntimeError(f"{task.name}: training finished without a checkpoint (see the Ray Train logs)")
     return result

@@ -11,7 +11,7 @@ from steps.common import JsonlSink, MissingInputError
 from steps.nn.checkpoint import load_model
 from steps.nn.vae import VAEConfig
 from steps.nn.vqvae import VQVAE2Config, VQVAEConfig
-from steps.training import TrainConfig
+from steps.training import NonFiniteLossError, TrainConfig
 
 TINY_TRAIN = TrainConfig(
     batch_size=16,
@@ -75,9 +75,11 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(ray_local, digit_sha
     cfg = train_vqvae.TrainVQVAEConfig(model=VQVAE2Config(**TINY_VQ), train=train)
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
     train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"), sink=sink)
-    steps = [r["step"] for r in read_sink(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    logged = read_sink(tmp_path / "metrics.jsonl")
+    steps = [r["step"] for r in logged if "train/loss" in r]
     # Steps 3, 6, 9 logged, crash after 10, resume from the step-6 checkpoint: 9 is not repeated, 12 follows.
     assert steps == [3, 6, 9, 12]
+    assert [r["step"] for r in logged if "train/resumed_from" in r] == [6], "the restart shows in the metrics"
     assert torch.load(tmp_path / "out" / "model.pt", weights_only=True)["step"] == 12
 
 
@@ -91,6 +93,23 @@ def test_crash_without_retries_fails_then_rerun_resumes(ray_local, digit_shards,
     train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"), sink=sink)  # same out: resumes
     steps = [r["step"] for r in read_sink(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert steps == [3, 6, 9, 12]
+
+
+def test_nonfinite_loss_stops_every_rank_at_once_and_keeps_the_last_checkpoint(ray_local, digit_shards, tmp_path):
+    """Rank 0's loss turns NaN at step 8 of a two-worker run: both ranks stop (rank 1 does not hang in the next
+    all-reduce), Ray Train does not retry although max_failures allows it, and the step-6 checkpoint survives."""
+    train = replace(TINY_TRAIN, num_workers=2, nan_at_step=8, max_failures=2)
+    cfg = train_vqvae.TrainVQVAEConfig(model=VQVAE2Config(**TINY_VQ), train=train)
+    sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteLossError, match=r"rank\(s\) \[0\] at step 8.*last good checkpoint \(step 6\)"):
+        train_vqvae.run(cfg, {"shard": digit_shards}, str(out), sink=sink)
+    logged = read_sink(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in logged if "train/loss" in r] == [3, 6]
+    assert not any("train/resumed_from" in r for r in logged), "a diverged run is not retried"
+    assert not (out / "model.pt").exists()
+    kept = [torch.load(p, weights_only=True)["step"] for p in out.glob("ray/**/checkpoint_*/model.pt")]
+    assert max(kept) == 6
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,11 @@ from steps import common
 
 SUCCESS = "_SUCCESS"
 # Settings that cannot change a step's result; kept out of the fingerprint so e.g. a retry budget does not
-# invalidate finished work.
-NOT_FINGERPRINTED = frozenset({"max_failures", "fail_at_step", "nan_at_step", "cache_data"})
+# invalidate finished work, and a step interrupted on one pool size resumes on another (samples and codes do not
+# depend on how many actors made them).
+NOT_FINGERPRINTED = frozenset(
+    {"max_failures", "fail_at_step", "nan_at_step", "cache_data", "num_actors", "cpus_per_actor"}
+)
 
 
 def _canonical(obj: Any) -> Any:

@@ -23,6 +23,11 @@ never holds all samples. The driver logs progress as shards finish.
 
 Outputs: ``images/{index:06d}.png``, ``codes/part-{shard:05d}.parquet`` (not for the VAE), ``grid.png`` and, last,
 ``samples.json``.
+
+Resuming. Each shard's files are written atomically and its record ``shards/part-{shard:05d}.json`` goes last, so a
+shard with a record is complete. A run that finds records from an interrupted run of the same settings and
+checkpoints (``shards/settings.json``) keeps those shards and draws only the rest; since samples depend only on their
+index and seed, the result is the same as an uninterrupted run. Anything else in ``out`` is cleared first.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ from steps.common import (
     MetricsSink,
     MissingInputError,
     StepResult,
+    exists,
     filesystem,
     join,
     read_bytes,
+    read_json,
     require_input,
     write_bytes,
     write_json,
@@ -415,16 +422,17 @@ class ShardSampler:
             write_bytes(join(self.out, "codes", f"part-{shard:05d}.parquet"), sink.getvalue().to_pybytes())
         in_grid = max(0, min(count, cfg.grid_size - start))
         accepted = int(info["accepted"].sum()) if plan.rejection else count
-        return {
+        record = {
             "shard": shard,
             "start": start,
             "count": count,
-            "draws": info["draws"],
+            "draws": int(info["draws"]),
             "accepted": accepted,
             "cache_bytes": dict(self.cache_bytes),
             "seconds": time.perf_counter() - t0,
-            "grid": pixels[:in_grid].copy() if in_grid else None,
         }
+        write_json(shard_record(self.out, shard), record)  # last: the shard is complete
+        return {**record, "grid": pixels[:in_grid].copy() if in_grid else None}
 
 
 def _code_column(codes: torch.Tensor, size: int) -> pa.FixedSizeListArray:
@@ -439,12 +447,46 @@ def _grid(pixels: np.ndarray) -> bytes:
     return grid_png(x.float() / 127.5 - 1.0)  # exact: grid_png maps back to the same uint8 values
 
 
-def _reset(out: str) -> None:
-    """Empty ``out``: it may hold the leftovers of a crashed attempt."""
+# Settings that only place the work; a run interrupted under other values of these still resumes.
+PLACEMENT_ONLY = ("num_actors", "cpus_per_actor")
+
+
+def shard_record(out: str, shard: int) -> str:
+    return join(out, "shards", f"part-{shard:05d}.json")
+
+
+def _settings(cfg: SampleConfig, plan: SamplePlan) -> dict[str, Any]:
+    """What the samples depend on: the settings and the checkpoints' digests."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in PLACEMENT_ONLY}
+    return {"config": config, "files": {name: digest for name, (_, digest) in sorted(plan.files.items())}}
+
+
+def _prepare(out: str, cfg: SampleConfig, plan: SamplePlan, num_shards: int) -> dict[int, dict[str, Any]]:
+    """The finished shards of an interrupted run of the same settings in ``out`` (kept), after clearing anything
+    else there; records ``shards/settings.json`` for the next attempt."""
     fs, path = filesystem(out)
+    settings = json.loads(json.dumps(_settings(cfg, plan), default=str))
+    done: dict[int, dict[str, Any]] = {}
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir_contents(path)
+        try:
+            same = read_json(join(out, "shards", "settings.json")) == settings
+        except (FileNotFoundError, OSError, ValueError):
+            same = False
+        if same:
+            for shard in range(num_shards):
+                try:
+                    done[shard] = read_json(shard_record(out, shard))
+                except (FileNotFoundError, OSError, ValueError):
+                    continue
+        if not done:
+            fs.delete_dir_contents(path)
+        else:  # keep the finished shards; drop what an unfinished one or the last run's ending left behind
+            for name in ("grid.png", "samples.json"):
+                if exists(join(out, name)):
+                    fs.delete_file(filesystem(join(out, name))[1])
     fs.create_dir(path, recursive=True)
+    write_json(join(out, "shards", "settings.json"), settings)
+    return done
 
 
 def _pool_size(cfg: SampleConfig, num_shards: int) -> int:
@@ -466,7 +508,7 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     Args:
         cfg: step settings.
         inputs: ``{"train_vqvae": uri, "train_prior": uri}``; no ``train_prior`` for a VAE.
-        out: output URI; emptied first.
+        out: output URI; emptied first, except for the finished shards of an interrupted run of the same settings.
         sink: unused; the result's metrics are logged by the orchestrator.
 
     Returns:
@@ -481,8 +523,12 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     """
     t0 = time.perf_counter()
     plan = make_plan(cfg, inputs)  # every check happens before an actor starts
-    _reset(out)
-    shards = list(range(math.ceil(cfg.num_samples / cfg.shard_size)))
+    num_shards = math.ceil(cfg.num_samples / cfg.shard_size)
+    done = _prepare(out, cfg, plan, num_shards)
+    # Shards that feed the grid are drawn again (a few, and cheap): their pixels are not kept on disk.
+    shards = [k for k in range(num_shards) if k not in done or k * cfg.shard_size < cfg.grid_size]
+    if done:
+        log.info("sample: resuming: %d of %d shards were already written", len(done), num_shards)
     num_actors = _pool_size(cfg, len(shards))
     # Actors read the checkpoints from storage, which must be shared on a cluster anyway (they write to ``out``).
     # Shards are deterministic and written atomically, so a retried shard on a restarted actor is harmless.
@@ -491,30 +537,39 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     )
     actors = [actor_cls.remote(cfg, plan, out) for _ in range(num_actors)]
     grid_parts: dict[int, np.ndarray] = {}
-    totals = {"samples": 0, "draws": 0, "accepted": 0, "seconds": 0.0}
-    cache_bytes = dict.fromkeys(plan.levels, 0)
+    records = dict(done)  # shard -> its record, finished before or in this run
+    drawn = 0  # samples drawn by this run
     try:
         pool = ActorPool(actors)
-        for done, meta in enumerate(pool.map_unordered(lambda a, k: a.run_shard.remote(k), shards), 1):
-            for key, value in (("samples", meta["count"]), ("draws", meta["draws"]), ("accepted", meta["accepted"])):
-                totals[key] += value
-            totals["seconds"] += meta["seconds"]
-            cache_bytes = {lv: max(cache_bytes[lv], meta["cache_bytes"][lv]) for lv in plan.levels}
-            if meta["grid"] is not None:
-                grid_parts[meta["start"]] = meta["grid"]
-            rate = totals["samples"] / (time.perf_counter() - t0)
-            left = (cfg.num_samples - totals["samples"]) / rate
-            accept = f", acceptance {totals['accepted'] / totals['draws']:.1%}" if plan.rejection else ""
+        for meta in pool.map_unordered(lambda a, k: a.run_shard.remote(k), shards):
+            grid = meta.pop("grid")
+            if grid is not None:
+                grid_parts[meta["start"]] = grid
+            records[meta["shard"]], drawn = meta, drawn + meta["count"]
+            finished = sum(r["count"] for r in records.values())
+            rate = drawn / (time.perf_counter() - t0)
+            accepted, draws = (sum(r[k] for r in records.values()) for k in ("accepted", "draws"))
+            accept = f", acceptance {accepted / draws:.1%}" if plan.rejection else ""
             log.info(
                 "sample: %d/%d shards, %d/%d samples, %.2f samples/s, ~%.0f s left%s",
-                *(done, len(shards), totals["samples"], cfg.num_samples, rate, left, accept),
+                *(
+                    len(records),
+                    num_shards,
+                    finished,
+                    cfg.num_samples,
+                    rate,
+                    (cfg.num_samples - finished) / rate,
+                    accept,
+                ),
             )
     finally:
         for actor in actors:
             ray.kill(actor)
+    totals = {k: sum(r[k] for r in records.values()) for k in ("count", "draws", "accepted", "seconds")}
+    cache_bytes = {lv: max(r["cache_bytes"][lv] for r in records.values()) for lv in plan.levels}
     write_bytes(join(out, "grid.png"), _grid(np.concatenate([grid_parts[s] for s in sorted(grid_parts)])))
     seconds = time.perf_counter() - t0
-    samples_per_s = cfg.num_samples / seconds
+    samples_per_s = drawn / seconds  # this run's rate: shards kept from an interrupted run are not counted
     metrics = {"num_samples": float(cfg.num_samples), "samples_per_s": samples_per_s}
     rejection: dict[str, Any] = {"classifier": None}
     if plan.rejection:
@@ -545,7 +600,8 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
             "seed": cfg.seed,
             "seeds": "per sample: steps.sample.sample_seed(seed, index, attempt)",
             "shard_size": cfg.shard_size,
-            "num_shards": len(shards),
+            "num_shards": num_shards,
+            "resumed_shards": len(set(done) - set(shards)),
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,
             "top_p": cfg.top_p,
@@ -574,4 +630,8 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     if plan.levels:
         artifacts["codes"] = join(out, "codes")
     artifacts["metadata"] = join(out, "samples.json")
-    return StepResult(metrics=metrics, artifacts=artifacts, info={"num_shards": len(shards), "vqvae": plan.vqvae})
+    return StepResult(
+        metrics=metrics,
+        artifacts=artifacts,
+        info={"num_shards": num_shards, "resumed_shards": len(set(done) - set(shards)), "vqvae": plan.vqvae},
+    )

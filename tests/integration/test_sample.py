@@ -152,6 +152,34 @@ def test_same_config_gives_same_samples_on_any_number_of_actors(base_run, vq2, t
     assert pq.read_table(out / "codes").sort_by("id").equals(pq.read_table(first / "codes").sort_by("id"))
 
 
+def test_an_interrupted_run_resumes_with_the_shards_it_finished(base_run, vq2, tmp_path, caplog):
+    """The state a killed driver leaves: shards 0 and 2 finished (their records written), shard 1 wrote its codes
+    but no record, no grid or samples.json. The rerun keeps shard 2's files untouched, redraws shard 1 (and the
+    grid's shard 0), and ends identical to an uninterrupted run; other settings start over."""
+    import shutil
+
+    cfg, first, _ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    for name in ("shards/part-00001.json", "grid.png", "samples.json", "images/000005.png"):
+        (out / name).unlink()
+    kept = {p: p.stat().st_mtime_ns for p in [out / "codes/part-00002.parquet", out / "images/000009.png"]}
+    with caplog.at_level(logging.INFO, logger="steps.sample"):
+        result = run(replace(cfg, num_actors=1), inputs_of(vq2), str(out))
+    assert "resuming: 2 of 3 shards were already written" in caplog.text
+    assert result.info["resumed_shards"] == 1, "shard 2 kept; shard 0 redrawn for the grid"
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert pngs(out) == pngs(first)
+    assert (out / "grid.png").read_bytes() == (first / "grid.png").read_bytes()
+    assert pq.read_table(out / "codes").sort_by("id").equals(pq.read_table(first / "codes").sort_by("id"))
+    assert json.loads((out / "samples.json").read_text())["resumed_shards"] == 1
+
+    (out / "samples.json").unlink()
+    result = run(replace(cfg, seed=7, num_actors=1), inputs_of(vq2), str(out))
+    assert result.info["resumed_shards"] == 0, "other settings: nothing is reused"
+    assert pngs(out) != pngs(first)
+
+
 def test_another_seed_gives_other_codes(base_run, vq2, tmp_path):
     cfg, first, _ = base_run
     run(replace(cfg, seed=1, num_actors=1, num_samples=4), inputs_of(vq2), str(tmp_path))

@@ -82,8 +82,10 @@ def test_fingerprints_follow_config_and_upstream():
     assert fp != cache.fingerprint("sample", cfg.sample, {"train_prior": "b"})
     # Settings that cannot change the result keep the fingerprint.
     tv = cfg.train_vqvae
-    same = replace(tv, train=replace(tv.train, max_failures=9, fail_at_step=3, cache_data=False))
+    same = replace(tv, train=replace(tv.train, max_failures=9, fail_at_step=3, nan_at_step=2, cache_data=False))
     assert cache.fingerprint("t", tv, {}) == cache.fingerprint("t", same, {})
+    pool = replace(cfg.sample, num_actors=7, cpus_per_actor=2)
+    assert cache.fingerprint("sample", pool, {"train_prior": "a"}) == fp
 
 
 def test_graph_skips_code_steps_for_the_vae():

@@ -52,8 +52,10 @@ def mlflow_runs(workdir: Path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    """One full run, with a worker crash injected into train_vqvae after step 7 (a test-only setting that does not
+    change the fingerprint): Ray Train restarts the workers from the step-5 checkpoint."""
     path = tmp_path_factory.mktemp("e2e")
-    pipeline(path)
+    pipeline(path, "train_vqvae.train.fail_at_step=7")
     return path
 
 
@@ -111,6 +113,12 @@ def test_mlflow_run_tree(workdir):
     assert tv.data.tags["input.shard"].endswith(finished(workdir / "artifacts", "shard")[0].name)
     history = client.get_metric_history(tv.info.run_id, "train/loss")
     assert [m.step for m in history] == [5, 10], "rank-0 worker streams metrics by global step"
+    # The crash after step 7 restarted the workers from step 5 in the same MLflow run: the restart is recorded, and
+    # no metric step is logged twice or left out.
+    assert [m.step for m in client.get_metric_history(tv.info.run_id, "train/resumed_from")] == [5]
+    for key in [k for k in tv.data.metrics if k.startswith(("train/", "val/"))]:
+        steps = [m.step for m in client.get_metric_history(tv.info.run_id, key)]
+        assert steps == sorted(set(steps)), f"{key} logged at {steps}"
     assert "final/val_recon_mse" in tv.data.metrics
     assert any(a.path == "recon.png" for a in client.list_artifacts(tv.info.run_id))
     prior = kids["train_prior"]

@@ -1,0 +1,61 @@
+"""Faults injected into real `python -m pipeline` runs (the scenarios of bench/faults.py), and what must hold after.
+
+A killed driver takes its local Ray along (SIGKILL to the process group), as a preempted head node would. The
+artifact root is then checked with ``pipeline.verify``, the tool users run after an incident.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+if str(BENCH) not in sys.path:  # --import-mode=importlib adds no path
+    sys.path.insert(0, str(BENCH))
+import faults  # noqa: E402
+
+from pipeline.verify import verify  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+def assert_sound(root: Path) -> None:
+    report = verify(str(root))
+    assert report.ok, report.errors
+    assert not report.in_progress, "every interrupted step was finished by a rerun"
+    assert report.rows, "code datasets and samples were counted"
+    for key, rows in report.rows.items():
+        assert rows.found == rows.expected and not (rows.duplicates or rows.missing or rows.extra), (key, rows)
+
+
+def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
+    ws = faults.Workspace(tmp_path)
+
+    encode = faults.driver_kill_encode(ws)
+    assert encode["killed"], "the driver was killed while encode was writing"
+    assert encode["interrupted"] and not encode["looked_finished_after_kill"], "no partial output looks complete"
+    assert encode["rerun_rc"] == 0 and encode["finished_after_rerun"], encode
+    (codes,) = ws.finished("encode")
+    (shards,) = ws.finished("shard")
+    for split in ("train", "val"):
+        ids = pq.read_table(Path(codes) / split, columns=["id"]).column("id").to_pylist()
+        expected = pq.read_table(Path(shards) / split, columns=["id"]).column("id").to_pylist()
+        assert sorted(ids) == sorted(expected), f"{split}: each id exactly once"
+
+    sample = faults.driver_kill_sample(ws)
+    assert sample["killed"] and sample["interrupted"] and not sample["looked_finished_after_kill"], sample
+    assert sample["resumed"], "the rerun kept the shards the killed run had finished"
+    assert sample["rerun_rc"] == 0 and sample["finished_after_rerun"], sample
+    assert_sound(ws.root)
+
+
+def test_two_pipelines_on_one_root(tmp_path):
+    ws = faults.Workspace(tmp_path)
+    facts = faults.concurrent(ws)
+    assert facts["rcs"] == [0, 0], [log.read_text()[-3000:] for log in sorted(tmp_path.glob("*.log"))]
+    assert set(facts["outputs_per_step"].values()) == {1}, facts
+    assert facts["survived"], facts
+    assert_sound(ws.root)

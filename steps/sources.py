@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif img.mode == "PA":
         img = img.convert("RGBA")
+    elif img.mode in ("LAB", "HSV"):  # Pillow converts these to RGB only, not straight to L
+        img = img.convert("RGB")
+    elif img.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        img = img.convert("LA")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = Image.fromarray(_rescale_to_uint8(np.asarray(img), img.mode))
     if img.mode in ("LA", "La", "RGBA", "RGBa"):
@@ -100,27 +105,47 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
+def _bomb(pixels: int, size: str = "") -> Image.DecompressionBombError:
+    dims = f"{size} = " if size else ""
+    return Image.DecompressionBombError(
+        f"decompression bomb: the header claims {dims}{pixels} pixels, over the limit of {MAX_PIXELS}; not decoded"
+    )
+
+
 def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
     """Encoded image bytes -> uint8 (size, size) or (size, size, 3).
 
-    Raises whatever Pillow raises for a corrupt or truncated file, ``ValueError`` for an empty one and
-    ``Image.DecompressionBombError`` above :data:`MAX_PIXELS`; callers decide whether that skips or fails.
+    Every failure says what is wrong, for the shard manifest: ``ValueError`` for an empty file,
+    ``Image.UnidentifiedImageError`` for bytes no Pillow plugin recognises, ``Image.DecompressionBombError`` for a
+    header that claims more than :data:`MAX_PIXELS` (refused before any pixel is decoded), ``OSError`` for truncated
+    or corrupt pixel data; callers decide whether that skips or fails.
     """
     if not data:
-        raise ValueError("empty file")
+        raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except Image.UnidentifiedImageError:
-            raise Image.UnidentifiedImageError("not an image in a format Pillow can read") from None
+            raise Image.UnidentifiedImageError(
+                f"not an image: no format Pillow can read recognises these {len(data)} bytes"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's own, looser limit
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            if found is None:
+                raise Image.DecompressionBombError(f"decompression bomb: {e}") from None
+            raise _bomb(int(found.group(1))) from None
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
+                raise _bomb(w * h, f"{w}x{h}")
             if img.format == "JPEG":
                 img.draft(None, (2 * size, 2 * size))  # decode big JPEGs at a reduced scale: far faster
-            img.load()
+            try:
+                img.load()
+            except OSError as e:
+                what = "truncated" if "truncated" in str(e) else "corrupt"
+                raise OSError(f"{what} {img.format} file ({w}x{h} in the header): {e}") from None
             with contextlib.suppress(Exception):  # a broken EXIF block should not lose an otherwise good image
                 ImageOps.exif_transpose(img, in_place=True)
             out = fit_square(to_channels(img, channels), size)
@@ -423,7 +448,7 @@ def load_items(
             elif source == "idx":
                 pixels = _from_gray(_idx_images(ref[0])[ref[1]], size, channels)
             elif source == "image_folder":
-                where = ref
+                where = _printable(ref)  # the manifest is UTF-8 JSON: no undecodable bytes of a file name
                 pixels = decode_image(_read(ref), size, channels)
             else:
                 where = f"{ref[0]}#row={ref[1]}"

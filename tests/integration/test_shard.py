@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import re
 import struct
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -106,74 +109,157 @@ def test_read_manifest_names_the_missing_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ image folder
+def png_claiming(width: int, height: int) -> bytes:
+    """A 4x4 PNG whose IHDR claims ``width`` x ``height`` (CRC fixed): a decompression bomb in a few bytes."""
+    data = bytearray(encoded(Image.new("L", (4, 4))))
+    ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def halves(mode: str, left, right, size=(40, 40)) -> Image.Image:
+    img = Image.new(mode, size, left)
+    img.paste(right, (size[0] // 2, 0, *size))
+    return img
+
+
+# Every file the folder fixture writes that must be skipped, with what its reason must say.
+BAD = {
+    "dog/empty.png": r"empty file \(0 bytes\)",
+    "cat/truncated.jpg": r"truncated JPEG file",
+    "cat/truncated.png": r"truncated PNG file",
+    "dog/bomb.png": r"decompression bomb: the header claims 400000000 pixels, over the limit of \d+; not decoded",
+    "dog/gone.png": r"FileNotFoundError: .*No such file",
+    "élan/notes.jpg": r"not an image",
+    "élan/d\\xe9j\\xe0.gif": r"not an image",  # a Latin-1 file name: its bytes are not UTF-8
+}
+
+
 @pytest.fixture
 def folder(tmp_path):
+    """Unusual-but-valid images (kept, converted) and broken files (skipped) in class folders."""
     root = tmp_path / "images"
     for d in ("cat", "dog", "élan"):
         (root / d).mkdir(parents=True)
     Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(root / "cat" / "rgba.png")
     Image.new("RGB", (24, 24), (0, 0, 255)).convert("P").save(root / "cat" / "palette.png")
+    palette = halves("P", 0, 1)
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.save(root / "cat" / "palette_alpha.png", transparency=1)  # right half: transparent entry
+    halves("LA", (0, 0), (100, 255)).save(root / "cat" / "la.png")  # left half transparent
+    halves("1", 0, 1).save(root / "cat" / "bilevel.png")
     Image.fromarray(np.full((50, 70), 65535, np.uint16)).save(root / "cat" / "gray16.png")
+    Image.fromarray(np.full((30, 30), 32896, np.int32)).save(root / "cat" / "int32.tif")  # mode "I"
+    Image.fromarray(np.full((30, 30), 0.25, np.float32)).save(root / "cat" / "float.tiff")  # mode "F"
+    Image.new("LAB", (32, 32), (128, 128, 128)).save(root / "cat" / "lab.tif")  # CIELab TIFF: mid grey
     Image.new("CMYK", (64, 48), (0, 255, 255, 0)).save(root / "dog" / "cmyk.jpg")
     Image.new("L", (33, 77), 90).save(root / "dog" / "gray.JPG")
+    Image.new("RGB", (36, 36), (200, 100, 0)).save(root / "dog" / "ünïcødé 猫.png")  # non-ASCII name, ASCII folder
     Image.new("RGB", (300, 200), (0, 128, 0)).save(root / "élan" / "naïve 画像.webp")
     Image.new("RGB", (32, 32), (9, 9, 9)).save(root / "root.bmp")
     (root / "dog" / "empty.png").write_bytes(b"")
-    jpeg = encoded(Image.effect_noise((64, 64), 40).convert("RGB"), "JPEG")
+    noise = Image.effect_noise((64, 64), 40).convert("RGB")
+    jpeg, png = encoded(noise, "JPEG"), encoded(noise)
     (root / "cat" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "cat" / "truncated.png").write_bytes(png[: len(png) // 2])  # cut in the middle of its pixel data
+    (root / "dog" / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    (root / "dog" / "gone.png").symlink_to(root / "dog" / "deleted.png")  # dangling
     (root / "élan" / "notes.jpg").write_text("this is text, not a JPEG")
+    with open(os.path.join(os.fsencode(root), "élan".encode(), b"d\xe9j\xe0.gif"), "wb") as f:
+        f.write(b"GIF? no: plain text")
     (root / "README.txt").write_text("ignored: not an image extension")
     (root / "dog" / "loop").symlink_to(root, target_is_directory=True)
     return root
 
 
+def files_under(out) -> list[str]:
+    """Every file under ``out``, hidden ones included, as sorted posix paths relative to it."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+
+
 def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path):
     out = tmp_path / "out"
-    result = run(ShardConfig(source="image_folder", path=str(folder), channels=3, val_fraction=0.3), {}, str(out))
+    (out / "train").mkdir(parents=True)
+    (out / "train" / ".tmp-crashed.part").write_bytes(b"half a shard of an earlier attempt")
+    cfg = ShardConfig(source="image_folder", path=str(folder), channels=3, val_fraction=0.3, rows_per_shard=6)
+    result = run(cfg, {}, str(out))
     rows = read_all(out)
     labels = {k: v["label"] for k, v in rows.items()}
     assert labels == {
+        "cat/bilevel.png": 0,
+        "cat/float.tiff": 0,
         "cat/gray16.png": 0,
+        "cat/int32.tif": 0,
+        "cat/la.png": 0,
+        "cat/lab.tif": 0,
         "cat/palette.png": 0,
+        "cat/palette_alpha.png": 0,
         "cat/rgba.png": 0,
         "dog/cmyk.jpg": 1,
         "dog/gray.JPG": 1,
+        "dog/ünïcødé 猫.png": 1,
         "élan/naïve 画像.webp": 2,
         "root.bmp": None,
     }
     for row in rows.values():
         assert_image(row["image"], 32, 3)
-    pixels = {k: np.asarray(Image.open(io.BytesIO(v["image"]))) for k, v in rows.items()}
+    pixels = {k: np.asarray(Image.open(io.BytesIO(v["image"])), int) for k, v in rows.items()}
+
+    def near(name: str, x: int, rgb) -> bool:
+        return np.abs(pixels[name][16, x] - rgb).max() <= 3
+
     assert pixels["cat/rgba.png"].min() == 255  # transparent -> white
     assert pixels["cat/gray16.png"].min() == 255  # 16-bit full scale -> 255
-    assert tuple(pixels["cat/palette.png"][16, 16]) == (0, 0, 255)
+    assert near("cat/palette.png", 16, (0, 0, 255))
+    assert near("cat/palette_alpha.png", 4, (255, 0, 0)) and near("cat/palette_alpha.png", 28, (255, 255, 255))
+    assert near("cat/la.png", 4, (255, 255, 255)) and near("cat/la.png", 28, (100, 100, 100))
+    assert near("cat/bilevel.png", 4, (0, 0, 0)) and near("cat/bilevel.png", 28, (255, 255, 255))
+    assert near("cat/int32.tif", 16, (128, 128, 128))  # "I" holding 16-bit values: 32896 / 65535
+    assert near("cat/float.tiff", 16, (64, 64, 64))  # "F" in [0, 1]
+    assert near("cat/lab.tif", 16, (119, 119, 119))  # L* = 50 through the colour-management transform
+    assert near("dog/ünïcødé 猫.png", 16, (200, 100, 0))
     assert tuple(pixels["élan/naïve 画像.webp"][16, 16])[1] > 100
-    bad = {"dog/empty.png", "cat/truncated.jpg", "élan/notes.jpg"}
-    assert result.metrics["files_skipped"] == 3
-    skipped = read_manifest(str(out))["skipped"]
-    assert {s["path"].removeprefix(str(folder) + "/") for s in skipped} == bad
-    assert all(s["reason"] for s in skipped)
+
+    # Every bad file is skipped, named by its path, with a reason that says what is wrong with it.
     manifest = read_manifest(str(out))
+    skipped = {s["path"].removeprefix(str(folder) + "/"): s["reason"] for s in manifest["skipped"]}
+    assert sorted(skipped) == sorted(BAD)
+    for name, reason in BAD.items():
+        assert re.search(reason, skipped[name]), (name, skipped[name])
+    assert result.metrics["files_skipped"] == manifest["skipped_count"] == len(BAD)
+    assert {s["path"] for s in result.info["skipped"]} == {s["path"] for s in manifest["skipped"]}
+    (out / "manifest.json").read_bytes().decode("utf-8")  # strict UTF-8: what MLflow stores as the artifact
     assert manifest["classes"] == ["cat", "dog", "élan"] and manifest["num_classes"] == 3
-    assert manifest["skipped_count"] == 3 and manifest["ignored_files"] == 1
-    assert manifest["rows"]["train"] + manifest["rows"]["val"] == 7
+    assert manifest["ignored_files"] == 1
+    assert manifest["rows"]["train"] + manifest["rows"]["val"] == len(rows) == 14
+    # Only finished shards and the manifest: no temporary or half-written file, the crashed attempt's included.
+    listed = [f"{s}/{name}" for s in ("train", "val") for name in manifest["files"][s]]
+    assert files_under(out) == sorted([*listed, "manifest.json"])
+    assert all(re.fullmatch(r"(train|val)/part-\d{5}\.parquet", f) for f in listed)
 
 
-def test_image_folder_fail_mode_raises_and_leaves_no_manifest(ray_local, folder, tmp_path):
+def test_image_folder_fail_mode_raises_and_leaves_nothing(ray_local, folder, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"(empty\.png|truncated\.jpg|notes\.jpg).*on_bad_file=fail"):
-        run(ShardConfig(source="image_folder", path=str(folder), on_bad_file="fail"), {}, str(out))
-    assert not (out / "manifest.json").exists()
+    bad = "|".join(re.escape(f"{folder}/{name}") for name in BAD)
+    with pytest.raises(ValueError, match=rf"^bad image ({bad}): \w+: .+ \(shard\.on_bad_file=fail\)$"):
+        run(ShardConfig(source="image_folder", path=str(folder), on_bad_file="fail", rows_per_shard=4), {}, str(out))
+    assert files_under(out) == []  # shards other work units finished are removed too; no manifest
 
 
 def test_empty_or_unreadable_folder_is_a_clear_error(ray_local, tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="nothing to shard in"):
-        run(ShardConfig(source="image_folder", path=str(tmp_path / "empty")), {}, str(tmp_path / "out"))
-    (tmp_path / "empty" / "zero.png").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"nothing to shard in .*all 1 images were unreadable.*zero\.png"):
-        run(ShardConfig(source="image_folder", path=str(tmp_path / "empty")), {}, str(tmp_path / "out"))
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    with pytest.raises(ValueError, match=rf"nothing to shard in {re.escape(str(empty))}: no image files"):
+        run(ShardConfig(source="image_folder", path=str(empty)), {}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before any work
+    (empty / "zero.png").write_bytes(b"")
+    zero = re.escape(str(empty / "zero.png"))
+    with pytest.raises(ValueError, match=rf"nothing to shard in .*all 1 images were unreadable.*{zero}: .*empty file"):
+        run(ShardConfig(source="image_folder", path=str(empty)), {}, str(tmp_path / "out"))
+    assert files_under(tmp_path / "out") == []
 
 
 # ------------------------------------------------------------------------------------------------ parquet
@@ -193,8 +279,9 @@ def test_parquet_binary_and_hf_struct_columns(ray_local, tmp_path, monkeypatch):
     assert_image(rows["b-4"]["image"], 40, 1)
     assert result.metrics["files_skipped"] == 1 and result.info["num_classes"] == 8
     assert result.info["skipped"][0]["path"].endswith("b.parquet#row=2")
-    with pytest.raises(ValueError, match=r"a\.parquet.*no image column 'pixels'"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(src / 'a.parquet'))}: no image column 'pixels'"):
         run(ShardConfig(source="parquet", path=str(src), image_column="pixels"), {}, str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()  # refused while listing, before any work
 
 
 # ------------------------------------------------------------------------------------------------ idx
@@ -217,5 +304,10 @@ def test_idx_gzip_and_raw_files(ray_local, tmp_path):
     assert_image(rows["train-00000"]["image"], 32, 3)
     assert result.info["num_classes"] == 10
     (src / "t10k-images-idx3-ubyte").write_bytes(idx(2049, np.zeros(3)))
-    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.*magic number 2049"):
-        run(ShardConfig(source="idx", path=str(src)), {}, str(tmp_path / "out"))
+    images_file = re.escape(str(src / "t10k-images-idx3-ubyte"))
+    with pytest.raises(ValueError, match=rf"{images_file}: magic number 2049 is not an idx images file"):
+        run(ShardConfig(source="idx", path=str(src)), {}, str(tmp_path / "out2"))
+    (src / "t10k-images-idx3-ubyte").write_bytes(idx(1234, np.zeros((3, 4, 4))))
+    with pytest.raises(ValueError, match=rf"{images_file}: not an idx file: magic number 1234"):
+        run(ShardConfig(source="idx", path=str(src)), {}, str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()

@@ -88,6 +88,41 @@ def test_modes_convert_to_l_or_rgb():
     assert sources.to_channels(Image.new("1", (4, 4), 1), 1).getpixel((0, 0)) == 255
 
 
+@pytest.mark.parametrize(
+    ("img", "rgb"),
+    [
+        (Image.new("LA", (4, 4), (100, 255)), (100, 100, 100)),
+        (Image.new("LA", (4, 4), (100, 0)), (255, 255, 255)),  # transparent -> white
+        (Image.new("La", (4, 4), (0, 0)), (255, 255, 255)),
+        (Image.new("1", (4, 4), 0), (0, 0, 0)),
+        (Image.new("LAB", (4, 4), (128, 128, 128)), (119, 119, 119)),  # L*=50, a*=b*=0: mid grey
+        (Image.new("HSV", (4, 4), (0, 255, 255)), (255, 0, 0)),
+        (Image.fromarray(np.full((4, 4), 32896, np.int32)), (128, 128, 128)),  # "I" holding 16-bit values
+        (Image.fromarray(np.full((4, 4), 200, np.int32)), (200, 200, 200)),  # "I" holding 8-bit values
+        (Image.fromarray(np.full((4, 4), 0.5, np.float32)), (128, 128, 128)),  # "F" in [0, 1]
+    ],
+    ids=lambda v: v.mode if isinstance(v, Image.Image) else None,
+)
+def test_every_mode_converts_to_both_targets(img, rgb):
+    got = sources.to_channels(img, 3)
+    assert got.mode == "RGB"
+    assert np.abs(np.asarray(got, int)[0, 0] - rgb).max() <= 2
+    grey = sources.to_channels(img, 1)
+    want = Image.new("RGB", (1, 1), rgb).convert("L").getpixel((0, 0))  # ITU-R 601 luma, as Pillow computes it
+    assert grey.mode == "L" and abs(grey.getpixel((0, 0)) - want) <= 2
+
+
+def test_palette_transparency_is_composited_on_white():
+    pal = Image.new("P", (4, 2), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * (254 * 3))
+    pal.paste(1, (2, 0, 4, 2))  # right half: palette entry 1, declared transparent below
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG", transparency=1)
+    with Image.open(buf) as img:
+        out = np.asarray(sources.to_channels(img, 3))
+    assert out[0, 0].tolist() == [255, 0, 0] and out[0, 3].tolist() == [255, 255, 255]
+
+
 def test_fit_square_scales_short_side_and_centre_crops():
     img = Image.new("L", (90, 30), 0)
     img.paste(255, (30, 0, 60, 30))  # a white centre square, black wings
@@ -97,24 +132,41 @@ def test_fit_square_scales_short_side_and_centre_crops():
     assert sources.fit_square(Image.new("RGB", (17, 300)), 64).size == (64, 64)
 
 
-def test_decode_image_errors():
-    with pytest.raises(ValueError, match="empty"):
+def test_decode_image_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"empty file \(0 bytes\)"):
         sources.decode_image(b"", 32, 1)
-    with pytest.raises(Image.UnidentifiedImageError):
+    with pytest.raises(Image.UnidentifiedImageError, match="not an image"):
         sources.decode_image(b"not an image at all", 32, 1)
-    jpeg = png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
-    with pytest.raises(OSError):
+    noise = Image.effect_noise((64, 64), 50).convert("RGB")
+    jpeg = png_bytes(noise, "JPEG")
+    with pytest.raises(OSError, match=r"truncated JPEG file \(64x64 in the header\)"):
         sources.decode_image(jpeg[: len(jpeg) // 2], 32, 3)
+    png = png_bytes(noise)
+    with pytest.raises(OSError, match=r"truncated PNG file"):
+        sources.decode_image(png[: len(png) // 2], 32, 3)
 
 
-def test_decompression_bomb_is_refused_before_decoding():
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` (CRC fixed, so Pillow trusts the header)."""
     data = bytearray(png_bytes(Image.new("L", (4, 4))))
     ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
-    ihdr[4:12] = struct.pack(">II", 20000, 20000)
+    ihdr[4:12] = struct.pack(">II", width, height)
     data[12:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
-    with pytest.raises(Image.DecompressionBombError):
-        sources.decode_image(bytes(data), 32, 1)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "claim"),
+    [
+        (20000, 20000, "400000000 pixels"),  # past Pillow's own error limit
+        (10000, 10000, "100000000 pixels"),  # past Pillow's warning limit
+        (9000, 8000, "9000x8000 = 72000000 pixels"),  # past ours only
+    ],
+)
+def test_decompression_bomb_is_refused_before_decoding(width, height, claim):
+    with pytest.raises(Image.DecompressionBombError, match=rf"decompression bomb: the header claims {claim}, over"):
+        sources.decode_image(png_claiming(width, height), 32, 1)
 
 
 def test_exif_orientation_is_applied():
@@ -168,6 +220,22 @@ def test_walk_survives_symlink_loops_and_lists_classes(tmp_path):
     assert listing.classes == ["a", "b"]
     assert [(i["id"], i["label"]) for i in listing.items] == [("a/deep/y.PNG", 0), ("b/x.png", 1), ("z.jpg", None)]
     assert listing.ignored_files == 1
+
+
+def test_undecodable_file_names_become_printable_ids_and_paths(tmp_path):
+    (tmp_path / "cls").mkdir()
+    good = os.path.join(os.fsencode(tmp_path), b"cls", b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    with open(good, "wb") as f:
+        f.write(png_bytes(Image.new("L", (8, 8), 7)))
+    with open(os.path.join(os.fsencode(tmp_path), b"cls", b"\xff.jpg"), "wb") as f:
+        f.write(b"text")
+    listing = sources.list_image_folder(str(tmp_path))
+    assert [i["id"] for i in listing.items] == ["cls/caf\\xe9.png", "cls/\\xff.jpg"]
+    loaded = list(sources.load_items("image_folder", listing.items, 32, 1))
+    assert loaded[0][1] is not None and loaded[0][1][0, 0] == 7
+    assert loaded[1][1] is None and loaded[1][2].startswith("UnidentifiedImageError: not an image")
+    assert loaded[1][3] == os.path.join(str(tmp_path), "cls", "\\xff.jpg")
+    loaded[1][3].encode("utf-8")  # strict: no surrogate escapes left for the manifest
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -45,12 +45,14 @@ from steps.common import (
     write_json,
 )
 from steps.images import SPLITS, decode_batch, image_meta
-from steps.nn.checkpoint import load_model, read_checkpoint
+from steps.nn.checkpoint import CheckpointError, load_model, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 STEP = "encode"
 SPLIT_COL = "__split"  # int8 index into SPLITS, added by the encoder and dropped by the sink
+VQ_KINDS = ("vqvae2", "vqvae")  # checkpoint kinds that make codes
+BYTES_NAME = "<checkpoint bytes>"  # what steps.nn.checkpoint calls a checkpoint handed over as bytes
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class CodeEncoder:
         torch.set_num_threads(threads)
         self.meta = CodeMeta.from_json(meta_json)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        model, _ = load_model(checkpoint, expect=("vqvae2", "vqvae"))
+        model, _ = load_model(checkpoint, expect=VQ_KINDS)
         self.model = model.to(self.device).eval()
         self.channels = model.config.in_channels
         self.split_dirs = {s: d.rstrip("/") + "/" for s, d in split_dirs.items()}
@@ -163,6 +165,7 @@ def run(cfg: EncodeConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
 
     Raises:
         MissingInputError: an upstream output or the checkpoint ``model.pt`` is missing.
+        CheckpointError: ``model.pt`` is unreadable or holds another kind of model than a VQ-VAE (e.g. a prior).
         ValueError: a VAE checkpoint, or images whose size/channels differ from the model's.
         RuntimeError: the written dataset does not have exactly one row per input row.
     """
@@ -174,10 +177,7 @@ def run(cfg: EncodeConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
             f"encode needs the VQ-VAE checkpoint {ckpt_uri}, which does not exist; run train_vqvae first"
         )
     ckpt = read_bytes(ckpt_uri)
-    payload = read_checkpoint(ckpt)
-    if payload["kind"] == "vae":
-        raise ValueError(f"encode needs a VQ model; model=vae has no codes (checkpoint {ckpt_uri})")
-    model, _ = load_model(payload, expect=("vqvae2", "vqvae"))
+    model = _load_vq_model(ckpt, ckpt_uri)
     digest = model_digest(ckpt)
 
     in_files, in_rows, num_classes = _check_shards(shard, model.config, ckpt_uri)
@@ -207,6 +207,27 @@ def run(cfg: EncodeConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
         artifacts={"train": join(out, "train"), "val": join(out, "val"), "metadata": metadata_uri},
         info={"vqvae": digest, "shapes": {n: list(s) for n, s in meta.shapes.items()}, "seconds": seconds},
     )
+
+
+def _load_vq_model(ckpt: bytes, ckpt_uri: str) -> torch.nn.Module:
+    """The VQ model of ``ckpt``, or an error naming ``ckpt_uri``, what is wrong and the kinds encode can use."""
+    expected = f"expected the model.pt that train_vqvae writes (kind {' or '.join(map(repr, VQ_KINDS))})"
+    try:
+        payload = read_checkpoint(ckpt)
+    except CheckpointError as exc:
+        why = str(exc).replace(BYTES_NAME, "it").splitlines()[0]
+        if exc.__cause__ is not None:  # torch.load's own text advises weights_only=False, which would run code
+            why = "torch.load(weights_only=True) cannot read it (not a torch file, or one holding pickled objects)"
+        raise CheckpointError(f"{ckpt_uri} is not a checkpoint encode can use: {why}; {expected}") from exc
+    kind = payload["kind"]
+    if kind == "vae":
+        raise ValueError(f"encode needs a VQ model; model=vae has no codes (checkpoint {ckpt_uri})")
+    if kind not in VQ_KINDS:
+        raise CheckpointError(f"{ckpt_uri} holds a {kind!r} checkpoint, but encode needs a VQ-VAE: {expected}")
+    try:
+        return load_model(payload, expect=VQ_KINDS)[0]
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt_uri}: {exc}") from None
 
 
 def _check_shards(shard: str, model_cfg: Any, ckpt_uri: str) -> tuple[dict[str, list[str]], dict[str, int], int | None]:

@@ -44,9 +44,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from steps.codes import batch_to_tensors, model_digest, parquet_files, read_code_meta
+from steps.codes import (
+    CodeDatasetMismatch,
+    CodeMeta,
+    batch_to_tensors,
+    check_code_meta,
+    model_digest,
+    parquet_files,
+    read_code_meta,
+)
 from steps.common import (
     MetricsSink,
+    MissingInputError,
     StepResult,
     exists,
     filesystem,
@@ -209,24 +218,85 @@ def _val_code_files(code_uri: str) -> tuple[list[str], str]:
     raise ValueError(f"no codes under {code_uri}: rerun the encode step")
 
 
-@torch.no_grad()
-def code_metrics(
-    code_uri: str, prior_uri: str | None, batch_size: int, device: torch.device, vqvae: str
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Usage and perplexity per level over the val codes, and the priors' bits per code on them (if given)."""
+def check_code_inputs(
+    code_uri: str, prior_uri: str | None, model: torch.nn.Module, model_uri: str, digest: str
+) -> tuple[CodeMeta, dict[str, torch.nn.Module]]:
+    """The code dataset's metadata and the priors (on the CPU), after checking that they belong to ``model``.
+
+    Reads only metadata and checkpoints: evaluate calls it before any image is read, so a code dataset or a prior
+    of another VQ-VAE fails in seconds, not after the reconstruction pass.
+
+    Raises:
+        CodeDatasetMismatch: the code dataset was made by another VQ-VAE (levels, shapes, codebook sizes, digest),
+            or ``model`` is a VAE, which makes no codes.
+        MissingInputError: a level's prior checkpoint is missing under ``prior_uri``.
+        CheckpointError: a prior that is not a prior, or belongs to another level, code map or VQ-VAE.
+    """
+    levels = tuple(getattr(model, "levels", ()))
+    if not levels:
+        raise CodeDatasetMismatch(
+            f"code dataset {code_uri} was given, but {model_uri} holds a {model.kind} model, which makes no codes"
+        )
     meta = read_code_meta(code_uri)
-    if meta.vqvae != vqvae:
-        raise CheckpointError(
-            f"the codes at {code_uri} were made by VQ-VAE {meta.vqvae}, not by the model evaluated ({vqvae}); "
-            "rerun the encode step"
+    try:
+        check_code_meta(
+            meta,
+            levels=levels,
+            shapes={lv: model.config.shapes[lv] for lv in levels},
+            codebook_size={lv: model.config.level(lv)[0] for lv in levels},
+            where=code_uri,
+        )
+    except CodeDatasetMismatch as exc:
+        raise CodeDatasetMismatch(f"{exc} (expected by the VQ-VAE {model_uri}); rerun the encode step") from None
+    if meta.vqvae != digest:  # the same architecture, other weights
+        raise CodeDatasetMismatch(
+            f"code dataset {code_uri}: field 'vqvae' mismatch: made by VQ-VAE {meta.vqvae}, but {model_uri} is "
+            f"{digest}; rerun the encode step"
         )
     priors: dict[str, torch.nn.Module] = {}
-    if prior_uri is not None:
-        for lv in meta.levels:
-            prior, payload = load_model(read_bytes(join(prior_uri, f"{lv}.pt")), expect="prior")
-            if payload.get("vqvae") not in (None, meta.vqvae):
-                raise CheckpointError(f"the {lv} prior was trained on codes of VQ-VAE {payload['vqvae']}, not {vqvae}")
-            priors[lv] = prior.to(device)
+    if prior_uri is None:
+        return meta, priors
+    for i, lv in enumerate(meta.levels):
+        uri = join(prior_uri, f"{lv}.pt")
+        if not exists(uri):
+            raise MissingInputError(
+                f"{uri} does not exist: the code dataset {code_uri} has levels {list(meta.levels)}; rerun train_prior"
+            )
+        try:
+            prior, payload = load_model(read_bytes(uri), expect="prior")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{uri}: {exc}") from None
+        if payload.get("level") not in (None, lv):
+            raise CheckpointError(f"{uri} holds a prior for level {payload['level']!r}, expected {lv!r}")
+        if payload.get("vqvae") not in (None, digest):
+            raise CheckpointError(
+                f"{uri}: the {lv} prior was trained on codes of VQ-VAE {payload['vqvae']}, but {model_uri} is "
+                f"{digest}; rerun train_prior"
+            )
+        pc = prior.config
+        if list(pc.shape) != list(meta.shapes[lv]) or pc.num_codes != meta.codebook_size[lv]:
+            raise CheckpointError(
+                f"{uri} models {pc.num_codes} codes on a {list(pc.shape)} map, but the code dataset {code_uri} has "
+                f"{meta.codebook_size[lv]} codes on a {list(meta.shapes[lv])} map at level {lv!r}"
+            )
+        if pc.cond_num_codes:
+            above = meta.levels[i - 1] if i else None
+            if above is None or pc.cond_num_codes != meta.codebook_size[above]:
+                has = f"the {above} level has {meta.codebook_size[above]}" if above else f"{lv} is the top level"
+                raise CheckpointError(f"{uri} is conditioned on {pc.cond_num_codes} codes, but {has}")
+        priors[lv] = prior
+    return meta, priors
+
+
+@torch.no_grad()
+def code_metrics(
+    code_uri: str, meta: CodeMeta, priors: Mapping[str, torch.nn.Module], batch_size: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Usage and perplexity per level over the val codes, and the priors' bits per code on them (if given).
+
+    ``meta`` and ``priors`` come from :func:`check_code_inputs`.
+    """
+    priors = {lv: p.to(device) for lv, p in priors.items()}
     files, split = _val_code_files(code_uri)
     counts = {lv: torch.zeros(meta.codebook_size[lv], dtype=torch.long) for lv in meta.levels}
     bits = dict.fromkeys(meta.levels, 0.0)
@@ -252,7 +322,7 @@ def code_metrics(
     if priors and rows:
         for lv in meta.levels:
             metrics[f"nll_bits_{lv}"] = bits[lv] / rows
-    return metrics, {"code_split": split, "code_rows": rows, "levels": list(meta.levels), "meta": meta}
+    return metrics, {"code_split": split, "code_rows": rows, "levels": list(meta.levels)}
 
 
 @torch.no_grad()
@@ -306,10 +376,20 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
     shard_uri = require_input(inputs, STEP, "shard")
     vq_uri = require_input(inputs, STEP, "train_vqvae")
     sample_uri = require_input(inputs, STEP, "sample")
-    model_bytes = read_bytes(join(vq_uri, "model.pt"))
-    model, _ = load_model(model_bytes, expect=("vqvae2", "vqvae", "vae"))
-    model = model.to(device).eval()
+    model_uri = join(vq_uri, "model.pt")
+    model_bytes = read_bytes(model_uri)
+    try:
+        model, _ = load_model(model_bytes, expect=("vqvae2", "vqvae", "vae"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{model_uri}: {exc}") from None
     channels = model.config.in_channels
+    # Inputs that do not belong together fail here, before any image is read or reconstructed.
+    code_inputs = None
+    if "encode" in inputs:
+        code_inputs = check_code_inputs(
+            inputs["encode"], inputs.get("train_prior"), model, model_uri, model_digest(model_bytes)
+        )
+    model = model.to(device).eval()
 
     real, split = real_images(shard_uri, cfg.max_val_images)
     if split != "val":
@@ -322,12 +402,10 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
     metrics.update(rec)
     log.info("evaluate: reconstruction of %d images: MSE %.5f", len(real), rec["recon_mse"])
 
-    if "encode" in inputs:
-        code_m, code_info = code_metrics(
-            inputs["encode"], inputs.get("train_prior"), cfg.batch_size, device, model_digest(model_bytes)
-        )
+    if code_inputs is not None:
+        meta, priors = code_inputs
+        code_m, code_info = code_metrics(inputs["encode"], meta, priors, cfg.batch_size, device)
         metrics.update(code_m)
-        meta = code_info.pop("meta")
         counts.update(code_info)
         if all(f"nll_bits_{lv}" in code_m for lv in meta.levels):
             total_bits = sum(code_m[f"nll_bits_{lv}"] * meta.numel(lv) for lv in meta.levels)  # per image
@@ -401,7 +479,9 @@ def run(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str, sink: MetricsS
 
     Raises:
         MissingInputError: shard, train_vqvae or sample output missing.
-        CheckpointError: codes or priors that belong to another VQ-VAE.
+        CodeDatasetMismatch: a code dataset made by another VQ-VAE (or given with a VAE); raised before any work.
+        CheckpointError: a checkpoint of the wrong kind, or priors of another VQ-VAE, level or code map; raised
+            before any work.
         ImportError: ``inception_fid=true`` without the ``fid`` extra installed.
     """
     import ray

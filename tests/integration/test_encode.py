@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -11,11 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from steps import encode
 from steps.codes import CodeMeta, batch_to_tensors, model_digest, read_code_meta
 from steps.common import MissingInputError
 from steps.encode import EncodeConfig, run
 from steps.images import decode_batch, encode_png, image_schema
-from steps.nn.checkpoint import save_checkpoint
+from steps.nn.checkpoint import CheckpointError, save_checkpoint
+from steps.nn.classifier import ClassifierConfig, ImageClassifier
+from steps.nn.prior import PixelCNNPrior, PriorConfig
 from steps.nn.vae import VAE, VAEConfig
 from steps.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
 
@@ -152,6 +156,42 @@ def test_encode_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"channels=1, but the VQ-VAE .* expects channels=3"):
         run(EncodeConfig(), {"shard": shard, "train_vqvae": rgb}, out)
     assert not os.path.exists(out)  # nothing touched before the checks pass
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: PixelCNNPrior(PriorConfig(num_codes=32, shape=(4, 4), channels=8, layers=1)),
+            r"holds a 'prior' checkpoint, but encode needs a VQ-VAE: .*kind 'vqvae2' or 'vqvae'",
+        ),
+        (
+            lambda: ImageClassifier(ClassifierConfig(in_channels=1, channels=8, stages=2)),
+            r"holds a 'classifier' checkpoint, but encode needs a VQ-VAE: .*kind 'vqvae2' or 'vqvae'",
+        ),
+        (None, r"is not a checkpoint encode can use: torch\.load\(weights_only=True\) cannot read it"),
+    ],
+    ids=["prior", "classifier", "not-a-checkpoint"],
+)
+def test_encode_refuses_a_checkpoint_of_the_wrong_kind_before_any_work(tmp_path, monkeypatch, make, message):
+    """Where train_vqvae's model.pt is expected, another model's checkpoint: a clear error naming the file."""
+    write_shards(tmp_path / "shard", n=10, splits=(("train", 8, 1),))
+    (tmp_path / "train_vqvae").mkdir()
+    model_pt = tmp_path / "train_vqvae" / "model.pt"
+    if make is None:
+        model_pt.write_bytes(b"not a torch file")
+    else:
+        save_checkpoint(model_pt, make(), level="top", step=1)  # as train_prior / train_classifier save theirs
+    out = tmp_path / "encode"
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("encode started Ray work before checking its checkpoint")
+
+    monkeypatch.setattr(encode, "_encode", tripwire)
+    monkeypatch.setattr(encode, "_check_shards", tripwire)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(model_pt))}\b.*{message}"):
+        run(EncodeConfig(), {"shard": str(tmp_path / "shard"), "train_vqvae": str(tmp_path / "train_vqvae")}, str(out))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from steps import evaluate
-from steps.codes import CodeMeta, batch_to_tensors, codes_to_arrow, model_digest
+from steps.codes import CodeDatasetMismatch, CodeMeta, batch_to_tensors, codes_to_arrow, model_digest
 from steps.common import MissingInputError, write_json
 from steps.evaluate import EvaluateConfig, run
 from steps.images import decode_batch, encode_png, to_uint8
@@ -184,9 +185,114 @@ def test_samples_without_pngs_are_decoded_from_their_codes(upstream):
     np.testing.assert_array_equal(from_codes, from_pngs)
 
 
-def test_codes_of_another_vqvae_are_refused(upstream):
-    with pytest.raises(CheckpointError, match="rerun the encode step"):
-        evaluate.code_metrics(upstream["encode"], None, 16, torch.device("cpu"), vqvae="0000000000000000")
+def foreign_codes(up: dict[str, str], folder: Path, **changes) -> str:
+    """A code dataset (its codes.json is what evaluate checks) like the upstream one, with ``changes``."""
+    meta = json.loads((Path(up["encode"]) / "codes.json").read_text())
+    folder.mkdir(parents=True)
+    write_json(str(folder / "codes.json"), CodeMeta.from_json({**meta, **changes}).to_dict())
+    return str(folder)
+
+
+def swapped_prior(up: dict[str, str], folder: Path, name: str, model: torch.nn.Module, **extra) -> str:
+    """A copy of the upstream priors with ``name``.pt replaced by ``model`` saved with ``extra``."""
+    folder.mkdir(parents=True)
+    for level in ("top", "bottom"):
+        (folder / f"{level}.pt").write_bytes((Path(up["train_prior"]) / f"{level}.pt").read_bytes())
+    save_checkpoint(folder / f"{name}.pt", model, **extra)
+    return str(folder)
+
+
+FOREIGN = {
+    "digest": (
+        lambda up, d: {"encode": foreign_codes(up, d, vqvae="feedfacefeedface")},
+        CodeDatasetMismatch,
+        r"code dataset {encode}: field 'vqvae' mismatch: made by VQ-VAE feedfacefeedface, but {model} is",
+    ),
+    "shapes": (
+        lambda up, d: {"encode": foreign_codes(up, d, shapes={"top": [8, 8], "bottom": [16, 16]}, image_size=64)},
+        CodeDatasetMismatch,
+        r"code dataset {encode}: field 'shapes\.top' mismatch: expected \[4, 4\], found \[8, 8\] "
+        r"\(expected by the VQ-VAE {model}\); rerun the encode step",
+    ),
+    "codebook": (
+        lambda up, d: {"encode": foreign_codes(up, d, codebook_size={"top": 512, "bottom": 512})},
+        CodeDatasetMismatch,
+        r"code dataset {encode}: field 'codebook_size\.top' mismatch: expected 16, found 512",
+    ),
+    "levels": (
+        lambda up, d: {
+            "encode": foreign_codes(up, d, levels=["top"], shapes={"top": [4, 4]}, codebook_size={"top": 16})
+        },
+        CodeDatasetMismatch,
+        r"code dataset {encode}: field 'levels' mismatch: expected \['top', 'bottom'\], found \['top'\]",
+    ),
+    "prior_digest": (
+        lambda up, d: {
+            "train_prior": swapped_prior(
+                up,
+                d,
+                "bottom",
+                PixelCNNPrior(PriorConfig(num_codes=16, shape=(8, 8), channels=8, layers=1)),
+                level="bottom",
+                vqvae="feedfacefeedface",
+            )
+        },
+        CheckpointError,
+        r"{train_prior}/bottom\.pt: the bottom prior was trained on codes of VQ-VAE feedfacefeedface, but {model}",
+    ),
+    "prior_shape": (
+        lambda up, d: {
+            "train_prior": swapped_prior(
+                up, d, "top", PixelCNNPrior(PriorConfig(num_codes=16, shape=(8, 8), channels=8, layers=1))
+            )
+        },
+        CheckpointError,
+        r"{train_prior}/top\.pt models 16 codes on a \[8, 8\] map, but the code dataset {encode} has 16 codes on a "
+        r"\[4, 4\] map at level 'top'",
+    ),
+    "prior_kind": (
+        lambda up, d: {"train_prior": swapped_prior(up, d, "top", VAE(VAEConfig(**SMALL, latent_channels=4)))},
+        CheckpointError,
+        r"{train_prior}/top\.pt: checkpoint holds a 'vae' model, expected 'prior'",
+    ),
+    "model_kind": (
+        lambda up, d: {"train_vqvae": swapped_prior(up, d, "model", PixelCNNPrior(PriorConfig(num_codes=16)))},
+        CheckpointError,
+        r"{model}: checkpoint holds a 'prior' model, expected 'vqvae2' or 'vqvae' or 'vae'",
+    ),
+    "prior_missing": (
+        lambda up, d: {"train_prior": str(d)},
+        MissingInputError,
+        r"{train_prior}/top\.pt does not exist: the code dataset {encode} has levels \['top', 'bottom'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN))
+def test_codes_and_priors_of_another_vqvae_are_refused_before_any_work(upstream, tmp_path, monkeypatch, case):
+    """In-process, so the work functions can be replaced by tripwires: the checks run before any of them."""
+    make, error, pattern = FOREIGN[case]
+    ins = {**inputs(upstream, *ALL), **make(upstream, tmp_path / "foreign")}
+
+    def work(*args, **kwargs):
+        raise AssertionError("evaluate started work before checking its inputs")
+
+    for name in ("real_images", "reconstruction", "code_metrics", "sample_images", "features"):
+        monkeypatch.setattr(evaluate, name, work)
+    names = {k: re.escape(v) for k, v in ins.items()} | {"model": re.escape(f"{ins['train_vqvae']}/model.pt")}
+    with pytest.raises(error, match=pattern.format(**names)):
+        evaluate.evaluate(QUICK, ins, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_code_dataset_fails_the_step_and_writes_nothing(ray_local, upstream, tmp_path):
+    """Through run() and its Ray task: the error names the code dataset and the field; the output stays empty."""
+    foreign = foreign_codes(upstream, tmp_path / "other_encode", codebook_size={"top": 512, "bottom": 512})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CodeDatasetMismatch, match=rf"code dataset {re.escape(foreign)}: field 'codebook_size\.top'"):
+        run(QUICK, {**inputs(upstream, *ALL), "encode": foreign}, str(out))
+    assert list(out.iterdir()) == []
 
 
 def test_missing_inputs_and_extras_fail_clearly(ray_local, upstream, tmp_path):

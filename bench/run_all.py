@@ -34,12 +34,13 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-BENCHES = ("codebook", "encode", "train", "sample", "quality_fashion_mnist")
+BENCHES = ("codebook", "encode", "train", "sample", "faults", "quality_fashion_mnist")
 WHAT = {
     "codebook": "fraction of the 512 codes per level in use, with and without dead-code restart (digits)",
     "encode": "encode throughput, Ray Data step vs a plain torch loop (ratio = ray / plain)",
     "train": "training throughput, Ray Train (one worker) vs a plain torch loop (ratio = ray / plain)",
     "sample": "sampler speed, fast sampler vs naive (written by the sampler's author)",
+    "faults": "fault scenarios run through the pipeline: injected, survived, rows lost (pipeline.verify)",
     "quality_fashion_mnist": "the Fashion-MNIST 32x32 quality recipe: recon, codes, bits, fd/kid against the floor",
 }
 

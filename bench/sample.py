@@ -20,7 +20,7 @@ Prints a line per measurement and a final JSON line:
 
     {"bench": "sample", "speedup_32x32": ..., "speedup_demo": ..., ...}
 
-Usage: python bench/sample.py [--quick] [--threads 1] [--naive-positions P]
+Usage: python bench/sample.py [--quick] [--threads 1] [--naive-positions P] [--device cuda]
 """
 
 from __future__ import annotations
@@ -55,11 +55,14 @@ DEMO_BOTTOM = PriorConfig(
 )
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def build(config: PriorConfig, seed: int) -> PixelCNNPrior:
     torch.manual_seed(seed)
     model = PixelCNNPrior(config).eval()
     torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # random but not uniform predictions
-    return model
+    return model.to(DEVICE)
 
 
 def generators(n: int) -> list[torch.Generator]:
@@ -72,6 +75,8 @@ def timed(fn, repeats: int = 1):
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return out, best
 
@@ -83,13 +88,15 @@ def naive_prefix(
     _, width = model.config.shape
     full = model.config.shape[0] * width
     # sample_naive cannot stop early; this is its loop body (a full forward pass per position, the same draw).
-    u = uniforms(n, full, gens, "cpu")
-    codes = torch.zeros(n, *model.config.shape, dtype=torch.long)
+    u = uniforms(n, full, gens, DEVICE)
+    codes = torch.zeros(n, *model.config.shape, dtype=torch.long, device=DEVICE)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(positions):
             r, c = divmod(i, width)
             codes[:, r, c] = draw_codes(model(codes)[:, :, r, c], u[:, i])
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     return codes.flatten(1)[:, :positions], time.perf_counter() - t0
 
 
@@ -147,7 +154,7 @@ def bench_batched(n: int) -> dict:
 def bench_demo(n: int, repeats: int) -> dict:
     top, bottom = build(DEMO_TOP, seed=1), build(DEMO_BOTTOM, seed=2)
     st, sb = CachedSampler(top), CachedSampler(bottom)
-    labels = torch.arange(n) % 10
+    labels = (torch.arange(n) % 10).to(DEVICE)
 
     def cached() -> torch.Tensor:
         gens = generators(n)
@@ -185,16 +192,17 @@ def main() -> None:
     parser.add_argument(
         "--naive-positions", type=int, default=None, help="time the naive 32x32 sampler on P positions (0: in full)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both samplers run there)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     n32, positions, batched, n_demo, repeats = (2, 16, 8, 16, 1) if args.quick else (1, 0, 32, 32, 3)
     positions = positions if args.naive_positions is None else args.naive_positions
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}, "
-        f"{os.cpu_count()} cores, load average {load:.1f}"
-    )
-    result = {"bench": "sample", "quick": args.quick, "threads": args.threads}
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{args.threads} thread(s)"
+    print(f"torch {torch.__version__}, {where}, {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f}")
+    result = {"bench": "sample", "quick": args.quick, "threads": args.threads, "device": where}
     result.update(bench_demo(n_demo, repeats))
     result.update(bench_32x32(n32, positions))
     result.update(bench_batched(batched))

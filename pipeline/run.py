@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline import __version__, cache, graph
 from pipeline.config import ConfigError, PipelineConfig, flatten
-from pipeline.tracking import Tracker, result_record
+from pipeline.tracking import Tracker, redact, redact_overrides, result_record
 from steps.common import MLflowSink
 
 log = logging.getLogger("pipeline")
@@ -111,7 +111,7 @@ def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str]) -> li
     log.info("plan: %s", ", ".join(f"{p.step.name}={p.action}" for p in planned))
     if todo:
         _start_ray(cfg)
-    tags = {"overrides": " ".join(overrides)[:5000], "version": __version__, "artifacts_root": cfg.root}
+    tags = {"overrides": redact_overrides(overrides)[:5000], "version": __version__, "artifacts_root": redact(cfg.root)}
     with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, tags) as tracker:
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -39,10 +40,28 @@ def git_sha() -> str:
         return "unknown"
 
 
+# scheme://user:password@host -> scheme://user:***@host (a tracking URI of a database or a server with basic auth)
+_URI_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^/\s:@]*):[^/\s@]+@")
+_SECRET_LINE = re.compile(r"(?im)^(?P<key>\s*[+~]*[\w.-]*(?:" + "|".join(SECRET_HINTS) + r")[\w.-]*\s*[:=]\s*)\S.*$")
+
+
+def redact(text: str) -> str:
+    """``text`` with URI passwords and the values of secret-looking ``key: value`` / ``key=value`` lines hidden.
+
+    Everything the driver sends to MLflow as text (params, the overrides tag, the resolved config) goes through it.
+    """
+    return _SECRET_LINE.sub(r"\g<key>***", _URI_PASSWORD.sub(r"\g<head>:***@", text))
+
+
+def redact_overrides(overrides: list[str]) -> str:
+    """Hydra's command-line overrides as one string, each ``key=value`` redacted on its own."""
+    return " ".join(redact(o) for o in overrides)
+
+
 def _param_value(key: str, value: Any) -> str:
     if any(h in key.lower() for h in SECRET_HINTS):
         return "***"
-    return str(value)[:MAX_PARAM_LEN]
+    return redact(str(value))[:MAX_PARAM_LEN]
 
 
 class Tracker:
@@ -72,7 +91,7 @@ class Tracker:
         return self.parent.info.run_id
 
     def log_text(self, text: str, name: str) -> None:
-        self.mlflow.log_text(text, name)
+        self.mlflow.log_text(redact(text), name)
 
     @contextlib.contextmanager
     def step(self, name: str, fp: str, inputs: Mapping[str, str], params: Mapping[str, Any]) -> Iterator[str]:

@@ -1,0 +1,53 @@
+"""Secrets never reach MLflow: URI passwords and secret-looking keys are hidden in params, tags and the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import Tracker, redact, redact_overrides
+
+SECRET = "hunter2"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"mlflow.tracking_uri=postgresql://bob:{SECRET}@db:5432/mlflow",
+        f"http://bob:{SECRET}@mlflow.internal:5000",
+        f"+aws_secret_access_key={SECRET}",
+        f"mlflow:\n  api_token: {SECRET}\n",
+        f"password={SECRET}",
+    ],
+)
+def test_redact_hides_the_secret(text):
+    assert SECRET not in redact(text)
+    assert "***" in redact(text)
+
+
+def test_redact_keeps_everything_else():
+    text = "data:\n  path: s3://bucket/images\n  image_size: 32\nmlflow:\n  tracking_uri: sqlite:////tmp/mlflow.db\n"
+    assert redact(text) == text
+    assert redact_overrides(["model.codebook_size=256", "debug=tiny"]) == "model.codebook_size=256 debug=tiny"
+
+
+def test_nothing_secret_is_stored_in_mlflow(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts under ./mlruns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.path=https://bob:{SECRET}@files.internal/images", f"+db_password={SECRET}"]
+    with Tracker(uri, "secrets", None, {"overrides": redact_overrides(overrides)}) as tracker:
+        tracker.log_text(f"data:\n  path: https://bob:{SECRET}@files.internal/images\n", "config.yaml")
+        with tracker.step("shard", "fp", {}, {"path": f"https://bob:{SECRET}@files.internal/x", "api_token": "t0k"}):
+            pass
+        parent = tracker.run_id
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    stored = [str(r.data.params) + str(r.data.tags) for r in runs]
+    local = client.download_artifacts(parent, "config.yaml", str(tmp_path))
+    stored.append(Path(local).read_text())
+    assert not any(SECRET in s or "t0k" in s for s in stored), stored
+    assert any("https://bob:***@files.internal/x" in s for s in stored)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 
 import pytest
 
@@ -28,3 +31,23 @@ def digit_shards(ray_local, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shards")
     run(ShardConfig(limit=240, val_fraction=0.2, rows_per_shard=100), {}, str(out))
     return str(out)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+@pytest.fixture(scope="session")
+def png_claiming():
+    """``png_claiming(width, height)``: a 4x4 PNG whose IHDR claims that size, CRC fixed so Pillow trusts the
+    header: a decompression bomb in a few bytes."""
+    return _png_claiming

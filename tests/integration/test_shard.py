@@ -8,7 +8,6 @@ import json
 import os
 import re
 import struct
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -109,16 +108,6 @@ def test_read_manifest_names_the_missing_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ image folder
-def png_claiming(width: int, height: int) -> bytes:
-    """A 4x4 PNG whose IHDR claims ``width`` x ``height`` (CRC fixed): a decompression bomb in a few bytes."""
-    data = bytearray(encoded(Image.new("L", (4, 4))))
-    ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
-    ihdr[4:12] = struct.pack(">II", width, height)
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
-    return bytes(data)
-
-
 def halves(mode: str, left, right, size=(40, 40)) -> Image.Image:
     img = Image.new(mode, size, left)
     img.paste(right, (size[0] // 2, 0, *size))
@@ -138,7 +127,7 @@ BAD = {
 
 
 @pytest.fixture
-def folder(tmp_path):
+def folder(tmp_path, png_claiming):
     """Unusual-but-valid images (kept, converted) and broken files (skipped) in class folders."""
     root = tmp_path / "images"
     for d in ("cat", "dog", "élan"):

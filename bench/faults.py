@@ -3,9 +3,9 @@
 Each scenario runs ``python -m pipeline debug=tiny`` as subprocesses, the way a user does, on an artifacts root and a
 SQLite MLflow store of its own, injects one fault, and checks the invariant that must hold:
 
-* ``worker_crash``: rank 0 of train_vqvae raises after step 7 (``train.fail_at_step=7``, a test-only setting); Ray
-  Train restarts the worker group from the step-5 checkpoint. Survived: the pipeline finishes, and the step's one
-  MLflow run holds ``train/loss`` at steps 5 and 10 once each, with a ``train/resumed_from`` point at step 5.
+* ``worker_crash``: rank 0 of train_vqvae is killed (SIGKILL) after step 7 (``train.fail_at_step=7``, a test-only
+  setting); Ray Train restarts the worker group from the step-5 checkpoint. Survived: the pipeline finishes, and the
+  step's one MLflow run holds ``train/loss`` at steps 5 and 10 once each, with a ``train/resumed_from`` point at step 5.
 * ``nan_loss``: rank 0's loss becomes NaN at step 7 (``train.nan_at_step=7``). Survived: the pipeline exits non-zero
   with a NonFiniteLossError naming step 7, Ray Train did not retry, the step-5 checkpoint is still in the step's work
   directory, and nothing was published for train_vqvae.
@@ -136,10 +136,11 @@ def _metric_steps(db: Path, step_name: str, key: str) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------------------------ scenarios
 def worker_crash(ws: Workspace) -> dict[str, Any]:
-    rc, output = ws.run("train_vqvae.train.fail_at_step=7", "train_vqvae.train.max_failures=2")
+    rc, _ = ws.run("train_vqvae.train.fail_at_step=7", "train_vqvae.train.max_failures=2")
     losses = _metric_steps(ws.db, "train_vqvae", "train/loss")
     resumed = _metric_steps(ws.db, "train_vqvae", "train/resumed_from")
-    facts = {"rc": rc, "loss_steps": losses, "resumed_from": resumed, "injected": "injected fault" in output}
+    injected = bool(glob.glob(str(ws.root / "train_vqvae" / "*" / "ray" / "*" / ".fault-injected")))
+    facts = {"rc": rc, "loss_steps": losses, "resumed_from": resumed, "injected": injected}
     facts["survived"] = rc == 0 and facts["injected"] and losses == [[5, 10]] and resumed == [[5]]
     return facts
 

@@ -32,7 +32,7 @@ SUCCESS = "_SUCCESS"
 # invalidate finished work, and a step interrupted on one pool size resumes on another (samples and codes do not
 # depend on how many actors made them).
 NOT_FINGERPRINTED = frozenset(
-    {"max_failures", "fail_at_step", "nan_at_step", "cache_data", "num_actors", "cpus_per_actor"}
+    {"max_failures", "fail_at_step", "fail_mode", "nan_at_step", "cache_data", "num_actors", "cpus_per_actor"}
 )
 
 

@@ -16,22 +16,25 @@ import io
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from steps.common import MetricsSink, exists, join, read_json, write_json
+from steps.common import MetricsSink, exists, filesystem, join, read_bytes, read_json, write_json
 from steps.nn.checkpoint import checkpoint_dict, unwrap
 
 log = logging.getLogger(__name__)
 STATE_FILE = "model.pt"
 NONFINITE_FILE = "nonfinite.json"  # in the run's storage: written by rank 0 when the loss diverges
 LR_SCHEDULES = ("constant", "cosine", "linear")
+FAIL_MODES = ("kill", "raise")
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,11 @@ class TrainConfig:
     # wait on read tasks, which matters when they hold every CPU (a laptop); turn off for datasets larger than
     # the object store can hold or spill.
     cache_data: bool = True
-    # Test-only fault injection: rank 0 raises once, right after this step (0 = off). Fires once per run directory,
-    # so the restarted attempt gets past it; used to prove resume-from-checkpoint.
+    # Test-only fault injection: rank 0 fails once, right after this step (0 = off). Fires once per run directory,
+    # so the restarted attempt gets past it; used to prove resume-from-checkpoint. fail_mode "kill" ends the worker
+    # process with SIGKILL (a preempted node, the OOM killer); "raise" raises an exception in the training loop.
     fail_at_step: int = 0
+    fail_mode: str = "kill"
     # Test-only: rank 0's loss at this step becomes NaN (0 = off); used to prove a diverged run stops cleanly.
     nan_at_step: int = 0
 
@@ -82,6 +87,8 @@ class TrainConfig:
                 raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"{owner}.lr must be a positive number, got {self.lr}")
+        if self.fail_mode not in FAIL_MODES:
+            raise ValueError(f"{owner}.fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"{owner}.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
@@ -168,6 +175,47 @@ def _check_replicas(model: nn.Module, step: int) -> None:
         raise RuntimeError(f"model buffers (codebooks) differ between ranks at step {step}")
 
 
+def _load_state(uri: str) -> dict[str, Any] | None:
+    try:
+        return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checkpoint cut short by the crash: fall back to an older one
+        log.warning("cannot resume from %s (%s: %s)", uri, type(exc).__name__, exc)
+        return None
+
+
+def _resume_state(checkpoint, run_dir: str | None) -> dict[str, Any] | None:
+    """The newest training state to resume from, or None to start at step 0.
+
+    Normally Ray Train's latest checkpoint. But Ray Train registers a reported checkpoint only when its controller
+    next polls the workers: a worker killed (SIGKILL, preemption) right after reporting leaves a complete checkpoint
+    directory on storage that Ray does not know of. Checkpoint directories are named by time, so any newer than the
+    registered one (or any at all, without one) are tried first, newest first; one that does not load is skipped.
+    Every rank sees the same files and so picks the same state.
+    """
+    registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else ""
+    if run_dir is not None:
+        fs, path = filesystem(run_dir)
+        try:
+            found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            found = []
+        names = sorted(
+            (f.base_name for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")),
+            reverse=True,
+        )
+        for name in names:
+            if name <= registered:
+                break
+            state = _load_state(join(run_dir, name, STATE_FILE))
+            if state is not None:
+                log.info("resuming from %s, written but not yet registered by Ray Train", name)
+                return state
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
 def _nonfinite_ranks(loss: torch.Tensor, world: int) -> list[int]:
     """Ranks whose loss is NaN/Inf. Every rank gets the same answer, so all stop together (none waits forever in
     the next gradient all-reduce for a rank that left)."""
@@ -185,6 +233,9 @@ def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, marker: str | Non
     if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and marker and not os.path.exists(marker):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         open(marker, "w").close()
+        if tc.fail_mode == "kill":
+            log.warning("injected fault: killing this worker after step %d (train.fail_at_step)", step)
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault at step {step} (train.fail_at_step)")
 
 
@@ -207,10 +258,8 @@ def _worker_loop(config: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, tc.lr_factor)
     step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state = _resume_state(ray.train.get_checkpoint(), config.get("run_dir"))
+    if state is not None:
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -219,12 +268,12 @@ def _worker_loop(config: dict) -> None:
             torch.set_rng_state(state["rng"])
         log.info("%s: resumed from step %d", task.name, step)
     # Each rank draws differently from here on (dropout, restarts), reproducibly for a given step.
-    if rank != 0 or checkpoint is None:
+    if rank != 0 or state is None:
         torch.manual_seed(tc.seed * 1_000_003 + rank * 7919 + step)
 
     # After a restart, steps between the checkpoint and the crash were already logged: do not log them twice.
-    logged_until = sink.last_step("train/loss") if rank == 0 and checkpoint is not None else 0
-    if rank == 0 and checkpoint is not None:
+    logged_until = sink.last_step("train/loss") if rank == 0 and state is not None else 0
+    if rank == 0 and state is not None:
         sink.log_metrics({"train/resumed_from": step}, step)  # shows each restart in the run's metrics
     train_iter = _batches(ray.train.get_dataset_shard("train"), tc.batch_size)
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 and tc.val_batches else None
@@ -302,8 +351,6 @@ def _worker_loop(config: dict) -> None:
 
 
 def _remove(uri: str) -> None:
-    from steps.common import filesystem
-
     if exists(uri):
         fs, path = filesystem(uri)
         fs.delete_file(path)
@@ -361,6 +408,7 @@ def fit(
             "sink": sink,
             "fault_marker": os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
             "nonfinite_marker": nonfinite_marker,
+            "run_dir": join(storage, name),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}

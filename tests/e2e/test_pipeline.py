@@ -52,7 +52,7 @@ def mlflow_runs(workdir: Path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """One full run, with a worker crash injected into train_vqvae after step 7 (a test-only setting that does not
+    """One full run, with a worker killed (SIGKILL) in train_vqvae after step 7 (a test-only setting that does not
     change the fingerprint): Ray Train restarts the workers from the step-5 checkpoint."""
     path = tmp_path_factory.mktemp("e2e")
     pipeline(path, "train_vqvae.train.fail_at_step=7")

@@ -69,8 +69,8 @@ def test_two_workers_ddp(ray_local, digit_shards, tmp_path):
 
 
 def test_resume_after_a_crash_continues_from_the_checkpoint(ray_local, digit_shards, tmp_path):
-    """A crash at step 10 (after the step-6 checkpoint and the step-9 log line): Ray Train restarts the worker
-    from step 6, not from 0, and step 9 is not logged a second time."""
+    """Rank 0's process is killed (SIGKILL) after step 10, past the step-6 checkpoint and the step-9 log line: Ray
+    Train restarts the workers from step 6, not from 0, and step 9 is not logged a second time."""
     train = replace(TINY_TRAIN, fail_at_step=10, max_failures=1)
     cfg = train_vqvae.TrainVQVAEConfig(model=VQVAE2Config(**TINY_VQ), train=train)
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
@@ -84,7 +84,7 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(ray_local, digit_sha
 
 
 def test_crash_without_retries_fails_then_rerun_resumes(ray_local, digit_shards, tmp_path):
-    train = replace(TINY_TRAIN, fail_at_step=8, max_failures=0)
+    train = replace(TINY_TRAIN, fail_at_step=8, fail_mode="raise", max_failures=0)
     cfg = train_vqvae.TrainVQVAEConfig(model=VQVAE2Config(**TINY_VQ), train=train)
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
     with pytest.raises(Exception, match="injected fault"):

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -64,6 +65,39 @@ def _param_value(key: str, value: Any) -> str:
     return redact(str(value))[:MAX_PARAM_LEN]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def close_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs a dead driver of this host left RUNNING (a killed driver cannot end its runs).
+
+    Only runs whose ``driver_host`` tag is this host and whose ``driver_pid`` no longer exists, and their RUNNING
+    child runs; runs of live drivers and of other hosts are left alone. Returns the run ids closed.
+    """
+    host = socket.gethostname().replace("'", "")
+    query = f"attributes.status = 'RUNNING' and tags.driver_host = '{host}'"
+    closed = []
+    for run in client.search_runs([experiment_id], query, max_results=200):
+        pid = run.data.tags.get("driver_pid", "")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        children = client.search_runs(
+            [experiment_id], f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+        )
+        for r in [*children, run]:
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+        log.info("MLflow run %s of a driver that died (pid %s) marked KILLED", run.info.run_id, pid)
+    return closed
+
+
 class Tracker:
     """Opens the parent run on enter; :meth:`step` opens child runs."""
 
@@ -79,8 +113,10 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         self.mlflow.set_tracking_uri(self.tracking_uri)
-        self.mlflow.set_experiment(self.experiment)
-        self.parent = self.mlflow.start_run(run_name=self.run_name, tags={"git_sha": git_sha(), **self.tags})
+        experiment = self.mlflow.set_experiment(self.experiment)
+        close_orphaned_runs(self.mlflow.tracking.MlflowClient(), experiment.experiment_id)
+        driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
+        self.parent = self.mlflow.start_run(run_name=self.run_name, tags={"git_sha": git_sha(), **driver, **self.tags})
         return self
 
     def __exit__(self, exc_type, *_) -> None:

@@ -51,3 +51,36 @@ def test_nothing_secret_is_stored_in_mlflow(tmp_path, monkeypatch):
     stored.append(Path(local).read_text())
     assert not any(SECRET in s or "t0k" in s for s in stored), stored
     assert any("https://bob:***@files.internal/x" in s for s in stored)
+
+
+def test_runs_left_running_by_a_dead_driver_are_closed(tmp_path, monkeypatch):
+    """A SIGKILLed driver cannot end its MLflow runs; the next pipeline on the same host marks them KILLED."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("orphans")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+
+    def running(pid: int, host: str = here, parent: str | None = None) -> str:
+        tags = {"driver_host": host, "driver_pid": str(pid)}
+        if parent:
+            tags = {"mlflow.parentRunId": parent}
+        return client.create_run(exp, tags=tags).info.run_id
+
+    orphan = running(dead.pid)
+    orphan_child = running(0, parent=orphan)
+    live = running(os.getpid())
+    elsewhere = running(dead.pid, host="another-host")
+    with Tracker(uri, "orphans", None, {}):
+        pass
+    status = {rid: client.get_run(rid).info.status for rid in (orphan, orphan_child, live, elsewhere)}
+    assert status == {orphan: "KILLED", orphan_child: "KILLED", live: "RUNNING", elsewhere: "RUNNING"}

@@ -34,12 +34,15 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-BENCHES = ("codebook", "encode", "train", "sample", "faults", "quality_fashion_mnist")
+BENCHES = ("codebook", "encode", "train", "sample", "sample_cuda", "faults", "quality_fashion_mnist")
+# Benchmarks that run another one's script with extra arguments.
+VARIANTS = {"sample_cuda": ("sample", ["--device", "cuda"])}
 WHAT = {
     "codebook": "fraction of the 512 codes per level in use, with and without dead-code restart (digits)",
     "encode": "encode throughput, Ray Data step vs a plain torch loop (ratio = ray / plain)",
     "train": "training throughput, Ray Train (one worker) vs a plain torch loop (ratio = ray / plain)",
     "sample": "sampler speed, fast sampler vs naive (written by the sampler's author)",
+    "sample_cuda": "the sampler benchmark on a CUDA GPU (skipped on a machine without one; a GPU figure is kept)",
     "faults": "fault scenarios run through the pipeline: injected, survived, rows lost (pipeline.verify)",
     "quality_fashion_mnist": "the Fashion-MNIST 32x32 quality recipe: recon, codes, bits, fd/kid against the floor",
 }
@@ -96,11 +99,12 @@ def last_json(output: str) -> dict[str, Any] | None:
 
 def run_one(name: str, quick: bool, timeout: float) -> dict[str, Any]:
     """Run bench/<name>.py in a subprocess, echoing its output, and return its entry for results.json."""
-    script = BENCH / f"{name}.py"
+    base, extra = VARIANTS.get(name, (name, []))
+    script = BENCH / f"{base}.py"
     entry: dict[str, Any] = {"bench": name, "mode": "quick" if quick else "full", "date": _now()}
     if not script.exists():
-        return {**entry, "status": "skipped", "note": f"bench/{name}.py does not exist (yet)"}
-    cmd = [sys.executable, str(script), *(["--quick"] if quick else [])]
+        return {**entry, "status": "skipped", "note": f"bench/{base}.py does not exist (yet)"}
+    cmd = [sys.executable, str(script), *(["--quick"] if quick else []), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
@@ -226,6 +230,12 @@ def write_report(entries: dict[str, dict[str, Any]], out: Path) -> None:
             "**GPU figures: none.** No GPU machine was available for these runs, so every figure below is a CPU",
             "figure. Run `python bench/run_all.py` on a CUDA machine to add GPU rows.",
         ]
+    else:
+        lines += [
+            "",
+            "Rows whose GPU column names a GPU were measured on it; every other row is a CPU figure. Only rows of",
+            "the same machine compare.",
+        ]
     lines += [
         "",
         "## Figures",
@@ -286,6 +296,9 @@ def main() -> None:
     for name in names:
         entry = run_one(name, args.quick, timeout)
         entry["machine"] = info
+        if entry["status"] == "skipped" and entries.get(name, {}).get("status") == "ok":
+            print(f"=== {name}: skipped here ({entry.get('note')}); keeping the figure of {entries[name]['date']}")
+            continue
         if entry.get("status") == "ok" and entry["result"].get("curves"):
             paths = plot_curves(name, entry["result"]["curves"], out.parent / "plots")
             entry["plots"] = [str(p.relative_to(out.parent)) for p in paths]

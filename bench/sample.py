@@ -196,6 +196,9 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"bench": "sample", "skipped": "no CUDA GPU on this machine"}))
+        return
     torch.set_num_threads(args.threads)
     n32, positions, batched, n_demo, repeats = (2, 16, 8, 16, 1) if args.quick else (1, 0, 32, 32, 3)
     positions = positions if args.naive_positions is None else args.naive_positions

@@ -1,7 +1,10 @@
 """Sampling speed: the cached sampler (steps/nn/sampler.py) against naive full recompute (prior.sample_naive).
 
 Both samplers draw from the same random-weight model with the same per-sample seeds and the same batch, in the same
-process with the same torch thread count, so they return the same codes (checked below); only the work differs.
+process with the same torch thread count, so they return the same codes (checked below); only the work differs. With
+``--device cuda`` in float32 the check can print False: the full and the incremental passes run different GPU kernels
+(cuDNN convolutions in TF32 among them) whose rounding differs, which flips near-tied draws. In float64 the two match
+on the GPU as well (tests/gpu/test_cuda.py).
 
 * ``32x32``: the top prior at the paper's 256-px code-map shape (top 32x32, 512 codes) with the pipeline's default
   top-prior hyper-parameters (conf/prior/pixelsnail.yaml: channels 128, 10 layers, kernel 5, 4 attention heads after

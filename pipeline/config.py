@@ -123,7 +123,9 @@ class RayConf:
     address: str | None = None  # None: start a local Ray; "auto": join the cluster (ray job submit sets it)
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
-    include_dashboard: bool = False
+    # Local Ray only. Ray Train's clean-up monitor queries the State API, which the dashboard serves: without it, it
+    # logs a warning every second while training. With it, the dashboard is at http://127.0.0.1:8265.
+    include_dashboard: bool = True
     log_level: str = "WARNING"  # of Ray Data on the driver; INFO shows every dataset pass and progress bars
 
 

@@ -24,13 +24,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline.cache import SUCCESS
 from pipeline.graph import NAMES
 from steps import common
-from steps.codes import parquet_files
+from steps.codes import parquet_files, read_ids
+from steps.nn.checkpoint import CheckpointError, load_model
 
 CHECKPOINTS = {"train_vqvae": {"model": ("vqvae2", "vqvae", "vae")}, "train_prior": {"top": "prior", "bottom": "prior"}}
 
@@ -80,12 +80,9 @@ def _entries(uri: str) -> list[pafs.FileInfo]:
     return sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda i: i.base_name)
 
 
-def _ids(files: list[str]) -> pa.Array:
-    if not files:
-        return pa.array([], pa.string())
-    fs, _ = common.filesystem(files[0])
-    dataset = pads.dataset([common.filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
-    return dataset.to_table(columns=["id"]).column("id").combine_chunks()
+def _ids(uri: str) -> pa.Array:
+    """The ids of the Parquet files under ``uri``."""
+    return read_ids(parquet_files(uri)).combine_chunks()
 
 
 def compare_ids(found: pa.Array, expected: pa.Array | int) -> Rows:
@@ -118,28 +115,24 @@ def _check_output(report: Report, step: str, uri: str, record: dict[str, Any]) -
         if not common.exists(artifact):
             report.errors.append(f"{uri}: artifact {label!r} ({artifact}) is missing")
     if step == "shard":
+        manifest = common.read_json(common.join(uri, "manifest.json"))
         for split in ("train", "val"):
-            ids = _ids(parquet_files(common.join(uri, split)))
-            manifest = common.read_json(common.join(uri, "manifest.json"))
+            ids = _ids(common.join(uri, split))
             _judge(report, f"{key}/{split}", compare_ids(ids, int(manifest["rows"][split])))
     elif step == "encode":
         shard = record.get("inputs", {}).get("shard")
+        have_shards = bool(shard) and common.exists(common.join(shard, SUCCESS))
+        if not have_shards:
+            report.warnings.append(f"{uri}: its input shards ({shard}) are gone; ids checked for duplicates only")
         for split in ("train", "val"):
-            found = _ids(parquet_files(common.join(uri, split)))
-            if shard and common.exists(common.join(shard, SUCCESS)):
-                _judge(report, f"{key}/{split}", compare_ids(found, _ids(parquet_files(common.join(shard, split)))))
-            else:
-                report.warnings.append(f"{uri}: its input shards ({shard}) are gone; ids checked for duplicates only")
-                _judge(report, f"{key}/{split}", compare_ids(found, len(pc.unique(found))))
+            found = _ids(common.join(uri, split))
+            expected = _ids(common.join(shard, split)) if have_shards else len(pc.unique(found))
+            _judge(report, f"{key}/{split}", compare_ids(found, expected))
     elif step == "sample":
         meta = common.read_json(common.join(uri, "samples.json"))
         if common.exists(common.join(uri, "codes")):
-            _judge(
-                report, f"{key}/codes", compare_ids(_ids(parquet_files(common.join(uri, "codes"))), meta["num_samples"])
-            )
+            _judge(report, f"{key}/codes", compare_ids(_ids(common.join(uri, "codes")), meta["num_samples"]))
     for file, kinds in CHECKPOINTS.get(step, {}).items():
-        from steps.nn.checkpoint import CheckpointError, load_model
-
         ckpt = common.join(uri, f"{file}.pt")
         if step == "train_prior" and not common.exists(ckpt) and file == "bottom":
             continue  # one-level models have no bottom prior

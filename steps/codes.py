@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -170,6 +171,15 @@ def parquet_files(uri: str) -> list[str]:
         if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
     )
     return [join(uri, r) for r in rels]
+
+
+def read_ids(files: list[str]) -> pa.ChunkedArray:
+    """The ``id`` column of Parquet ``files`` (of one filesystem), in file order; empty for no files."""
+    if not files:
+        return pa.chunked_array([], pa.string())
+    fs, _ = filesystem(files[0])
+    dataset = pads.dataset([filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
+    return dataset.to_table(columns=["id"]).column("id")
 
 
 def read_code_meta(uri: str) -> CodeMeta:

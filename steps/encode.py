@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -30,7 +29,15 @@ import torch
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from steps.codes import CodeMeta, code_schema, codes_to_arrow, model_digest, parquet_files, schema_code_meta
+from steps.codes import (
+    CodeMeta,
+    code_schema,
+    codes_to_arrow,
+    model_digest,
+    parquet_files,
+    read_ids,
+    schema_code_meta,
+)
 from steps.common import (
     MetricsSink,
     MissingInputError,
@@ -323,8 +330,8 @@ def _verify(out: str, shard: str, meta: CodeMeta, in_rows: dict[str, int]) -> di
                 f"encode wrote {out_rows[split]} {split} rows for {in_rows[split]} input images; not writing codes.json"
             )
         if in_rows[split]:
-            out_ids.append(_ids(files))
-            in_ids.append(_ids(parquet_files(join(shard, split))))
+            out_ids.append(read_ids(files))
+            in_ids.append(read_ids(parquet_files(join(shard, split))))
     if out_ids:
         written = pa.chunked_array([c for a in out_ids for c in a.chunks], pa.string())
         given = pa.chunked_array([c for a in in_ids for c in a.chunks], pa.string())
@@ -337,9 +344,3 @@ def _verify(out: str, shard: str, meta: CodeMeta, in_rows: dict[str, int]) -> di
         if not pc.all(pc.is_in(written, value_set=given.combine_chunks())).as_py():
             raise RuntimeError("encode wrote ids that are not in its input")
     return out_rows
-
-
-def _ids(files: list[str]) -> pa.ChunkedArray:
-    fs, _ = filesystem(files[0])
-    dataset = pads.dataset([filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
-    return dataset.to_table(columns=["id"]).column("id")

@@ -27,12 +27,13 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from steps.common import MetricsSink, exists, filesystem, join, read_bytes, read_json, write_json
+from steps.common import MetricsSink, exists, filesystem, join, read_bytes, read_json, write_bytes, write_json
 from steps.nn.checkpoint import checkpoint_dict, unwrap
 
 log = logging.getLogger(__name__)
 STATE_FILE = "model.pt"
 NONFINITE_FILE = "nonfinite.json"  # in the run's storage: written by rank 0 when the loss diverges
+FAULT_FILE = ".fault-injected"  # in the run's storage: train.fail_at_step has fired
 LR_SCHEDULES = ("constant", "cosine", "linear")
 FAIL_MODES = ("kill", "raise")
 
@@ -183,7 +184,7 @@ def _load_state(uri: str) -> dict[str, Any] | None:
         return None
 
 
-def _resume_state(checkpoint, run_dir: str | None) -> dict[str, Any] | None:
+def _resume_state(checkpoint, run_dir: str) -> dict[str, Any] | None:
     """The newest training state to resume from, or None to start at step 0.
 
     Normally Ray Train's latest checkpoint. But Ray Train registers a reported checkpoint only when its controller
@@ -193,23 +194,22 @@ def _resume_state(checkpoint, run_dir: str | None) -> dict[str, Any] | None:
     Every rank sees the same files and so picks the same state.
     """
     registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else ""
-    if run_dir is not None:
-        fs, path = filesystem(run_dir)
-        try:
-            found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except OSError:
-            found = []
-        names = sorted(
-            (f.base_name for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")),
-            reverse=True,
-        )
-        for name in names:
-            if name <= registered:
-                break
-            state = _load_state(join(run_dir, name, STATE_FILE))
-            if state is not None:
-                log.info("resuming from %s, written but not yet registered by Ray Train", name)
-                return state
+    fs, path = filesystem(run_dir)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        found = []
+    names = sorted(
+        (f.base_name for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    for name in names:
+        if name <= registered:
+            break
+        state = _load_state(join(run_dir, name, STATE_FILE))
+        if state is not None:
+            log.info("resuming from %s, written but not yet registered by Ray Train", name)
+            return state
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
@@ -226,13 +226,13 @@ def _nonfinite_ranks(loss: torch.Tensor, world: int) -> list[int]:
 
     flags = [torch.empty_like(flag) for _ in range(world)]
     dist.all_gather(flags, flag)
-    return [r for r, f in enumerate(flags) if f.item()]
+    return torch.cat(flags).nonzero().flatten().tolist()  # one device sync, not one per rank
 
 
-def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, marker: str | None) -> None:
-    if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and marker and not os.path.exists(marker):
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        open(marker, "w").close()
+def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, run_dir: str) -> None:
+    marker = join(run_dir, FAULT_FILE)
+    if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and not exists(marker):
+        write_bytes(marker, b"")
         if tc.fail_mode == "kill":
             log.warning("injected fault: killing this worker after step %d (train.fail_at_step)", step)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -258,7 +258,8 @@ def _worker_loop(config: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, tc.lr_factor)
     step = 0
-    state = _resume_state(ray.train.get_checkpoint(), config.get("run_dir"))
+    run_dir: str = config["run_dir"]
+    state = _resume_state(ray.train.get_checkpoint(), run_dir)
     if state is not None:
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -294,7 +295,7 @@ def _worker_loop(config: dict) -> None:
             # same checkpoint with the same data order and diverge again. The driver turns the record into an error.
             if rank == 0:
                 write_json(
-                    config["nonfinite_marker"],
+                    join(run_dir, NONFINITE_FILE),
                     {"step": step + 1, "ranks": bad_ranks, "loss_rank0": float(loss.detach())},
                 )
             log.error("%s: loss is not finite on rank(s) %s at step %d; stopping", task.name, bad_ranks, step + 1)
@@ -347,7 +348,7 @@ def _worker_loop(config: dict) -> None:
                         with torch.no_grad(), autocast:
                             task.finalize(unwrap(model), val, d)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-        _maybe_inject_fault(tc, step, rank, config.get("fault_marker"))
+        _maybe_inject_fault(tc, step, rank, run_dir)
 
 
 def _remove(uri: str) -> None:
@@ -396,7 +397,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    nonfinite_marker = join(storage, name, NONFINITE_FILE)
+    run_dir = join(storage, name)
+    nonfinite_marker = join(run_dir, NONFINITE_FILE)
     _remove(nonfinite_marker)  # a record from an earlier attempt of this run is history now
     if tc.cache_data:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
@@ -406,9 +408,7 @@ def fit(
             "task": task,
             "train": tc,
             "sink": sink,
-            "fault_marker": os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
-            "nonfinite_marker": nonfinite_marker,
-            "run_dir": join(storage, name),
+            "run_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}

@@ -472,12 +472,18 @@ def _prepare(out: str, cfg: SampleConfig, plan: SamplePlan, num_shards: int) -> 
             same = read_json(join(out, "shards", "settings.json")) == settings
         except (FileNotFoundError, OSError, ValueError):
             same = False
-        if same:
-            for shard in range(num_shards):
-                try:
-                    done[shard] = read_json(shard_record(out, shard))
-                except (FileNotFoundError, OSError, ValueError):
+        if same:  # one listing, then only the records that exist are read (object stores: no miss per shard)
+            listed = fs.get_file_info(pafs.FileSelector(filesystem(join(out, "shards"))[1], allow_not_found=True))
+            for info in listed:
+                name = info.base_name
+                if not (name.startswith("part-") and name.endswith(".json") and name[5:-5].isdigit()):
                     continue
+                shard = int(name[5:-5])
+                if shard < num_shards:
+                    try:
+                        done[shard] = read_json(shard_record(out, shard))
+                    except (OSError, ValueError):
+                        continue
         if not done:
             fs.delete_dir_contents(path)
         else:  # keep the finished shards; drop what an unfinished one or the last run's ending left behind
@@ -527,6 +533,7 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     done = _prepare(out, cfg, plan, num_shards)
     # Shards that feed the grid are drawn again (a few, and cheap): their pixels are not kept on disk.
     shards = [k for k in range(num_shards) if k not in done or k * cfg.shard_size < cfg.grid_size]
+    kept = len(set(done) - set(shards))
     if done:
         log.info("sample: resuming: %d of %d shards were already written", len(done), num_shards)
     num_actors = _pool_size(cfg, len(shards))
@@ -538,6 +545,7 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     actors = [actor_cls.remote(cfg, plan, out) for _ in range(num_actors)]
     grid_parts: dict[int, np.ndarray] = {}
     records = dict(done)  # shard -> its record, finished before or in this run
+    totals = {k: sum(r[k] for r in records.values()) for k in ("count", "draws", "accepted", "seconds")}
     drawn = 0  # samples drawn by this run
     try:
         pool = ActorPool(actors)
@@ -545,27 +553,27 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
             grid = meta.pop("grid")
             if grid is not None:
                 grid_parts[meta["start"]] = grid
+            old = records.get(meta["shard"])  # a kept grid shard drawn again replaces its record
+            for k in totals:
+                totals[k] += meta[k] - (old[k] if old else 0)
             records[meta["shard"]], drawn = meta, drawn + meta["count"]
-            finished = sum(r["count"] for r in records.values())
             rate = drawn / (time.perf_counter() - t0)
-            accepted, draws = (sum(r[k] for r in records.values()) for k in ("accepted", "draws"))
-            accept = f", acceptance {accepted / draws:.1%}" if plan.rejection else ""
+            accept = f", acceptance {totals['accepted'] / totals['draws']:.1%}" if plan.rejection else ""
             log.info(
                 "sample: %d/%d shards, %d/%d samples, %.2f samples/s, ~%.0f s left%s",
                 *(
                     len(records),
                     num_shards,
-                    finished,
+                    totals["count"],
                     cfg.num_samples,
                     rate,
-                    (cfg.num_samples - finished) / rate,
+                    (cfg.num_samples - totals["count"]) / rate,
                     accept,
                 ),
             )
     finally:
         for actor in actors:
             ray.kill(actor)
-    totals = {k: sum(r[k] for r in records.values()) for k in ("count", "draws", "accepted", "seconds")}
     cache_bytes = {lv: max(r["cache_bytes"][lv] for r in records.values()) for lv in plan.levels}
     write_bytes(join(out, "grid.png"), _grid(np.concatenate([grid_parts[s] for s in sorted(grid_parts)])))
     seconds = time.perf_counter() - t0
@@ -601,7 +609,7 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
             "seeds": "per sample: steps.sample.sample_seed(seed, index, attempt)",
             "shard_size": cfg.shard_size,
             "num_shards": num_shards,
-            "resumed_shards": len(set(done) - set(shards)),
+            "resumed_shards": kept,
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,
             "top_p": cfg.top_p,
@@ -633,5 +641,5 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     return StepResult(
         metrics=metrics,
         artifacts=artifacts,
-        info={"num_shards": num_shards, "resumed_shards": len(set(done) - set(shards)), "vqvae": plan.vqvae},
+        info={"num_shards": num_shards, "resumed_shards": kept, "vqvae": plan.vqvae},
     )

@@ -61,7 +61,7 @@ def train(cfg: VQVAE2Config, data: torch.Tensor, steps: int, batch_size: int, se
         for chunk in data.split(256):
             mse += F.mse_loss(model(chunk).recon, chunk, reduction="sum").item()
     result = {name: round(q.usage_fraction(), 4) for name, q in model.quantizers.items()}
-    restarts = {name: int(q.restarts) for name, q in model.quantizers.items()}
+    restarts = {name: q.restart_count() for name, q in model.quantizers.items()}
     return {
         "usage": result,
         "restarts": restarts,
@@ -83,12 +83,13 @@ def main() -> None:
     data = digits_32()
     base = VQVAE2Config(image_size=32, in_channels=1)
     print(
-        f"digits {tuple(data.shape)}, codebook {base.codebook_size} per level, {steps} steps, "
+        f"digits {tuple(data.shape)}, codebook {base.quantizer.codebook_size} per level, {steps} steps, "
         f"batch {args.batch_size}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads"
     )
     runs = {}
-    for label, cfg in (("restart", base), ("no_restart", replace(base, restart_after=0))):
+    no_restart = replace(base, quantizer=replace(base.quantizer, restart_after=0))
+    for label, cfg in (("restart", base), ("no_restart", no_restart)):
         runs[label] = train(cfg, data, steps, args.batch_size, args.seed)
         r = runs[label]
         print(
@@ -100,7 +101,7 @@ def main() -> None:
             {
                 "bench": "codebook",
                 "steps": steps,
-                "codebook_size": base.codebook_size,
+                "codebook_size": base.quantizer.codebook_size,
                 "usage_top": runs["restart"]["usage"]["top"],
                 "usage_bottom": runs["restart"]["usage"]["bottom"],
                 "usage_top_no_restart": runs["no_restart"]["usage"]["top"],

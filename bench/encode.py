@@ -28,17 +28,18 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from steps.codes import CodeMeta, codes_to_arrow, model_digest
+from steps.artifacts.autoencoder import Autoencoder, AutoencoderWriter
+from steps.artifacts.codes import CodeMeta, codes_to_arrow
+from steps.artifacts.images import ShardWriter
 from steps.encode import EncodeConfig, run
-from steps.images import decode_batch, encode_png, image_schema
-from steps.nn.checkpoint import load_model, save_checkpoint
+from steps.nn.checkpoint import checkpoint_dict
 from steps.nn.vqvae import VQVAE2, VQVAE2Config
+from steps.pixels import decode_batch, encode_png
 
 
 def digits_png(n: int, size: int = 32) -> list[bytes]:
@@ -56,27 +57,23 @@ def digits_png(n: int, size: int = 32) -> list[bytes]:
 
 def write_shard(root: str, images: list[bytes], rows_per_file: int = 1024) -> None:
     """Image shards: 90% train, 10% val, files of ``rows_per_file`` rows."""
-    schema = image_schema(32, 1)
+    writer = ShardWriter(root, 32, 1)
     n_val = len(images) // 10
+    files: dict[str, list[str]] = {"train": [], "val": []}
     for split, lo, hi in (("train", n_val, len(images)), ("val", 0, n_val)):
-        os.makedirs(os.path.join(root, split), exist_ok=True)
         for k, start in enumerate(range(lo, hi, rows_per_file)):
             stop = min(start + rows_per_file, hi)
-            table = pa.Table.from_pydict(
-                {
-                    "id": [f"digit-{i:06d}" for i in range(start, stop)],
-                    "label": [i % 10 for i in range(start, stop)],
-                    "image": images[start:stop],
-                },
-                schema=schema,
+            ids = [f"digit-{i:06d}" for i in range(start, stop)]
+            files[split].append(
+                writer.write_part(split, k, ids, [i % 10 for i in range(start, stop)], images[start:stop])
             )
-            pq.write_table(table, os.path.join(root, split, f"part-{k:04d}.parquet"))
+    writer.finish(files, {"train": len(images) - n_val, "val": n_val}, skipped=[], num_classes=10, classes=None)
 
 
-def plain_loop(ckpt: bytes, meta: CodeMeta, images: list[bytes], batch_size: int, threads: int) -> float:
+def plain_loop(autoencoder: Autoencoder, meta: CodeMeta, images: list[bytes], batch_size: int, threads: int) -> float:
     """Images/s of decode -> encode -> Arrow table in this process, after one warm-up batch."""
     torch.set_num_threads(threads)
-    model, _ = load_model(ckpt, expect="vqvae2")
+    model = autoencoder.load()
     ids = [f"digit-{i:06d}" for i in range(len(images))]
 
     def batch(lo: int) -> pa.Table:
@@ -125,14 +122,12 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
         vq_dir = os.path.join(tmp, "train_vqvae")
-        os.makedirs(vq_dir)
-        save_checkpoint(os.path.join(vq_dir, "model.pt"), model)
-        with open(os.path.join(vq_dir, "model.pt"), "rb") as f:
-            ckpt = f.read()
-        meta = CodeMeta.from_model(model, model_digest(ckpt), num_classes=10)
+        AutoencoderWriter(vq_dir).write(checkpoint_dict(model), None, {})
+        autoencoder = Autoencoder.open(vq_dir)
+        meta = CodeMeta.of(autoencoder, num_classes=10)
 
         half = images[: n // 2]
-        plain_before = plain_loop(ckpt, meta, half, bs, threads)
+        plain_before = plain_loop(autoencoder, meta, half, bs, threads)
         print(f"plain loop (before Ray): {plain_before:8.1f} images/s on {len(half)} images")
 
         # Logical CPUs beyond the actor's so read and write tasks are never starved of a slot.
@@ -148,7 +143,7 @@ def main() -> None:
         print(f"ray encode step, {n} images: {t_big:6.2f} s ({n / t_big:.1f} images/s including start-up)")
         ray.shutdown()
 
-        plain_after = plain_loop(ckpt, meta, images[n // 2 :], bs, threads)
+        plain_after = plain_loop(autoencoder, meta, images[n // 2 :], bs, threads)
         print(f"plain loop (after Ray):  {plain_after:8.1f} images/s on {n - n // 2} images")
 
     ray_rate = (n - len(small)) / max(t_big - t_small, 1e-9)

@@ -37,14 +37,17 @@ import time
 import torch
 
 from steps.nn.draw import draw_codes, uniforms
-from steps.nn.prior import PixelCNNPrior, PriorConfig, sample_naive
+from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
+from steps.nn.prior import sample_naive
 from steps.nn.sampler import CachedSampler
 
-TOP_32 = PriorConfig(num_codes=512, shape=(32, 32), channels=128, layers=10, kernel_size=5, attn_heads=4, attn_every=2)
-DEMO_TOP = PriorConfig(
+TOP_32 = PixelCNNConfig(
+    num_codes=512, shape=(32, 32), channels=128, layers=10, kernel_size=5, attn_heads=4, attn_every=2
+)
+DEMO_TOP = PixelCNNConfig(
     num_codes=512, shape=(4, 4), channels=64, layers=6, kernel_size=3, attn_heads=4, attn_every=2, num_classes=10
 )
-DEMO_BOTTOM = PriorConfig(
+DEMO_BOTTOM = PixelCNNConfig(
     num_codes=512,
     shape=(8, 8),
     channels=64,
@@ -61,7 +64,7 @@ DEMO_BOTTOM = PriorConfig(
 DEVICE = torch.device("cpu")  # --device
 
 
-def build(config: PriorConfig, seed: int) -> PixelCNNPrior:
+def build(config: PixelCNNConfig, seed: int) -> PixelCNNPrior:
     torch.manual_seed(seed)
     model = PixelCNNPrior(config).eval()
     torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # random but not uniform predictions

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from steps import train_vqvae
+from steps.artifacts.images import ImageShards
 from steps.common import JsonlSink
-from steps.images import decode_batch
 from steps.nn.vqvae import VQVAE2Config
-from steps.shard import ShardConfig, shard_files
+from steps.shard import ShardConfig
 from steps.shard import run as shard_run
 from steps.training import TrainConfig
 
@@ -33,7 +33,7 @@ def plain_loop(cfg: train_vqvae.TrainVQVAEConfig, images: np.ndarray, threads: i
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     tc = cfg.train
-    task = train_vqvae.AutoencoderTask(cfg.kind, cfg.model.to_dict(), cfg.grid_images)
+    task = train_vqvae.AutoencoderTask(cfg.model, cfg.grid_images)
     model = task.build_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, tc.lr_factor)
@@ -80,20 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         shards = os.path.join(work, "shards")
         shard_run(ShardConfig(val_fraction=0.1), {}, shards)
-        images = np.concatenate(
-            [
-                (
-                    (
-                        decode_batch(__import__("pyarrow.parquet").parquet.read_table(f).column("image").to_pylist(), 1)
-                        + 1
-                    )
-                    * 127.5
-                )
-                .round()
-                .astype(np.uint8)
-                for f in shard_files(shards, "train")
-            ]
-        )
+        images = ImageShards.open(shards).read_images("train")  # uint8 (N, 1, 32, 32)
         cfg = train_vqvae.TrainVQVAEConfig(
             model=VQVAE2Config(image_size=32, in_channels=1, channels=64),
             train=TrainConfig(

@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError, load, register
+from pipeline.config import ConfigError, as_user_dict, load, register
 from pipeline.run import MissingUpstreamError, execute
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -24,7 +24,7 @@ def main(dcfg: DictConfig) -> None:
     try:
         cfg = load(dcfg)  # every value validated here, before Ray starts
         overrides = list(HydraConfig.get().overrides.task)
-        execute(cfg, OmegaConf.to_yaml(dcfg, resolve=True), overrides)
+        execute(cfg, OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg))), overrides)  # what runs, in full
     except (ConfigError, MissingUpstreamError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -14,7 +14,6 @@ the lock: the second finds the first one's ``_SUCCESS`` and skips the step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -22,35 +21,19 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from pipeline import __version__
-from steps import common
-
-SUCCESS = "_SUCCESS"
-# Settings that cannot change a step's result; kept out of the fingerprint so e.g. a retry budget does not
-# invalidate finished work, and a step interrupted on one pool size resumes on another (samples and codes do not
-# depend on how many actors made them).
-NOT_FINGERPRINTED = frozenset(
-    {"max_failures", "fail_at_step", "fail_mode", "nan_at_step", "cache_data", "num_actors", "cpus_per_actor"}
-)
+from steps import storage
+from steps.nn.config import ConfigBase
+from steps.storage import SUCCESS
 
 
-def _canonical(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        fields = {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {"__type__": type(obj).__name__, **{k: v for k, v in fields.items() if k not in NOT_FINGERPRINTED}}
-    if isinstance(obj, Mapping):
-        return {str(k): _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    return obj
-
-
-def fingerprint(step: str, config: Any, upstream: Mapping[str, str]) -> str:
+def fingerprint(step: str, config: ConfigBase, upstream: Mapping[str, str]) -> str:
+    """Settings that cannot change a step's result (marked ``no_effect`` on their field: a retry budget, a pool
+    size) are left out, so changing them neither invalidates finished work nor stops an interrupted step resuming."""
     payload = {
         "step": step,
-        "config": _canonical(config),
+        "config": config.result_dict(),
         "upstream": dict(sorted(upstream.items())),
         "version": __version__,
     }
@@ -60,19 +43,19 @@ def fingerprint(step: str, config: Any, upstream: Mapping[str, str]) -> str:
 class ArtifactStore:
     def __init__(self, root: str) -> None:
         self.root = root
-        self.local = common.is_local(root)
+        self.local = storage.is_local(root)
 
     def final(self, step: str, fp: str) -> str:
-        return common.join(self.root, step, fp)
+        return storage.join(self.root, step, fp)
 
     def work_dir(self, step: str, fp: str) -> str:
         """Where the step writes while it runs."""
-        return common.join(self.root, step, fp + ".partial") if self.local else self.final(step, fp)
+        return storage.join(self.root, step, fp + ".partial") if self.local else self.final(step, fp)
 
     def record(self, step: str, fp: str) -> dict | None:
         """The ``_SUCCESS`` record of a finished output, or None."""
-        uri = common.join(self.final(step, fp), SUCCESS)
-        return common.read_json(uri) if common.exists(uri) else None
+        uri = storage.join(self.final(step, fp), SUCCESS)
+        return storage.read_json(uri) if storage.exists(uri) else None
 
     @contextlib.contextmanager
     def lock(self, step: str, fp: str) -> Iterator[None]:
@@ -80,7 +63,7 @@ class ArtifactStore:
         if not self.local:
             yield
             return
-        path = common.filesystem(common.join(self.root, step, fp + ".lock"))[1]
+        path = storage.filesystem(storage.join(self.root, step, fp + ".lock"))[1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as handle:
             try:
@@ -94,7 +77,7 @@ class ArtifactStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def clear_work_dir(self, step: str, fp: str) -> None:
-        path = common.filesystem(self.work_dir(step, fp))[1]
+        path = storage.filesystem(self.work_dir(step, fp))[1]
         if self.local and os.path.isdir(path):
             shutil.rmtree(path)
 
@@ -102,10 +85,10 @@ class ArtifactStore:
         """Write ``_SUCCESS`` and move the work into place; returns the final URI."""
         work, final = self.work_dir(step, fp), self.final(step, fp)
         if not self.local:
-            common.write_json(common.join(final, SUCCESS), record)
+            storage.write_json(storage.join(final, SUCCESS), record)
             return final
-        work_path, final_path = common.filesystem(work)[1], common.filesystem(final)[1]
-        common.write_json(common.join(work, SUCCESS), record)
+        work_path, final_path = storage.filesystem(work)[1], storage.filesystem(final)[1]
+        storage.write_json(storage.join(work, SUCCESS), record)
         if os.path.exists(final_path):  # a forced rerun replaces the old output
             old = f"{final_path}.old-{int(time.time())}"
             os.replace(final_path, old)

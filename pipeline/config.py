@@ -1,17 +1,24 @@
-"""Typed configuration: Hydra schemas derived from the steps' own dataclasses, and the conversion to them.
+"""Typed configuration: the Hydra schema is derived from the steps' own config dataclasses, and converted back.
 
-Each step owns a frozen config dataclass (``steps.shard.ShardConfig``, ...) whose ``__post_init__`` validates values.
-Hydra needs mutable dataclasses with OmegaConf-friendly types, so :func:`schema` mirrors a step dataclass field by
-field (no copy to keep in sync by hand). The mirrors are registered in Hydra's ConfigStore: composing the config
-already rejects unknown keys and wrong types, naming the key. :func:`load` then builds the frozen step configs,
-which runs their value checks. All of this happens before Ray starts; nothing below ``pipeline/`` sees a DictConfig.
+The whole run is one frozen :class:`PipelineConfig` whose fields are the steps' configs (``steps.shard.ShardConfig``,
+...) plus Ray, MLflow and the artifact root. Nothing here mirrors a step's fields by hand:
+
+* :func:`schema` derives an OmegaConf-friendly (mutable) dataclass from a config class, field by field (tuples become
+  lists, derived fields such as a prior's code-map shape are left out); :func:`register` puts the whole tree into
+  Hydra's ConfigStore, so composing rejects unknown keys and wrong types of the fixed parts, naming the key.
+* A polymorphic field (a model, a prior, a quantiser: see ``steps.nn.config.is_role_base``) is untyped in the schema;
+  its ``kind`` picks the config class from ``steps.nn.registry`` when :func:`load` builds it.
+* :func:`load` builds the frozen configs, which check their own values; a ``FieldError`` from any of them is
+  re-labelled with the user's key (``data.image_size``). All of this happens before Ray starts; nothing below
+  ``pipeline/`` sees a DictConfig.
+
+Hydra groups are named for what users pick, not for the step that uses it. :data:`ALIASES` is the one mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,96 +28,38 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from steps.encode import EncodeConfig
 from steps.evaluate import EvaluateConfig
-from steps.nn.vae import VAEConfig
-from steps.nn.vqvae import VQVAE2Config, VQVAEConfig
+from steps.nn import registry
+from steps.nn.config import ConfigBase, FieldError, hints, is_config_type, is_derived, is_role_base, optional_inner
 from steps.sample import SampleConfig
 from steps.shard import ShardConfig
-from steps.train_prior import PriorHParams, TrainPriorConfig
+from steps.train_prior import TrainPriorConfig
 from steps.train_vqvae import TrainVQVAEConfig
-from steps.training import TrainConfig
 
-MODEL_CONFIGS: dict[str, type] = {"vqvae2": VQVAE2Config, "vqvae": VQVAEConfig, "vae": VAEConfig}
-_SCHEMAS: dict[type, type] = {}
+# The user's key of a config subtree (a Hydra group) -> where it lives in PipelineConfig. Everything else sits
+# under its own name: train_vqvae.train.lr is PipelineConfig.train_vqvae.train.lr.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "data": ("shard",),  # what to shard: conf/data/*.yaml
+    "model": ("train_vqvae", "model"),  # the autoencoder: conf/model/*.yaml
+    "prior": ("train_prior", "prior"),  # the prior of each level: conf/prior/*.yaml
+}
+# Where each role's per-kind schema nodes live in Hydra's ConfigStore (``<group>/<kind>_schema``): a group option
+# starts from the node of its kind in its defaults list (conf/model/vqvae2.yaml: ``- vqvae2_schema``), so composing
+# it is typed, with every default filled in. conf/prior/*.yaml place one per level: ``- pixelcnn_schema@top``.
+SCHEMA_GROUPS = {"autoencoder": "model", "quantizer": "model/quantizer", "prior": "prior"}
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
 
-def schema(cls: type, extra: tuple = ()) -> type:
-    """A mutable, OmegaConf-compatible mirror of dataclass ``cls``: tuples become lists, nested dataclasses mirrored."""
-    if cls in _SCHEMAS and not extra:
-        return _SCHEMAS[cls]
-    hints = typing.get_type_hints(cls)
-    specs = list(extra)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            sub = schema(tp)
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
-            specs.append((f.name, sub, field(default_factory=_factory(sub, dataclasses.asdict(default)))))
-            continue
-        origin = typing.get_origin(tp)
-        if origin is tuple:
-            tp = list[typing.get_args(tp)[0]]
-        elif typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) > 1:  # a union of dataclasses (the model): typed per option, see register()
-                tp = Any
-        if f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-            specs.append((f.name, tp, field(default_factory=lambda v=value: list(v) if isinstance(v, tuple) else v)))
-        elif f.default is not dataclasses.MISSING:
-            value = list(f.default) if isinstance(f.default, tuple) else f.default
-            specs.append((f.name, tp, field(default_factory=lambda v=value: v) if isinstance(value, list) else value))
-        else:
-            specs.append((f.name, tp, MISSING))
-    mirrored = dataclasses.make_dataclass(f"{cls.__name__}Schema", specs)
-    if not extra:
-        _SCHEMAS[cls] = mirrored
-    return mirrored
-
-
-def _factory(sub: type, values: dict[str, Any]):
-    def make():
-        return sub(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
-
-    return make
-
-
-def build(cls: type, data: Any, key: str) -> Any:
-    """Construct frozen dataclass ``cls`` from plain ``data``; value errors are re-raised naming ``key``."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = build(tp, value, f"{key}.{f.name}")
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        msg = str(exc)
-        if not msg.startswith(key + "."):  # the step names its own config ("shard.x", "VQVAE2Config.x"): use the key
-            msg = re.sub(r"^[A-Za-z0-9_]+\.", key + ".", msg, count=1)
-        raise ConfigError(msg if msg.startswith(key) else f"{key}: {msg}") from None
-
-
 # ------------------------------------------------------------------------------------------------ top level
-@dataclass
-class ArtifactsConf:
+@dataclass(frozen=True)
+class ArtifactsConf(ConfigBase):
     root: str = "outputs"  # local path or a URI every Ray node reaches (s3://..., a shared mount)
 
 
-@dataclass
-class MLflowConf:
+@dataclass(frozen=True)
+class MLflowConf(ConfigBase):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "vqvae2"
     register_models: bool = True  # register the VQ-VAE and priors in the model registry
@@ -118,8 +67,8 @@ class MLflowConf:
     run_name: str | None = None
 
 
-@dataclass
-class RayConf:
+@dataclass(frozen=True)
+class RayConf(ConfigBase):
     address: str | None = None  # None: start a local Ray; "auto": join the cluster (ray job submit sets it)
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
@@ -129,78 +78,156 @@ class RayConf:
     log_level: str = "WARNING"  # of Ray Data on the driver; INFO shows every dataset pass and progress bars
 
 
-ShardSchema = schema(ShardConfig)
-TrainSchema = schema(TrainConfig)
-PriorSchema = schema(PriorHParams)
-EncodeSchema = schema(EncodeConfig)
-SampleSchema = schema(SampleConfig)
-EvaluateSchema = schema(EvaluateConfig)
+@dataclass(frozen=True)
+class PipelineConfig(ConfigBase):
+    """The whole run, typed and validated: what ``pipeline/`` hands to the step graph (one field per step)."""
 
-
-@dataclass
-class PriorsConf:
-    top: PriorSchema = field(default_factory=lambda: PriorSchema(attn_heads=4))
-    bottom: PriorSchema = field(default_factory=PriorSchema)
-
-
-@dataclass
-class TrainPriorConf:
-    train: TrainSchema = field(default_factory=TrainSchema)
-    class_conditional: bool = False
-    parallel: bool = True
-
-
-@dataclass
-class TrainVQVAEConf:
-    train: TrainSchema = field(default_factory=TrainSchema)
-    grid_images: int = 16
-
-
-@dataclass
-class PipelineSchema:
-    data: ShardSchema = field(default_factory=ShardSchema)
-    model: Any = MISSING  # typed per option: conf/model/*.yaml start from the <kind>_schema nodes
-    prior: PriorsConf = field(default_factory=PriorsConf)
-    train_vqvae: TrainVQVAEConf = field(default_factory=TrainVQVAEConf)
-    encode: EncodeSchema = field(default_factory=EncodeSchema)
-    train_prior: TrainPriorConf = field(default_factory=TrainPriorConf)
-    sample: SampleSchema = field(default_factory=SampleSchema)
-    evaluate: EvaluateSchema = field(default_factory=EvaluateSchema)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    train_vqvae: TrainVQVAEConfig = field(default_factory=TrainVQVAEConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train_prior: TrainPriorConfig = field(default_factory=TrainPriorConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConf = field(default_factory=RayConf)
     mlflow: MLflowConf = field(default_factory=MLflowConf)
     artifacts: ArtifactsConf = field(default_factory=ArtifactsConf)
-    steps: list[str] = field(default_factory=list)  # run only these steps (their upstream must be cached)
-    force: list[str] = field(default_factory=list)  # rerun these steps (and what depends on them) despite the cache
+    steps: tuple[str, ...] = ()  # run only these steps (their upstream must be cached)
+    force: tuple[str, ...] = ()  # rerun these steps (and what depends on them) despite the cache
 
-
-def register() -> None:
-    """Put the schemas into Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="pipeline_schema", node=PipelineSchema)
-    for kind, cls in MODEL_CONFIGS.items():
-        cs.store(group="model", name=f"{kind}_schema", node=schema(cls, extra=(("kind", str, kind),)))
-
-
-# ------------------------------------------------------------------------------------------------ typed result
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The whole run, typed and validated: what ``pipeline/`` hands to the step graph."""
-
-    shard: ShardConfig
-    train_vqvae: TrainVQVAEConfig
-    encode: EncodeConfig
-    train_prior: TrainPriorConfig
-    sample: SampleConfig
-    evaluate: EvaluateConfig
-    ray: RayConf
-    mlflow: MLflowConf
-    root: str
-    steps: tuple[str, ...]
-    force: tuple[str, ...]
+    @property
+    def root(self) -> str:
+        return self.artifacts.root
 
     @property
     def model_kind(self) -> str:
         return self.train_vqvae.kind
+
+
+# ------------------------------------------------------------------------------------------------ schema
+_SCHEMAS: dict[tuple[type, tuple[str, ...], str | None], type] = {}
+
+
+def schema(cls: type, skip: tuple[str, ...] = (), kind: str | None = None) -> type:
+    """A mutable, OmegaConf-compatible mirror of config class ``cls`` without the fields ``skip`` (and with a
+    ``kind`` field first, for a registered kind's node). Polymorphic fields are left to their group's option."""
+    if (cls, skip, kind) in _SCHEMAS:
+        return _SCHEMAS[(cls, skip, kind)]
+    specs: list[Any] = [("kind", str, kind)] if kind else []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or is_derived(f):
+            continue
+        tp, optional = optional_inner(hints(cls)[f.name])
+        default = _default(f)
+        if is_role_base(tp):  # polymorphic: the option of its group fills it (SCHEMA_GROUPS)
+            specs.append((f.name, Any, MISSING))
+        elif is_config_type(tp):
+            sub = schema(tp)
+            values = {
+                k: v for k, v in dataclasses.asdict(default).items() if k in {s.name for s in dataclasses.fields(sub)}
+            }
+            specs.append((f.name, sub, field(default_factory=lambda s=sub, v=values: s(**_lists(v)))))
+        else:
+            if typing.get_origin(tp) is tuple:
+                tp = list[typing.get_args(tp)[0]]
+            tp = tp | None if optional else tp
+            value = _lists(default)
+            specs.append(
+                (f.name, tp, field(default_factory=lambda v=value: _lists(v)) if isinstance(value, list) else value)
+            )
+    mirrored = dataclasses.make_dataclass(f"{cls.__name__}Schema", specs)
+    _SCHEMAS[(cls, skip, kind)] = mirrored
+    return mirrored
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return MISSING if f.default is dataclasses.MISSING else f.default
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def pipeline_schema() -> type:
+    """The schema of the composed config: :class:`PipelineConfig`'s, with the :data:`ALIASES` subtrees (at most two
+    levels deep) moved to their user keys."""
+    top = hints(PipelineConfig)
+    specs: list[Any] = []
+    for f in dataclasses.fields(PipelineConfig):
+        if not is_config_type(top[f.name]):  # steps, force
+            specs.append((f.name, list[str], field(default_factory=list)))
+            continue
+        skip = tuple(path[1] for path in ALIASES.values() if len(path) == 2 and path[0] == f.name)
+        node = schema(top[f.name], skip)
+        specs.append((_user_key((f.name,)), node, field(default_factory=node)))
+    for alias, path in ALIASES.items():
+        if len(path) == 2:
+            tp, _ = optional_inner(hints(top[path[0]])[path[1]])
+            node = None if is_role_base(tp) else schema(tp)  # polymorphic: the group's option fills it
+            specs.append((alias, Any, MISSING) if node is None else (alias, node, field(default_factory=node)))
+    return dataclasses.make_dataclass("PipelineSchema", specs)
+
+
+def register() -> None:
+    """Put the schemas into Hydra's ConfigStore (idempotent): the pipeline's, and one per registered kind."""
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_schema", node=pipeline_schema())
+    for role, group in SCHEMA_GROUPS.items():
+        for kind in registry.kinds(role):
+            cs.store(group=group, name=f"{kind}_schema", node=schema(registry.get(kind).config, kind=kind))
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _user_key(path: tuple[str, ...]) -> str:
+    """The key a user writes for ``path`` in PipelineConfig (aliases applied)."""
+    for alias, target in sorted(ALIASES.items(), key=lambda a: -len(a[1])):
+        if path[: len(target)] == target:
+            return ".".join((alias, *path[len(target) :]))
+    return ".".join(path)
+
+
+def build(cls: type, data: Any, path: tuple[str, ...] = ()) -> Any:
+    """Construct config class ``cls`` from plain ``data``; every error names the user's key.
+
+    Raises:
+        ConfigError: an unknown key, a derived field set by hand, an unknown kind, or a value the config refuses.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_user_key(path)} must be a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{_user_key((*path, unknown[0]))} is not a setting of {cls.__name__} (known: {sorted(fields)})"
+        )
+    kwargs = {}
+    for name in [n for n in fields if n in data]:  # in field order: data (shard) before the model that uses it
+        value, f, key = data[name], fields[name], (*path, name)
+        if is_derived(f):
+            raise ConfigError(f"{_user_key(key)} is set by the pipeline from {f.metadata['derived']}; remove it")
+        tp, _ = optional_inner(hints(cls)[name])
+        if is_role_base(tp) and isinstance(value, dict):
+            value = dict(value)
+            default = _default(f)
+            kind = value.pop("kind", None) or (
+                registry.kind_of(default) if default is not MISSING else registry.default_kind(tp.role)
+            )
+            try:
+                tp = registry.get(kind, tp.role).config
+            except registry.UnknownKindError as exc:
+                raise ConfigError(f"{_user_key((*key, 'kind'))}: {exc}") from None
+        if is_config_type(tp) and isinstance(value, dict):
+            value = build(tp, value, key)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise ConfigError(f"{_user_key((*path, exc.field))} {exc.problem}") from None
 
 
 def load(cfg: DictConfig) -> PipelineConfig:
@@ -209,35 +236,19 @@ def load(cfg: DictConfig) -> PipelineConfig:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as exc:  # interpolation / missing-value errors already name the key
         raise ConfigError(str(exc).splitlines()[0]) from None
-    shard = build(ShardConfig, data["data"], "data")  # first: model.image_size interpolates data.image_size
-    model = dict(data["model"])
-    kind = model.pop("kind", None)
-    if kind not in MODEL_CONFIGS:
-        raise ConfigError(f"model.kind must be one of {sorted(MODEL_CONFIGS)}, got {kind!r}")
-    model_cfg = build(MODEL_CONFIGS[kind], model, "model")
-    tv = data["train_vqvae"]
-    tp = data["train_prior"]
-    root = data["artifacts"]["root"]
-    return PipelineConfig(
-        shard=shard,
-        train_vqvae=build(TrainVQVAEConfig, {"model": model_cfg, **tv}, "train_vqvae"),
-        encode=build(EncodeConfig, data["encode"], "encode"),
-        train_prior=build(
-            TrainPriorConfig,
-            {
-                "top": build(PriorHParams, data["prior"]["top"], "prior.top"),
-                "bottom": build(PriorHParams, data["prior"]["bottom"], "prior.bottom"),
-                **tp,
-            },
-            "train_prior",
-        ),
-        sample=build(SampleConfig, data["sample"], "sample"),
-        evaluate=build(EvaluateConfig, data["evaluate"], "evaluate"),
-        ray=RayConf(**data["ray"]),
-        mlflow=MLflowConf(**{**data["mlflow"], "tracking_uri": absolute_tracking_uri(data["mlflow"]["tracking_uri"])}),
-        root=root if "://" in root else os.path.abspath(os.path.expanduser(root)),
-        steps=tuple(data["steps"]),
-        force=tuple(data["force"]),
+    for alias, path in sorted(ALIASES.items(), key=lambda a: len(a[1])):
+        if alias in data:
+            node = data
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = data.pop(alias)
+    data.pop("hydra", None)
+    cfg_ = build(PipelineConfig, data)
+    root = cfg_.artifacts.root
+    return dataclasses.replace(
+        cfg_,
+        mlflow=dataclasses.replace(cfg_.mlflow, tracking_uri=absolute_tracking_uri(cfg_.mlflow.tracking_uri)),
+        artifacts=ArtifactsConf(root=root if "://" in root else os.path.abspath(os.path.expanduser(root))),
     )
 
 
@@ -250,9 +261,9 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """A step config as flat ``a.b.c -> value`` pairs (MLflow params)."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
+    """A config as flat ``a.b.c -> value`` pairs (MLflow params); polymorphic parts carry their ``kind``."""
+    if isinstance(obj, ConfigBase):
+        obj = obj.to_dict()
     out: dict[str, Any] = {}
     for k, v in obj.items():
         key = f"{prefix}{k}"
@@ -261,3 +272,14 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def as_user_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved config as the user writes it (aliases applied, derived fields left out): what ran, in full."""
+    data = cfg.to_dict(derived=False)
+    for alias, path in sorted(ALIASES.items(), key=lambda a: -len(a[1])):
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        data[alias] = node.pop(path[-1])
+    return data

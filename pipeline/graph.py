@@ -1,9 +1,10 @@
-"""The step graph, as data: name, upstream steps, the step function and its slice of the config.
+"""The step graph, as data: name, step function, upstream steps.
 
     shard -> train_vqvae -> encode -> train_prior -> sample -> evaluate
 
-Read top to bottom, this is the whole pipeline. A step is switched off for some models (a Gaussian VAE has no codes,
-so it skips encode and train_prior); a step's inputs are its upstream steps that are switched on.
+Read top to bottom, this is the whole pipeline. A step's settings are the field of the same name in
+:class:`~pipeline.config.PipelineConfig`. A step is switched off for some models (an autoencoder without codes, the
+Gaussian VAE, skips encode and train_prior); a step's inputs are its upstream steps that are switched on.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from steps import encode, evaluate, sample, shard, train_prior, train_vqvae
+from steps.common import StepRun
+from steps.nn import registry
 
 
 def _has_codes(cfg: PipelineConfig) -> bool:
-    return cfg.model_kind != "vae"
+    return registry.makes_codes(cfg.model_kind)
 
 
 def _always(cfg: PipelineConfig) -> bool:
@@ -26,21 +29,24 @@ def _always(cfg: PipelineConfig) -> bool:
 
 @dataclass(frozen=True)
 class Step:
-    name: str
-    run: Callable[..., Any]  # run(step_config, inputs, out, sink) -> StepResult
+    name: str  # also the PipelineConfig field holding its settings
+    run: StepRun[Any]
     upstream: tuple[str, ...]
-    config: Callable[[PipelineConfig], Any]  # the step's own (frozen, validated) config
     enabled: Callable[[PipelineConfig], bool] = _always
     trains: bool = False  # streams live metrics from rank-0 workers
 
+    def config(self, cfg: PipelineConfig) -> Any:
+        """The step's own (frozen, validated) settings."""
+        return getattr(cfg, self.name)
+
 
 GRAPH: tuple[Step, ...] = (
-    Step("shard", shard.run, (), lambda c: c.shard),
-    Step("train_vqvae", train_vqvae.run, ("shard",), lambda c: c.train_vqvae, trains=True),
-    Step("encode", encode.run, ("shard", "train_vqvae"), lambda c: c.encode, enabled=_has_codes),
-    Step("train_prior", train_prior.run, ("encode",), lambda c: c.train_prior, enabled=_has_codes, trains=True),
-    Step("sample", sample.run, ("train_vqvae", "train_prior"), lambda c: c.sample),
-    Step("evaluate", evaluate.run, ("shard", "train_vqvae", "encode", "train_prior", "sample"), lambda c: c.evaluate),
+    Step("shard", shard.run, ()),
+    Step("train_vqvae", train_vqvae.run, ("shard",), trains=True),
+    Step("encode", encode.run, ("shard", "train_vqvae"), enabled=_has_codes),
+    Step("train_prior", train_prior.run, ("encode",), enabled=_has_codes, trains=True),
+    Step("sample", sample.run, ("train_vqvae", "train_prior")),
+    Step("evaluate", evaluate.run, ("shard", "train_vqvae", "encode", "train_prior", "sample")),
 )
 NAMES = tuple(s.name for s in GRAPH)
 

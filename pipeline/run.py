@@ -14,7 +14,6 @@ from pipeline.tracking import Tracker, redact, redact_overrides, result_record
 from steps.common import MLflowSink
 
 log = logging.getLogger("pipeline")
-REGISTERED = {"train_vqvae": ("model", "vqvae"), "train_prior": None}
 
 
 class MissingUpstreamError(RuntimeError):

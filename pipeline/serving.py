@@ -17,21 +17,23 @@ import torch
 
 class CheckpointModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from steps.nn.checkpoint import load_model
+        from steps.artifacts.checkpoints import CheckpointFile
 
-        self.model, self.payload = load_model(context.artifacts["checkpoint"])
+        what, hint = "a checkpoint of this project", "log the model again"
+        self.model = CheckpointFile.open(context.artifacts["checkpoint"], None, what, hint).load()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from steps.images import decode_batch, encode_png, to_uint8
-        from steps.nn.prior import PixelCNNPrior
-        from steps.nn.sampler import sample
+        from steps.nn import registry
+        from steps.nn.prior import Prior
+        from steps.pixels import decode_batch, encode_png, to_uint8
 
         params = params or {}
         with torch.inference_mode():
-            if isinstance(self.model, PixelCNNPrior):
+            if isinstance(self.model, Prior):
                 n = int(model_input["n"].iloc[0])
                 gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
-                codes = sample(self.model, n, temperature=float(params.get("temperature", 1.0)), generator=gen)
+                temperature = float(params.get("temperature", 1.0))
+                codes = registry.sampler(self.model).sample(n, temperature=temperature, generator=gen)
                 return pd.DataFrame({"codes": [c.flatten().tolist() for c in codes]})
             channels = self.model.config.in_channels
             x = torch.from_numpy(decode_batch(list(model_input["image"]), channels))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from steps import common
+from steps import storage
 from steps.common import StepResult
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Tracker:
                 with tempfile.TemporaryDirectory() as d:
                     local = os.path.join(d, os.path.basename(uri))
                     with open(local, "wb") as f:
-                        f.write(common.read_bytes(uri))
+                        f.write(storage.read_bytes(uri))
                     client.log_artifact(run_id, local)
 
     def register(self, run_id: str, name: str, checkpoint_uri: str, alias: str) -> str | None:
@@ -174,13 +174,13 @@ class Tracker:
             with tempfile.TemporaryDirectory() as d:
                 local = os.path.join(d, os.path.basename(checkpoint_uri))
                 with open(local, "wb") as f:
-                    f.write(common.read_bytes(checkpoint_uri))
+                    f.write(storage.read_bytes(checkpoint_uri))
                 with self.mlflow.start_run(run_id=run_id, nested=True):
                     info = self.mlflow.pyfunc.log_model(
                         name=name,
                         python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving.py"),
                         artifacts={"checkpoint": local},
-                        code_paths=[os.path.dirname(os.path.abspath(common.__file__))],  # the steps package
+                        code_paths=[os.path.dirname(os.path.abspath(storage.__file__))],  # the steps package
                         pip_requirements=["torch", "numpy", "pillow", "pandas", "pyarrow"],
                     )
             version = self.mlflow.register_model(info.model_uri, name)

@@ -7,7 +7,8 @@ What it proves, per output of ``<root>/<step>/``:
 * image shards, code datasets and sampled codes hold each id exactly once, and as many rows as they should: a code
   dataset one row per image of the shards it was encoded from (``missing``, ``extra``, ``duplicates`` count the
   differences), the sampled codes ``num_samples`` rows;
-* checkpoints load (weights only) as the kind their step writes.
+* checkpoints load (weights only) as the kind their step writes, and code datasets and priors still belong to the
+  autoencoder they were made from (``steps.artifacts.compat.check_compatible``).
 
 ``.partial`` directories are work in progress or interrupted work (a rerun of the same config resumes or restarts
 them); they are listed, never judged. Exit status 1 if anything is wrong, so it can gate a job.
@@ -26,13 +27,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.cache import SUCCESS
 from pipeline.graph import NAMES
-from steps import common
-from steps.codes import parquet_files, read_ids
-from steps.nn.checkpoint import CheckpointError, load_model
-
-CHECKPOINTS = {"train_vqvae": {"model": ("vqvae2", "vqvae", "vae")}, "train_prior": {"top": "prior", "bottom": "prior"}}
+from steps import storage
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.codes import CodeDataset
+from steps.artifacts.compat import check_compatible
+from steps.artifacts.images import SPLITS, ImageShards
+from steps.artifacts.priors import Priors
+from steps.artifacts.samples import Samples
+from steps.common import MissingInputError
+from steps.nn.checkpoint import CheckpointError
+from steps.storage import SUCCESS
 
 
 @dataclass
@@ -73,18 +78,6 @@ class Report:
         return out
 
 
-def _entries(uri: str) -> list[pafs.FileInfo]:
-    fs, path = common.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda i: i.base_name)
-
-
-def _ids(uri: str) -> pa.Array:
-    """The ids of the Parquet files under ``uri``."""
-    return read_ids(parquet_files(uri)).combine_chunks()
-
-
 def compare_ids(found: pa.Array, expected: pa.Array | int) -> Rows:
     """Counts of ``found`` against the ids it should hold (or only how many, given an int)."""
     distinct = pc.unique(found)
@@ -112,44 +105,65 @@ def _check_output(report: Report, step: str, uri: str, record: dict[str, Any]) -
     if record.get("step") != step or record.get("fingerprint") != name:
         report.errors.append(f"{uri}: its {SUCCESS} is for {record.get('step')}/{record.get('fingerprint')}")
     for label, artifact in record.get("artifacts", {}).items():
-        if not common.exists(artifact):
+        if not storage.exists(artifact):
             report.errors.append(f"{uri}: artifact {label!r} ({artifact}) is missing")
+    inputs = record.get("inputs", {})
     if step == "shard":
-        manifest = common.read_json(common.join(uri, "manifest.json"))
-        for split in ("train", "val"):
-            ids = _ids(common.join(uri, split))
-            _judge(report, f"{key}/{split}", compare_ids(ids, int(manifest["rows"][split])))
+        shards = ImageShards.open(uri)
+        for split in SPLITS:
+            _judge(report, f"{key}/{split}", compare_ids(_ids(shards.ids(split)), shards.rows(split)))
+    elif step == "train_vqvae":
+        Autoencoder.open(uri).load()
     elif step == "encode":
-        shard = record.get("inputs", {}).get("shard")
-        have_shards = bool(shard) and common.exists(common.join(shard, SUCCESS))
-        if not have_shards:
-            report.warnings.append(f"{uri}: its input shards ({shard}) are gone; ids checked for duplicates only")
-        for split in ("train", "val"):
-            found = _ids(common.join(uri, split))
-            expected = _ids(common.join(shard, split)) if have_shards else len(pc.unique(found))
+        codes = CodeDataset.open(uri)
+        shards = _upstream(report, uri, inputs, "shard", ImageShards.open)
+        for split in SPLITS:
+            found = _ids(codes.ids(split))
+            expected = _ids(shards.ids(split)) if shards else len(pc.unique(found))
             _judge(report, f"{key}/{split}", compare_ids(found, expected))
+        autoencoder = _upstream(report, uri, inputs, "train_vqvae", Autoencoder.open)
+        if autoencoder:
+            check_compatible(autoencoder, codes=codes)
+    elif step == "train_prior":
+        priors = Priors.open(uri)
+        for level in priors.summary["levels"]:
+            priors.load(level)
+        encode = _record(inputs.get("encode"))
+        autoencoder = encode and _upstream(report, uri, encode.get("inputs", {}), "train_vqvae", Autoencoder.open)
+        if autoencoder:
+            check_compatible(autoencoder, priors=priors)
     elif step == "sample":
-        meta = common.read_json(common.join(uri, "samples.json"))
-        if common.exists(common.join(uri, "codes")):
-            _judge(report, f"{key}/codes", compare_ids(_ids(common.join(uri, "codes")), meta["num_samples"]))
-    for file, kinds in CHECKPOINTS.get(step, {}).items():
-        ckpt = common.join(uri, f"{file}.pt")
-        if step == "train_prior" and not common.exists(ckpt) and file == "bottom":
-            continue  # one-level models have no bottom prior
-        try:
-            load_model(common.read_bytes(ckpt), expect=kinds)
-        except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
-            report.errors.append(f"{ckpt}: does not load ({exc})")
+        samples = Samples.open(uri)
+        if samples.code_files():
+            _judge(report, f"{key}/codes", compare_ids(_ids(samples.ids()), samples.num_samples))
+
+
+def _ids(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks()
+
+
+def _record(uri: str | None) -> dict[str, Any] | None:
+    """The ``_SUCCESS`` record of a finished upstream output, or None if it is gone."""
+    path = storage.join(uri, SUCCESS) if uri else None
+    return storage.read_json(path) if path and storage.exists(path) else None
+
+
+def _upstream(report: Report, uri: str, inputs: dict[str, str], name: str, opener):
+    """The handle of upstream ``name`` if that output still exists (else a warning, and None)."""
+    if _record(inputs.get(name)) is None:
+        report.warnings.append(f"{uri}: its input {name} ({inputs.get(name)}) is gone; checks against it skipped")
+        return None
+    return opener(inputs[name])
 
 
 def verify(root: str) -> Report:
     """Check every output under ``root`` (see the module docstring)."""
     report = Report(root=root)
-    local = common.is_local(root)
+    local = storage.is_local(root)
     for step in NAMES:
-        for info in _entries(common.join(root, step)):
+        for info in storage.listdir(storage.join(root, step)):
             name = info.base_name
-            uri = common.join(root, step, name)
+            uri = storage.join(root, step, name)
             if name.endswith(".lock") or info.type != pafs.FileType.Directory:
                 continue
             if name.endswith(".partial"):
@@ -158,8 +172,8 @@ def verify(root: str) -> Report:
             if ".old-" in name:
                 report.warnings.append(f"{uri}: left over from a replaced output; safe to delete")
                 continue
-            success = common.join(uri, SUCCESS)
-            if not common.exists(success):
+            success = storage.join(uri, SUCCESS)
+            if not storage.exists(success):
                 if local:
                     report.errors.append(f"{uri}: looks finished but has no {SUCCESS}")
                 else:  # object stores: the step writes in place and _SUCCESS goes last
@@ -167,8 +181,8 @@ def verify(root: str) -> Report:
                 continue
             report.outputs.append(uri)
             try:
-                _check_output(report, step, uri, common.read_json(success))
-            except (OSError, ValueError, KeyError) as exc:
+                _check_output(report, step, uri, storage.read_json(success))
+            except (OSError, ValueError, KeyError, CheckpointError, MissingInputError) as exc:
                 report.errors.append(f"{uri}: cannot be read ({type(exc).__name__}: {exc})")
     return report
 
@@ -178,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", default="outputs", help="artifacts root (artifacts.root); default outputs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    root = args.root if not common.is_local(args.root) else os.path.abspath(os.path.expanduser(args.root))
-    if not common.exists(root):
+    root = args.root if not storage.is_local(args.root) else os.path.abspath(os.path.expanduser(args.root))
+    if not storage.exists(root):
         print(f"no artifacts root at {root} (artifacts.root of the runs to check)", file=sys.stderr)
         return 2
     report = verify(root)

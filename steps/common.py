@@ -1,8 +1,8 @@
-"""What every step shares: the result type, URI-addressed storage, and the metrics sink.
+"""What every step shares: the step signature, its result, the missing-input error, and the metrics sinks.
 
-A step is ``run(cfg, inputs, out, sink=None) -> StepResult``. ``inputs`` maps upstream step names to their output
-URIs and ``out`` is the URI this step writes to. URIs are local paths or anything ``pyarrow.fs`` opens (``s3://``,
-``gs://``, ``hdfs://``), so a step runs the same on a laptop and against a cluster's shared storage.
+A step is ``run(cfg, inputs, out, sink=None) -> StepResult`` (:class:`StepRun`). ``inputs`` maps upstream step names
+to their output URIs and ``out`` is the URI this step writes to (storage: :mod:`steps.storage`). A step opens its
+inputs through the artifact handles of :mod:`steps.artifacts` and never reads another step's files by name.
 
 Steps never open MLflow runs. The orchestrator hands them a :class:`MetricsSink`; training workers of rank 0 call it,
 so live curves reach whatever run the orchestrator opened. Sinks are small picklable objects for that reason.
@@ -13,15 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import pyarrow.fs as pafs
+from typing import Any, Protocol, TypeVar
 
 
 @dataclass
@@ -33,6 +28,17 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+C = TypeVar("C", contravariant=True)
+
+
+class StepRun(Protocol[C]):
+    """The signature of every step's ``run``: settings, upstream output URIs by step name, output URI, metrics sink."""
+
+    def __call__(
+        self, cfg: C, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None
+    ) -> StepResult: ...  # pragma: no cover - protocol
+
+
 class MissingInputError(FileNotFoundError):
     """An upstream artifact a step needs does not exist (names the upstream step to run)."""
 
@@ -42,76 +48,6 @@ def require_input(inputs: Mapping[str, str], step: str, name: str) -> str:
     if name not in inputs:
         raise MissingInputError(f"{step} needs the output of {name!r}; run the {name} step first")
     return inputs[name]
-
-
-# ------------------------------------------------------------------------------------------------ storage
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a pyarrow-supported URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).absolute())
-    return pafs.FileSystem.from_uri(uri)
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def join(uri: str, *parts: str) -> str:
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{posixpath.join(rest, *parts)}"
-    return os.path.join(uri, *parts)
-
-
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {uri}") from None
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file; on local disk through a temporary file and a rename, so readers never see half of it."""
-    fs, path = filesystem(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return
-    # Object stores publish an object only when its upload completes, which is atomic enough.
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri))
-
-
-def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def upload_file(local_path: str | os.PathLike, uri: str) -> None:
-    write_bytes(uri, Path(local_path).read_bytes())
 
 
 # ------------------------------------------------------------------------------------------------ metrics sink

@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from steps.common import filesystem, is_local, read_bytes
+from steps.storage import filesystem, is_local, read_bytes
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as decompression bombs
@@ -199,13 +199,18 @@ def _read(uri: str) -> bytes:
         return f.read()
 
 
-def _require_dir(path: str) -> None:
+def _kind(path: str) -> pafs.FileType:
+    """What is at ``path`` (a file or a folder), or FileNotFoundError naming the setting."""
     fs, p = filesystem(path)
     kind = fs.get_file_info(p).type
     if kind == pafs.FileType.NotFound:
         raise FileNotFoundError(f"shard.path {path!r} does not exist")
-    if kind != pafs.FileType.Directory:
-        raise ValueError(f"shard.path {path!r} must be a folder for this source")
+    return kind
+
+
+def _under(root: str, rel: str) -> str:
+    """``rel`` (a "/"-separated path from :func:`walk_files`) under ``root``."""
+    return posixpath.join(root, rel) if "://" in root else os.path.join(root, *rel.split("/"))
 
 
 def list_digits(limit: int | None = None) -> Listing:
@@ -222,7 +227,8 @@ def list_digits(limit: int | None = None) -> Listing:
 
 
 def list_image_folder(root: str) -> Listing:
-    _require_dir(root)
+    if _kind(root) != pafs.FileType.Directory:
+        raise ValueError(f"shard.path {root!r} must be a folder for this source")
     rels = walk_files(root)
     images = [r for r in rels if posixpath.splitext(r)[1].lower() in IMAGE_EXTENSIONS]
     if not images:
@@ -234,7 +240,7 @@ def list_image_folder(root: str) -> Listing:
         {
             "id": _printable(r),
             "label": index[r.split("/", 1)[0]] if "/" in r else None,
-            "ref": posixpath.join(root, r) if "://" in root else os.path.join(root, *r.split("/")),
+            "ref": _under(root, r),
         }
         for r in images
     ]
@@ -243,15 +249,10 @@ def list_image_folder(root: str) -> Listing:
 
 def _parquet_files(path: str) -> list[tuple[str, str]]:
     """(uri, stem) per Parquet file: stem is the path relative to the folder without the suffix."""
-    fs, p = filesystem(path)
-    kind = fs.get_file_info(p).type
-    if kind == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"shard.path {path!r} does not exist")
-    if kind == pafs.FileType.File:
-        return [(path, posixpath.splitext(posixpath.basename(p))[0])]
+    if _kind(path) == pafs.FileType.File:
+        return [(path, posixpath.splitext(posixpath.basename(filesystem(path)[1]))[0])]
     rels = [r for r in walk_files(path) if r.lower().endswith(".parquet")]
-    join = (lambda r: posixpath.join(path, r)) if "://" in path else (lambda r: os.path.join(path, *r.split("/")))
-    return [(join(r), r[: -len(".parquet")]) for r in rels]
+    return [(_under(path, r), r[: -len(".parquet")]) for r in rels]
 
 
 def _open_parquet(uri: str) -> pq.ParquetFile:
@@ -346,11 +347,7 @@ def read_idx(path: str, header_only: bool = False) -> tuple[int, tuple[int, ...]
 
 
 def _find_file(folder: str, names: Sequence[str]) -> str | None:
-    for name in names:
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+    return next((p for p in (os.path.join(folder, name) for name in names) if os.path.isfile(p)), None)
 
 
 def list_idx(path: str, limit: int | None = None) -> Listing:
@@ -407,14 +404,8 @@ def _parquet_images(uri: str, rows: list[int], image_column: str) -> list[Any]:
     starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
     column = pf.read_row_groups(groups, columns=[image_column]).column(image_column)
-    first = {}
-    offset = 0
-    for g in groups:
-        first[g] = offset
-        offset += sizes[g]
-    return [
-        column[first[g] + r - starts[g]].as_py() for r, g in ((r, bisect.bisect_right(starts, r) - 1) for r in rows)
-    ]
+    first = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups[:-1]]).tolist(), strict=True))  # in `column`
+    return [column[first[g] + r - starts[g]].as_py() for r in rows for g in [bisect.bisect_right(starts, r) - 1]]
 
 
 def _image_bytes(cell: Any, parquet_uri: str) -> bytes:

@@ -15,29 +15,27 @@ The images must have the VQ-VAE's size and channels, and the priors must be clas
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from steps.common import filesystem, write_bytes
-from steps.images import decode_batch
-from steps.nn.checkpoint import checkpoint_dict
+from steps import storage
+from steps.artifacts.images import ImageShards
+from steps.nn.checkpoint import checkpoint_dict, to_bytes
 from steps.nn.classifier import ClassifierConfig, ImageClassifier, fit_classifier
-from steps.shard import read_manifest, shard_files
+from steps.nn.config import ConfigBase
+from steps.pixels import to_float
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainClassifierConfig:
+class TrainClassifierConfig(ConfigBase):
     """Settings of :func:`train`: optimisation and the classifier's width (its shape comes from the shards)."""
 
     steps: int = 600
@@ -48,30 +46,16 @@ class TrainClassifierConfig:
     stages: int = 3
     threads: int = 0  # torch threads while training; 0 keeps torch's default
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train_classifier.{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"train_classifier.threads must be an int >= 0, got {self.threads!r}")
-        if not self.lr > 0:
-            raise ValueError(f"train_classifier.lr must be > 0, got {self.lr!r}")
+    def validate(self) -> None:
+        self.require_min(1, "steps", "batch_size", "channels")
+        self.require("threads", self.threads >= 0, "an int >= 0")
+        self.require("lr", self.lr > 0, "> 0")
 
 
-def load_split(shards: str, split: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labelled images of one split: float32 (N, C, S, S) in [-1, 1] and int64 labels (N,)."""
-    images, labels = [], []
-    for uri in shard_files(shards, split):
-        fs, path = filesystem(uri)
-        table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
-        table = table.filter(pc.is_valid(table.column("label")))  # unlabelled rows teach nothing
-        if table.num_rows:
-            images.append(decode_batch(table.column("image").to_pylist(), channels))
-            labels.append(np.asarray(table.column("label").to_pylist(), dtype=np.int64))
-    if not images:
-        return torch.zeros(0, channels, 1, 1), torch.zeros(0, dtype=torch.long)
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+def load_split(shards: ImageShards, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled images of one split (unlabelled rows teach nothing): float32 (N, C, S, S) in [-1, 1], labels (N,)."""
+    images, labels = shards.read_labelled(split)
+    return to_float(images), torch.from_numpy(labels)
 
 
 def train(cfg: TrainClassifierConfig, shards: str, out: str) -> dict[str, Any]:
@@ -86,12 +70,12 @@ def train(cfg: TrainClassifierConfig, shards: str, out: str) -> dict[str, Any]:
         ValueError: no labelled training images.
     """
     t0 = time.perf_counter()
-    meta = read_manifest(shards)
-    channels, size = int(meta["channels"]), int(meta["image_size"])
-    x, y = load_split(shards, "train", channels)
+    images = ImageShards.open(shards)
+    channels, size = images.channels, images.image_size
+    x, y = load_split(images, "train")
     if not len(y):
         raise ValueError(f"{shards}: no labelled training images; the classifier needs the shard step's labels")
-    num_classes = max(int(meta.get("num_classes") or 0), int(y.max()) + 1)
+    num_classes = max(int(images.num_classes or 0), int(y.max()) + 1)
     torch.manual_seed(cfg.seed)
     model = ImageClassifier(ClassifierConfig(size, channels, num_classes, cfg.channels, cfg.stages))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -101,7 +85,7 @@ def train(cfg: TrainClassifierConfig, shards: str, out: str) -> dict[str, Any]:
         losses = fit_classifier(model, x, y, cfg.steps, cfg.batch_size, cfg.lr, generator=g)
     finally:
         torch.set_num_threads(threads)
-    vx, vy = load_split(shards, "val", channels)
+    vx, vy = load_split(images, "val")
     accuracy = None
     if len(vy):
         with torch.no_grad():
@@ -115,9 +99,8 @@ def train(cfg: TrainClassifierConfig, shards: str, out: str) -> dict[str, Any]:
         "val_accuracy": accuracy,
         "seconds": time.perf_counter() - t0,
     }
-    buffer = io.BytesIO()
-    torch.save(checkpoint_dict(model, shards=shards, metrics=metrics, train_config=asdict(cfg)), buffer)
-    write_bytes(out, buffer.getvalue())
+    payload = checkpoint_dict(model, shards=shards, metrics=metrics, train_config=cfg.to_dict())
+    storage.write_bytes(out, to_bytes(payload))
     log.info("train_classifier: %s", metrics)
     return metrics
 
@@ -126,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="output of the shard step (the folder holding manifest.json)")
     parser.add_argument("out", help="where to write the classifier checkpoint, e.g. outputs/classifier.pt")
-    defaults = TrainClassifierConfig()
-    for name, value in asdict(defaults).items():
+    defaults = TrainClassifierConfig().to_dict()
+    for name, value in defaults.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    cfg = TrainClassifierConfig(**{k: args[k] for k in asdict(defaults)})
+    cfg = TrainClassifierConfig(**{k: args[k] for k in defaults})
     print(json.dumps(train(cfg, args["shards"], args["out"])))
 
 

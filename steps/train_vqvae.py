@@ -1,58 +1,47 @@
 """The ``train_vqvae`` step: train VQ-VAE-2, a one-level VQ-VAE or the Gaussian VAE baseline on image shards.
 
 Reads the shard step's Parquet images with Ray Data (PNG decoding runs in Ray Data tasks, in parallel with training),
-trains with :func:`steps.training.fit` and writes
-
-    <out>/model.pt      the trained model (checkpoint format 1, no optimiser state)
-    <out>/recon.png     val images (top rows) above their reconstructions (bottom rows)
-    <out>/metrics.json  final train and val metrics
-    <out>/ray/          Ray Train's run state and checkpoints (a rerun of a crashed step resumes from them)
+trains with :func:`steps.training.fit` and writes the autoencoder artifact (:mod:`steps.artifacts.autoencoder`):
+the model, a reconstruction grid, final metrics, and Ray Train's run state (a rerun of a crashed step resumes from
+it). The model kind is whatever ``model`` configures: any autoencoder of :mod:`steps.nn.registry`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steps import common
+from steps.artifacts.autoencoder import AutoencoderWriter
+from steps.artifacts.images import ImageShards
 from steps.common import MetricsSink, StepResult, require_input
-from steps.images import decode_batch, grid_png
-from steps.nn.checkpoint import AUTOENCODERS
-from steps.nn.vae import VAEConfig
-from steps.nn.vqvae import VQVAE2Config, VQVAEConfig
-from steps.shard import read_manifest, shard_files
-from steps.training import TrainConfig, TrainTask, export_checkpoint, fit, run_storage
+from steps.nn import registry
+from steps.nn.blocks import AutoencoderConfig
+from steps.nn.config import ConfigBase
+from steps.nn.metrics import psnr
+from steps.nn.vqvae import VQVAE2Config
+from steps.pixels import decode_batch, grid_png
+from steps.training import TrainConfig, TrainTask, checkpoint_file, final_payload, fit
 
-ModelConfig = VQVAE2Config | VQVAEConfig | VAEConfig
-KINDS = {VQVAE2Config: "vqvae2", VQVAEConfig: "vqvae", VAEConfig: "vae"}
+RECON_GRID = "recon.png"  # what AutoencoderTask.finalize writes next to the final training checkpoint
 
 
 @dataclass(frozen=True)
-class TrainVQVAEConfig:
-    model: ModelConfig = field(default_factory=VQVAE2Config)
+class TrainVQVAEConfig(ConfigBase):
+    model: AutoencoderConfig = field(default_factory=VQVAE2Config)  # any autoencoder kind of the registry
     train: TrainConfig = field(default_factory=TrainConfig)
     grid_images: int = 16  # val images shown in recon.png
 
-    def __post_init__(self) -> None:
-        self.train.validate("train_vqvae.train")
-        if self.grid_images < 1:
-            raise ValueError(f"train_vqvae.grid_images must be >= 1, got {self.grid_images}")
+    def validate(self) -> None:
+        self.require("grid_images", self.grid_images >= 1, ">= 1")
 
     @property
     def kind(self) -> str:
-        return KINDS[type(self.model)]
-
-
-def psnr(mse: float) -> float:
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+        return registry.kind_of(self.model)
 
 
 def _decode_images(batch: dict[str, np.ndarray], channels: int) -> dict[str, np.ndarray]:
@@ -64,14 +53,13 @@ def _decode_images(batch: dict[str, np.ndarray], channels: int) -> dict[str, np.
 class AutoencoderTask(TrainTask):
     """Trains any autoencoder of ``steps.nn`` on uint8 image batches."""
 
-    def __init__(self, kind: str, model_config: dict[str, Any], grid_images: int) -> None:
+    def __init__(self, model_config: AutoencoderConfig, grid_images: int) -> None:
         self.name = "train_vqvae"
-        self.kind = kind
         self.model_config = model_config
         self.grid_images = grid_images
 
     def build_model(self) -> torch.nn.Module:
-        return AUTOENCODERS[self.kind].from_config_dict(self.model_config)
+        return registry.build(self.model_config)
 
     def prepare_batch(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
         pixels = np.require(batch["image"], requirements="W")  # Ray hands out read-only views; copy only those
@@ -86,7 +74,7 @@ class AutoencoderTask(TrainTask):
         stats = {}
         for name, q in getattr(model, "quantizers", {}).items():
             stats[f"usage_{name}"] = q.usage_fraction()
-            stats[f"restarts_{name}"] = float(q.restarts)
+            stats[f"restarts_{name}"] = float(q.restart_count())
             q.reset_usage()
         return stats
 
@@ -117,44 +105,44 @@ class AutoencoderTask(TrainTask):
         nrow = min(8, len(x))
         # Originals and reconstructions in matching row blocks, so each image sits above its reconstruction.
         tiles = torch.cat([torch.cat([x[i : i + nrow], recon[i : i + nrow]]) for i in range(0, len(x), nrow)])
-        with open(f"{out_dir}/recon.png", "wb") as f:
+        with open(f"{out_dir}/{RECON_GRID}", "wb") as f:
             f.write(grid_png(tiles.cpu(), nrow=nrow))
 
 
-def image_dataset(shard_uri: str, split: str, channels: int):
+def image_dataset(shards: ImageShards, split: str):
     """Ray Dataset of uint8 images (column ``image``: (C, S, S)) of one split, or None if the split is empty."""
     import ray.data
 
-    files = shard_files(shard_uri, split)
+    files = shards.files(split)
     if not files:
         return None
     ds = ray.data.read_parquet(files, columns=["image"])
-    return ds.map_batches(_decode_images, fn_kwargs={"channels": channels}, batch_format="numpy", batch_size=256)
+    return ds.map_batches(_decode_images, fn_kwargs={"channels": shards.channels}, batch_format="numpy", batch_size=256)
 
 
 def run(cfg: TrainVQVAEConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None) -> StepResult:
-    shard = require_input(inputs, "train_vqvae", "shard")
-    meta = read_manifest(shard)
+    """Train ``cfg.model`` on the shards of ``inputs["shard"]``; write the autoencoder artifact to ``out``.
+
+    Raises:
+        MissingInputError: no finished shard output.
+        ValueError: the shards' image size or channels differ from the model's.
+    """
+    shards = ImageShards.open(require_input(inputs, "train_vqvae", "shard"))
     model_cfg = cfg.model
-    if (meta["image_size"], meta["channels"]) != (model_cfg.image_size, model_cfg.in_channels):
+    if shards.image_shape != (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size):
         raise ValueError(
-            f"image shards at {shard} hold {meta['channels']}-channel {meta['image_size']}px images, but the model "
-            f"expects model.in_channels={model_cfg.in_channels}, model.image_size={model_cfg.image_size}"
+            f"image shards at {shards.uri} hold {shards.channels}-channel {shards.image_size}px images, but the "
+            f"model expects model.in_channels={model_cfg.in_channels}, model.image_size={model_cfg.image_size}"
         )
-    datasets = {"train": image_dataset(shard, "train", meta["channels"])}
-    val = image_dataset(shard, "val", meta["channels"])
+    datasets = {"train": image_dataset(shards, "train")}
+    val = image_dataset(shards, "val")
     if val is not None:
         datasets["val"] = val
-    task = AutoencoderTask(cfg.kind, model_cfg.to_dict(), cfg.grid_images)
-    result = fit(task, cfg.train, datasets, storage=run_storage(out), name="train_vqvae", sink=sink)
-
-    with result.checkpoint.as_directory() as d:
-        payload = export_checkpoint(d, common.join(out, "model.pt"))
-        grid = Path(d, "recon.png").read_bytes() if val is not None else None
-    artifacts = {"model": common.join(out, "model.pt")}
-    if grid is not None:
-        common.write_bytes(common.join(out, "recon.png"), grid)
-        artifacts["recon_grid"] = common.join(out, "recon.png")
+    writer = AutoencoderWriter(out)
+    task = AutoencoderTask(model_cfg, cfg.grid_images)
+    result = fit(task, cfg.train, datasets, storage=writer.train_state, name="train_vqvae", sink=sink)
+    payload = final_payload(result)
     metrics = {k.replace("/", "_"): float(v) for k, v in (result.metrics or {}).items()}
-    common.write_json(common.join(out, "metrics.json"), {"step": payload["step"], **metrics})
+    grid = checkpoint_file(result, RECON_GRID) if val is not None else None
+    artifacts = writer.write(payload, grid, {"step": payload["step"], **metrics})
     return StepResult(metrics=metrics, artifacts=artifacts, info={"kind": cfg.kind, "step": int(payload["step"])})

@@ -16,10 +16,9 @@ import io
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +26,19 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from steps.common import MetricsSink, exists, filesystem, join, read_bytes, read_json, write_bytes, write_json
-from steps.nn.checkpoint import checkpoint_dict, unwrap
+from steps.common import MetricsSink
+from steps.nn.checkpoint import checkpoint_dict, read_checkpoint, unwrap
+from steps.nn.config import ConfigBase, no_effect
+from steps.storage import delete, exists, filesystem, join, read_bytes, read_json, write_json
 
 log = logging.getLogger(__name__)
 STATE_FILE = "model.pt"
 NONFINITE_FILE = "nonfinite.json"  # in the run's storage: written by rank 0 when the loss diverges
-FAULT_FILE = ".fault-injected"  # in the run's storage: train.fail_at_step has fired
 LR_SCHEDULES = ("constant", "cosine", "linear")
-FAIL_MODES = ("kill", "raise")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """How to train, independent of what is trained."""
 
     num_workers: int = 1
@@ -55,43 +54,19 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     val_batches: int = 4  # batches of val data scored at every checkpoint
-    max_failures: int = 2
+    max_failures: int = no_effect(2)  # restarts of the worker group after a crash (the result does not change)
     seed: int = 0
     bf16: bool = True  # autocast on GPU; CPU always trains in fp32
     # Read and decode the datasets into Ray's object store before training starts. Training workers then never
     # wait on read tasks, which matters when they hold every CPU (a laptop); turn off for datasets larger than
     # the object store can hold or spill.
-    cache_data: bool = True
-    # Test-only fault injection: rank 0 fails once, right after this step (0 = off). Fires once per run directory,
-    # so the restarted attempt gets past it; used to prove resume-from-checkpoint. fail_mode "kill" ends the worker
-    # process with SIGKILL (a preempted node, the OOM killer); "raise" raises an exception in the training loop.
-    fail_at_step: int = 0
-    fail_mode: str = "kill"
-    # Test-only: rank 0's loss at this step becomes NaN (0 = off); used to prove a diverged run stops cleanly.
-    nan_at_step: int = 0
+    cache_data: bool = no_effect(True)
 
-    def validate(self, owner: str) -> None:
-        positive = ("num_workers", "cpus_per_worker", "batch_size", "steps", "checkpoint_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{owner}.{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "warmup_steps",
-            "weight_decay",
-            "grad_clip",
-            "val_batches",
-            "max_failures",
-            "fail_at_step",
-            "nan_at_step",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"{owner}.lr must be a positive number, got {self.lr}")
-        if self.fail_mode not in FAIL_MODES:
-            raise ValueError(f"{owner}.fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"{owner}.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+    def validate(self) -> None:
+        self.require_min(1, "num_workers", "cpus_per_worker", "batch_size", "steps", "checkpoint_every", "log_every")
+        self.require_min(0, "warmup_steps", "weight_decay", "grad_clip", "val_batches", "max_failures")
+        self.require("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number")
+        self.require("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` after ``step`` updates: linear warm-up, then the schedule's decay to zero."""
@@ -134,6 +109,17 @@ class TrainTask:
 
     def finalize(self, model: nn.Module, batches: list[Any], out_dir: str) -> None:
         """Write extra artifacts (e.g. a reconstruction grid) into ``out_dir`` at the end (rank 0)."""
+
+    def begin_step(self, step: int, rank: int, run_dir: str) -> None:
+        """Called before each update, ``step`` updates done (a hook for wrappers, e.g. pipeline.faults)."""
+
+    def end_step(self, step: int, rank: int, run_dir: str) -> None:
+        """Called after update ``step`` and its checkpoint, if any (a hook for wrappers)."""
+
+
+# Functions applied to every task :func:`fit` trains, in order (``task = wrap(task)``): the one extension point of
+# the loop, used by pipeline.faults to inject faults into real runs. Empty in normal operation.
+TASK_WRAPPERS: list[Callable[[TrainTask], TrainTask]] = []
 
 
 def _batches(dataset, batch_size: int) -> Iterator[Mapping[str, Any]]:
@@ -229,16 +215,6 @@ def _nonfinite_ranks(loss: torch.Tensor, world: int) -> list[int]:
     return torch.cat(flags).nonzero().flatten().tolist()  # one device sync, not one per rank
 
 
-def _maybe_inject_fault(tc: TrainConfig, step: int, rank: int, run_dir: str) -> None:
-    marker = join(run_dir, FAULT_FILE)
-    if tc.fail_at_step and step == tc.fail_at_step and rank == 0 and not exists(marker):
-        write_bytes(marker, b"")
-        if tc.fail_mode == "kill":
-            log.warning("injected fault: killing this worker after step %d (train.fail_at_step)", step)
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at step {step} (train.fail_at_step)")
-
-
 def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -284,11 +260,10 @@ def _worker_loop(config: dict) -> None:
     seen, t0 = 0, time.perf_counter()
     while step < tc.steps:
         model.train()
+        task.begin_step(step, rank, run_dir)
         batch = task.prepare_batch(next(train_iter), device)
         with autocast:
             loss, stats = task.loss(model, batch)
-        if tc.nan_at_step == step + 1 and rank == 0:
-            loss = loss * float("nan")
         bad_ranks = _nonfinite_ranks(loss, world)
         if bad_ranks:
             # Returning (not raising) keeps Ray Train from restarting the workers: a retry would resume from the
@@ -348,37 +323,22 @@ def _worker_loop(config: dict) -> None:
                         with torch.no_grad(), autocast:
                             task.finalize(unwrap(model), val, d)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-        _maybe_inject_fault(tc, step, rank, run_dir)
+        task.end_step(step, rank, run_dir)
 
 
-def _remove(uri: str) -> None:
-    if exists(uri):
-        fs, path = filesystem(uri)
-        fs.delete_file(path)
+def final_payload(result) -> dict[str, Any]:
+    """The final model of a training result's checkpoint, without optimiser/scheduler/RNG state: the checkpoint
+    payload (``format``, ``kind``, ``config``, ``model``) plus ``step`` and ``metrics``."""
+    with result.checkpoint.as_directory() as d:
+        payload = read_checkpoint(os.path.join(d, STATE_FILE))
+    return {k: payload[k] for k in ("format", "kind", "config", "model", "step", "metrics")}
 
 
-def run_storage(out: str) -> str:
-    """Where Ray Train keeps a step's run state: ``<out>/ray`` (an absolute path for local outputs)."""
-    from steps import common
-
-    return common.join(out, "ray") if not common.is_local(out) else common.filesystem(out)[1] + "/ray"
-
-
-def export_checkpoint(checkpoint_dir: str, uri: str, **extra: Any) -> dict[str, Any]:
-    """Write the final model of a training checkpoint to ``uri`` without optimiser/scheduler/RNG state.
-
-    Returns the payload written (``format``, ``kind``, ``config``, ``model``, ``step``, ``metrics`` and ``extra``).
-    """
-    from steps import common
-    from steps.nn.checkpoint import read_checkpoint
-
-    payload = read_checkpoint(os.path.join(checkpoint_dir, STATE_FILE))
-    final = {k: payload[k] for k in ("format", "kind", "config", "model", "step", "metrics")}
-    final.update(extra)
-    buf = io.BytesIO()
-    torch.save(final, buf)
-    common.write_bytes(uri, buf.getvalue())
-    return final
+def checkpoint_file(result, name: str) -> bytes | None:
+    """A file a task's :meth:`TrainTask.finalize` wrote next to the final checkpoint, or None."""
+    with result.checkpoint.as_directory() as d:
+        path = os.path.join(d, name)
+        return open(path, "rb").read() if os.path.exists(path) else None
 
 
 def fit(
@@ -397,9 +357,11 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    for wrap in TASK_WRAPPERS:
+        task = wrap(task)
     run_dir = join(storage, name)
     nonfinite_marker = join(run_dir, NONFINITE_FILE)
-    _remove(nonfinite_marker)  # a record from an earlier attempt of this run is history now
+    delete(nonfinite_marker)  # a record from an earlier attempt of this run is history now
     if tc.cache_data:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     trainer = TorchTrainer(

@@ -1,4 +1,9 @@
-"""Shared fixtures. One local Ray for the whole session: Ray starts in seconds, not milliseconds."""
+"""Shared fixtures: the composed tiny config, one local Ray for the session, and upstream artifacts made by hand.
+
+Test settings come from the real conf/ composed with ``debug=tiny`` plus overrides (:func:`tiny`), never from a
+parallel hand-written config. Upstream outputs a test needs without running their step are written through the same
+artifact writers the steps use (:class:`Artifacts`), so a test never spells a file name either.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,177 @@ import io
 import os
 import struct
 import zlib
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(*overrides: str):
+    """The PipelineConfig of ``debug=tiny`` plus ``overrides`` (as on the command line)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config import load, register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return load(hydra_compose("config", overrides=["debug=tiny", *overrides]))
+
+
+def overrides(prefix: str, **values) -> list[str]:
+    """Hydra overrides ``prefix.key=value`` (strings quoted, None as null, lists as [a,b])."""
+
+    def show(v):
+        if v is None:
+            return "null"
+        if isinstance(v, str):
+            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(show(x) for x in v) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"{prefix}.{k}={show(v)}" for k, v in values.items()]
+
+
+class Tiny:
+    """``tiny(*overrides)``: the composed ``debug=tiny`` PipelineConfig; ``tiny.shard(**settings)`` and the like:
+    one step's settings with ``settings`` overridden (the step's user key: data.*, sample.*, ...)."""
+
+    overrides = staticmethod(overrides)
+
+    def __call__(self, *args: str):
+        return compose(*args)
+
+    def shard(self, *args: str, **kw):
+        return compose(*args, *overrides("data", **kw)).shard
+
+    def sample(self, *args: str, **kw):
+        return compose(*args, *overrides("sample", **kw)).sample
+
+    def encode(self, *args: str, **kw):
+        return compose(*args, *overrides("encode", **kw)).encode
+
+    def evaluate(self, *args: str, **kw):
+        return compose(*args, *overrides("evaluate", **kw)).evaluate
+
+    def train_vqvae(self, *args: str, **train):
+        return compose(*args, *overrides("train_vqvae.train", **train)).train_vqvae
+
+    def train_prior(self, *args: str, **train):
+        return compose(*args, *overrides("train_prior.train", **train)).train_prior
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    return Tiny()
+
+
+# Small models for hand-made artifacts: the debug=tiny model with small codebooks.
+SMALL_CODES = ("data.channels=1", "model.quantizer.codebook_size=16", "model.quantizer.dim=8")
+
+
+class Artifacts:
+    """Upstream outputs written by hand, through the artifact writers."""
+
+    @staticmethod
+    def shards(out: Path, splits: dict[str, tuple[list[str], list[int | None], list[bytes]]], size: int, channels: int,
+               num_classes: int | None = None, rows_per_file: int | None = None) -> str:  # fmt: skip
+        """Image shards from ``{split: (ids, labels, pngs)}``; ``rows_per_file`` rows per part (default: one part)."""
+        from steps.artifacts.images import SPLITS, ShardWriter
+
+        writer = ShardWriter(str(out), size, channels)
+        writer.clear()
+        files, rows = {s: [] for s in SPLITS}, dict.fromkeys(SPLITS, 0)
+        for split, (ids, labels, pngs) in splits.items():
+            step = rows_per_file or max(len(ids), 1)
+            for part, start in enumerate(range(0, len(ids), step)):
+                end = start + step
+                files[split].append(writer.write_part(split, part, ids[start:end], labels[start:end], pngs[start:end]))
+            rows[split] = len(ids)
+        writer.finish(files, rows, skipped=[], num_classes=num_classes, classes=None)
+        return str(out)
+
+    @staticmethod
+    def autoencoder(out: Path, model: torch.nn.Module, step: int = 1) -> str:
+        """A train_vqvae output holding ``model``."""
+        from steps.artifacts.autoencoder import AutoencoderWriter
+        from steps.nn.checkpoint import checkpoint_dict
+
+        AutoencoderWriter(str(out)).write(checkpoint_dict(model, step=step), None, {"step": step})
+        return str(out)
+
+    @staticmethod
+    def priors(out: Path, vqvae: str, seed: int = 0, **configs) -> str:
+        """A train_prior output with a randomly initialised prior per level (``top=PixelCNNConfig(...), ...``)."""
+        from steps.artifacts.priors import PriorsWriter
+        from steps.nn import registry
+        from steps.nn.checkpoint import checkpoint_dict
+
+        writer = PriorsWriter(str(out))
+        for level, config in configs.items():
+            torch.manual_seed(seed + len(level))
+            writer.write_level(level, checkpoint_dict(registry.build(config).eval(), step=1), vqvae=vqvae)
+        writer.finish(list(configs), vqvae, {})
+        return str(out)
+
+    @staticmethod
+    def codes(out: Path, meta, splits: dict[str, tuple[list[str], object, dict[str, np.ndarray]]]) -> str:
+        """A code dataset from ``{split: (ids, labels, {level: codes (N, H, W)})}``."""
+        from steps.artifacts.codes import CodeWriter, codes_to_arrow
+
+        writer = CodeWriter(str(out), meta)
+        writer.clear()
+        rows = {}
+        for split, (ids, labels, codes) in splits.items():
+            writer.write_part(codes_to_arrow(ids, labels, codes, meta), split, "part-00000")
+            rows[split] = len(ids)
+        writer.finish(rows)
+        return str(out)
+
+    @staticmethod
+    def samples(out: Path, images: np.ndarray, codes: dict[str, torch.Tensor] | None, pngs: bool = True) -> str:
+        """A sample output of uint8 ``images`` (N, C, S, S) and, optionally, the codes per level (N, H, W)."""
+        import pyarrow as pa
+
+        from steps.artifacts.samples import SamplesWriter, sample_id, samples_schema
+        from steps.pixels import encode_png, grid_png, hwc
+
+        writer = SamplesWriter(str(out))
+        writer.resume({}, 1)  # an empty folder
+        if pngs:
+            for i, pixels in enumerate(hwc(images)):
+                writer.write_image(i, encode_png(pixels))
+        if codes:
+            levels = tuple(codes)
+            shapes = {lv: tuple(c.shape[1:]) for lv, c in codes.items()}
+            sizes = {lv: int(c.max()) + 1 for lv, c in codes.items()}
+            columns = {"id": [sample_id(i) for i in range(len(images))], "label": [None] * len(images)}
+            columns["seed"] = list(range(len(images)))
+            for lv, c in codes.items():  # (N, H, W) -> fixed-size lists of H*W int16, as the sample step writes them
+                flat = pa.array(c.reshape(-1).numpy().astype(np.int16))
+                columns[lv] = pa.FixedSizeListArray.from_arrays(flat, c[0].numel())
+            writer.write_codes(0, pa.table(columns, schema=samples_schema(levels, shapes, sizes, "0" * 16, False)))
+        writer.finish(grid_png(images), {"num_samples": len(images)}, pngs=pngs, codes=bool(codes))
+        return str(out)
+
+    @staticmethod
+    def small_vqvae2(seed: int = 0, **overrides):
+        """The debug=tiny VQ-VAE-2 on 1-channel 32 px images with 16 codes of 8 dims per level."""
+        from steps.nn import registry
+
+        torch.manual_seed(seed)
+        cfg = compose(*SMALL_CODES).train_vqvae.model
+        return registry.build(replace(cfg, **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> type[Artifacts]:
+    return Artifacts
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +200,11 @@ def ray_local():
 @pytest.fixture(scope="session")
 def digit_shards(ray_local, tmp_path_factory) -> str:
     """240 bundled digits at 32x32, 1 channel, sharded by the real shard step (about 20 % val)."""
-    from steps.shard import ShardConfig, run
+    from steps.shard import run
 
+    cfg = compose("data.limit=240", "data.val_fraction=0.2", "data.rows_per_shard=100").shard
     out = tmp_path_factory.mktemp("shards")
-    run(ShardConfig(limit=240, val_fraction=0.2, rows_per_shard=100), {}, str(out))
+    run(cfg, {}, str(out))
     return str(out)
 
 

@@ -1,4 +1,4 @@
-"""Convolutional building blocks shared by the autoencoders (VQ-VAE-2, Razavi et al. 2019, figure 2a).
+"""Convolutional building blocks and the common surface of the autoencoders (VQ-VAE-2, Razavi et al. 2019, fig. 2a).
 
 An encoder halves the spatial side with each strided 4x4 convolution and ends in a residual stack; a decoder mirrors
 it with transposed convolutions. Both follow the reference VQ-VAE architecture (van den Oord et al. 2017, section 4.1):
@@ -8,43 +8,62 @@ ReLU residual blocks of a 3x3 then a 1x1 convolution.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-T = TypeVar("T", bound="ConfigBase")
+from steps.nn.config import ConfigBase
+
+
+def log2_exact(value: int) -> int | None:
+    """log2 of a power of two, else None."""
+    return int(math.log2(value)) if value >= 1 and not value & (value - 1) else None
 
 
 @dataclass(frozen=True)
-class ConfigBase:
-    """A frozen config that round-trips through the plain dicts stored in checkpoints (tuples become lists)."""
+class AutoencoderConfig(ConfigBase):
+    """Base of the autoencoder configs (the role ``autoencoder`` of :mod:`steps.nn.registry`): the image and the
+    width of the convolutional stacks, which every autoencoder of this package has."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+    role: ClassVar[str] = "autoencoder"
 
-    @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    image_size: int = 32
+    in_channels: int = 3
+    channels: int = 128
+    res_blocks: int = 2
+    res_channels: int = 32
+
+    @property
+    def image_multiple(self) -> int:
+        """The image side must be a multiple of this (the total downsampling)."""
+        return 1
+
+    def validate(self) -> None:
+        self.require_min(1, "in_channels", "channels", "res_channels")
+        self.require_min(0, "res_blocks")
+        m = self.image_multiple
+        self.require(
+            "image_size",
+            32 <= self.image_size <= 256 and self.image_size % m == 0,
+            f"in [32, 256] and a multiple of {m}",
+        )
 
 
-def check_positive(owner: str, **values: int | float) -> None:
-    """Raise ValueError naming ``owner.field`` for the first value that is not > 0."""
-    for name, value in values.items():
-        if value <= 0:
-            raise ValueError(f"{owner}.{name} must be > 0, got {value}")
+@dataclass(frozen=True)
+class SingleScaleConfig(AutoencoderConfig):
+    """An autoencoder with one latent map at ``image_size / downsample`` (the one-level VQ-VAE, the VAE)."""
 
+    downsample: int = 4
 
-def log2_exact(owner: str, name: str, value: int) -> int:
-    """log2 of a power of two, or a ValueError naming the field."""
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"{owner}.{name} must be a power of two, got {value}")
-    return int(math.log2(value))
+    @property
+    def image_multiple(self) -> int:
+        return self.downsample
+
+    def validate(self) -> None:
+        self.require("downsample", log2_exact(self.downsample) is not None, "a power of two")
+        super().validate()
 
 
 class ResBlock(nn.Module):
@@ -68,7 +87,9 @@ class Encoder(nn.Module):
 
     def __init__(self, in_ch: int, channels: int, res_blocks: int, res_channels: int, factor: int) -> None:
         super().__init__()
-        steps = log2_exact("Encoder", "factor", factor)
+        steps = log2_exact(factor)
+        if steps is None:
+            raise ValueError(f"Encoder factor must be a power of two, got {factor}")
         layers: list[nn.Module] = []
         ch = in_ch
         for i in range(steps):
@@ -89,7 +110,9 @@ class Decoder(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, channels: int, res_blocks: int, res_channels: int, factor: int) -> None:
         super().__init__()
-        steps = log2_exact("Decoder", "factor", factor)
+        steps = log2_exact(factor)
+        if steps is None:
+            raise ValueError(f"Decoder factor must be a power of two, got {factor}")
         layers: list[nn.Module] = [nn.Conv2d(in_ch, channels, 3, padding=1)]
         layers += [ResBlock(channels, res_channels) for _ in range(res_blocks)]
         layers.append(nn.ReLU())
@@ -109,24 +132,31 @@ class Decoder(nn.Module):
         return self.net(x)
 
 
+@dataclass
+class AutoencoderOutput:
+    """What a training step needs from any autoencoder of this package."""
+
+    recon: torch.Tensor  # (B, C, S, S)
+    recon_loss: torch.Tensor  # scalar MSE
+    aux_loss: torch.Tensor  # scalar: commitment loss (VQ) or weighted KL (VAE)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars to log, e.g. perplexity_top
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.recon_loss + self.aux_loss
+
+
 class Autoencoder(nn.Module):
-    """Common surface of the autoencoders: a ``kind`` name, a ``config`` and the checkpoint constructor."""
+    """Common surface of the autoencoders (the role ``autoencoder``).
 
-    kind: ClassVar[str]
-    config_cls: ClassVar[type[ConfigBase]]
-    config: ConfigBase
+    ``levels`` names the code maps, top first (empty for a model without codes); a model with levels implements
+    ``encode(x) -> Encoding`` and ``decode_codes(*codes)``. Every autoencoder returns an ``AutoencoderOutput`` from
+    ``forward`` and decodes what ``encode`` gives it.
+    """
 
-    @classmethod
-    def from_config_dict(cls, data: dict[str, Any]) -> Autoencoder:
-        return cls(cls.config_cls.from_dict(data))
-
-    @classmethod
-    def from_checkpoint(cls, source: Any) -> Autoencoder:
-        """Rebuild a model of this class from a checkpoint path, bytes or payload; no external config needed."""
-        from steps.nn.checkpoint import load_model  # deferred: checkpoint imports every model module
-
-        model, _ = load_model(source, expect=cls.kind)
-        return model
+    config_cls: ClassVar[type[AutoencoderConfig]]
+    levels: ClassVar[tuple[str, ...]] = ()
+    config: AutoencoderConfig
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

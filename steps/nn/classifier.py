@@ -12,13 +12,13 @@ for the shard step's image shards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steps.nn.blocks import ConfigBase
+from steps.nn.config import ConfigBase
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class ClassifierConfig(ConfigBase):
         dropout: dropout before the linear layer while training.
     """
 
+    role: ClassVar[str] = "classifier"
+
     image_size: int = 32
     in_channels: int = 3
     num_classes: int = 10
@@ -41,23 +43,20 @@ class ClassifierConfig(ConfigBase):
     stages: int = 3
     dropout: float = 0.1
 
-    def __post_init__(self) -> None:
-        for name, minimum in (("image_size", 1), ("in_channels", 1), ("num_classes", 2), ("channels", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"ClassifierConfig.{name} must be an int >= {minimum}, got {value!r}")
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 0:
-            raise ValueError(f"ClassifierConfig.stages must be an int >= 0, got {self.stages!r}")
-        if self.image_size % 2**self.stages:
-            raise ValueError(f"ClassifierConfig.stages: image_size {self.image_size} is not divisible by 2**stages")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"ClassifierConfig.dropout must be in [0, 1), got {self.dropout!r}")
+    def validate(self) -> None:
+        self.require_min(1, "image_size", "in_channels", "channels")
+        self.require_min(2, "num_classes")
+        self.require_min(0, "stages")
+        self.require(
+            "stages", self.image_size % 2**self.stages == 0, f"such that 2**stages divides image_size={self.image_size}"
+        )
+        self.require("dropout", 0 <= self.dropout < 1, "in [0, 1)")
 
 
 class ImageClassifier(nn.Module):
-    """Images (B, C, S, S) in [-1, 1] -> class logits (B, num_classes)."""
+    """Images (B, C, S, S) in [-1, 1] -> class logits (B, num_classes) (kind ``classifier``)."""
 
-    kind = "classifier"
+    config_cls = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
@@ -70,10 +69,6 @@ class ImageClassifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(c, config.num_classes)
-
-    @classmethod
-    def from_config_dict(cls, data: dict[str, Any]) -> ImageClassifier:
-        return cls(ClassifierConfig.from_dict(data))
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.config

@@ -23,20 +23,37 @@ wrong code too often, and EMA statistics in bf16 lose the small updates entirely
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, replace
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from steps.nn.blocks import ConfigBase
+from steps.nn.config import ConfigBase
+
+MAX_CODEBOOK = 32767  # codes are stored as int16 downstream
 
 
 @dataclass(frozen=True)
 class QuantizerConfig(ConfigBase):
-    """Hyper-parameters of one codebook.
+    """Base of every quantiser config (the role ``quantizer`` of :mod:`steps.nn.registry`).
+
+    A subclass provides ``codebook_size`` and ``dim`` (fields or properties) and :meth:`resized`; its model class is
+    a :class:`Quantizer`. In dicts and Hydra files a quantiser config names its kind: ``{"kind": "ema", ...}``.
+    """
+
+    role: ClassVar[str] = "quantizer"
+
+    def resized(self, codebook_size: int | None = None, dim: int | None = None) -> QuantizerConfig:
+        """This config for a level with another codebook size or code dimension (None: keep)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EMAQuantizerConfig(QuantizerConfig):
+    """Hyper-parameters of one EMA codebook (kind ``ema``).
 
     Attributes:
         codebook_size: number of codes K (stored as int16 downstream, so at most 32767).
@@ -58,21 +75,17 @@ class QuantizerConfig(ConfigBase):
     kmeans_init: bool = False
     kmeans_iters: int = 10
 
-    def __post_init__(self) -> None:
-        if not 2 <= self.codebook_size <= 32767:
-            raise ValueError(f"QuantizerConfig.codebook_size must be in [2, 32767], got {self.codebook_size}")
-        if self.dim < 1:
-            raise ValueError(f"QuantizerConfig.dim must be >= 1, got {self.dim}")
-        if self.beta < 0:
-            raise ValueError(f"QuantizerConfig.beta must be >= 0, got {self.beta}")
-        if not 0.0 < self.decay < 1.0:
-            raise ValueError(f"QuantizerConfig.decay must be in (0, 1), got {self.decay}")
-        if self.eps <= 0:
-            raise ValueError(f"QuantizerConfig.eps must be > 0, got {self.eps}")
-        if self.restart_after < 0:
-            raise ValueError(f"QuantizerConfig.restart_after must be >= 0, got {self.restart_after}")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"QuantizerConfig.kmeans_iters must be >= 1, got {self.kmeans_iters}")
+    def validate(self) -> None:
+        self.require("codebook_size", 2 <= self.codebook_size <= MAX_CODEBOOK, f"in [2, {MAX_CODEBOOK}]")
+        self.require("dim", self.dim >= 1, ">= 1")
+        self.require("beta", self.beta >= 0, ">= 0")
+        self.require("decay", 0.0 < self.decay < 1.0, "in (0, 1)")
+        self.require("eps", self.eps > 0, "> 0")
+        self.require("restart_after", self.restart_after >= 0, ">= 0")
+        self.require("kmeans_iters", self.kmeans_iters >= 1, ">= 1")
+
+    def resized(self, codebook_size: int | None = None, dim: int | None = None) -> EMAQuantizerConfig:
+        return replace(self, codebook_size=codebook_size or self.codebook_size, dim=dim or self.dim)
 
 
 class QuantizerOutput(NamedTuple):
@@ -90,8 +103,35 @@ def _distributed(sync: bool | None) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-class VectorQuantizerEMA(nn.Module):
-    """Nearest-neighbour quantiser whose codebook is an EMA of its assigned encoder outputs.
+class Quantizer(nn.Module):
+    """What a VQ model needs of a quantiser (the role ``quantizer``): quantise, look codes up, count usage.
+
+    ``forward(z (B, D, H, W)) -> QuantizerOutput``; ``lookup(codes (B, H, W)) -> (B, D, H, W)``; usage statistics
+    since :meth:`reset_usage` for the training logs and the evaluate step.
+    """
+
+    config_cls: ClassVar[type[QuantizerConfig]]
+    config: QuantizerConfig
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reset_usage(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def usage_fraction(self) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def usage_perplexity(self) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def restart_count(self) -> int:
+        """Codes re-seeded since the model was built (0 for quantisers that never restart codes)."""
+        return 0
+
+
+class VectorQuantizerEMA(Quantizer):
+    """Nearest-neighbour quantiser whose codebook is an EMA of its assigned encoder outputs (kind ``ema``).
 
     Args:
         config: codebook hyper-parameters.
@@ -99,7 +139,9 @@ class VectorQuantizerEMA(nn.Module):
             ``torch.distributed`` is initialised at call time", so one module works in a unit test and under DDP.
     """
 
-    def __init__(self, config: QuantizerConfig, sync: bool | None = None) -> None:
+    config_cls = EMAQuantizerConfig
+
+    def __init__(self, config: EMAQuantizerConfig, sync: bool | None = None) -> None:
         super().__init__()
         self.config = config
         self.sync = sync
@@ -238,6 +280,9 @@ class VectorQuantizerEMA(nn.Module):
     def usage_fraction(self) -> float:
         """Fraction of codes chosen at least once since :meth:`reset_usage`."""
         return float((self.usage > 0).float().mean())
+
+    def restart_count(self) -> int:
+        return int(self.restarts)
 
     def dead_codes(self) -> int:
         """Number of codes not chosen since :meth:`reset_usage`."""

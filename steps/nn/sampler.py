@@ -1,4 +1,4 @@
-"""Cached (incremental) sampling for :class:`~steps.nn.prior.PixelCNNPrior`.
+"""Cached (incremental) sampling for :class:`~steps.nn.pixelcnn.PixelCNNPrior`.
 
 The naive sampler reruns the whole prior on the generated prefix for each of the H * W positions. Following
 Ramachandran et al. 2017 ("Fast Generation for Convolutional Autoregressive Models"), this one computes only what
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from steps.nn.draw import RandomSource, check_controls, draw_codes, uniforms
-from steps.nn.prior import CausalSelfAttention, GatedBlock, PixelCNNPrior
+from steps.nn.pixelcnn import CausalSelfAttention, GatedBlock, PixelCNNPrior
 
 
 class _Layer:
@@ -158,7 +158,7 @@ class CachedSampler:
     def _run(self, codes: Tensor, labels: Tensor | None, cond: Tensor | None, pick: Callable) -> Tensor:
         """Raster-order loop; ``pick(i, logits (B, K))`` returns the codes (B,) at flat position i."""
         model = self.model
-        model._check_inputs(codes, labels, cond)
+        model.check_inputs(codes, labels, cond)
         was_training = model.training
         model.eval()  # no dropout; the head and attention's sub-modules are called directly
         try:

@@ -14,38 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steps.nn.blocks import Autoencoder, ConfigBase, Decoder, Encoder, check_positive, log2_exact
-from steps.nn.vqvae import AutoencoderOutput
+from steps.nn.blocks import Autoencoder, AutoencoderOutput, Decoder, Encoder, SingleScaleConfig
 
 
 @dataclass(frozen=True)
-class VAEConfig(ConfigBase):
-    image_size: int = 32
-    in_channels: int = 3
-    channels: int = 128
-    res_blocks: int = 2
-    res_channels: int = 32
+class VAEConfig(SingleScaleConfig):
     latent_channels: int = 16
-    downsample: int = 4
     kl_weight: float = 1.0
 
-    def __post_init__(self) -> None:
-        log2_exact("VAEConfig", "downsample", self.downsample)
-        check_positive(
-            "VAEConfig",
-            in_channels=self.in_channels,
-            channels=self.channels,
-            res_channels=self.res_channels,
-            latent_channels=self.latent_channels,
-        )
-        if self.res_blocks < 0:
-            raise ValueError(f"VAEConfig.res_blocks must be >= 0, got {self.res_blocks}")
-        if self.kl_weight < 0:
-            raise ValueError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
-        if not 32 <= self.image_size <= 256 or self.image_size % self.downsample:
-            raise ValueError(
-                f"VAEConfig.image_size must be in [32, 256] and a multiple of {self.downsample}, got {self.image_size}"
-            )
+    def validate(self) -> None:
+        super().validate()
+        self.require_min(1, "latent_channels")
+        self.require_min(0, "kl_weight")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -54,9 +34,9 @@ class VAEConfig(ConfigBase):
 
 
 class VAE(Autoencoder):
-    kind = "vae"
+    """Gaussian VAE (kind ``vae``): no code levels; new images decode N(0, I) draws (:meth:`sample`)."""
+
     config_cls = VAEConfig
-    levels: tuple[str, ...] = ()
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()

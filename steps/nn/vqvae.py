@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steps.nn.blocks import Autoencoder, ConfigBase, Decoder, Encoder, check_positive, log2_exact
-from steps.nn.quantize import QuantizerConfig, VectorQuantizerEMA
+from steps.nn import registry
+from steps.nn.blocks import Autoencoder, AutoencoderConfig, AutoencoderOutput, Decoder, Encoder, SingleScaleConfig
+from steps.nn.config import FieldError
+from steps.nn.quantize import EMAQuantizerConfig, Quantizer, QuantizerConfig
 
 
 class Encoding(NamedTuple):
@@ -28,113 +30,72 @@ class Encoding(NamedTuple):
     perplexity: tuple[torch.Tensor, ...]  # each scalar
 
 
-@dataclass
-class AutoencoderOutput:
-    """What a training step needs from any autoencoder of this package."""
-
-    recon: torch.Tensor  # (B, C, S, S)
-    recon_loss: torch.Tensor  # scalar MSE
-    aux_loss: torch.Tensor  # scalar: commitment loss (VQ) or weighted KL (VAE)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars to log, e.g. perplexity_top
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.recon_loss + self.aux_loss
-
-
 @dataclass(frozen=True)
-class _VQConfigFields(ConfigBase):
-    """Fields shared by the one- and two-level models."""
+class VQVAE2Config(AutoencoderConfig):
+    """VQ-VAE-2 hyper-parameters. ``quantizer`` configures both levels' codebooks; a level may override its codebook
+    size and code dimension (``top_codebook_size``, ``bottom_embed_dim``, ...)."""
 
-    image_size: int = 32
-    in_channels: int = 3
-    channels: int = 128
-    res_blocks: int = 2
-    res_channels: int = 32
-    codebook_size: int = 512
-    embed_dim: int = 64
-    beta: float = 0.25
-    decay: float = 0.99
-    eps: float = 1e-5
-    restart_after: int = 20
-    kmeans_init: bool = False
-
-    def _validate(self, owner: str, multiple: int) -> None:
-        check_positive(
-            owner,
-            in_channels=self.in_channels,
-            channels=self.channels,
-            res_channels=self.res_channels,
-            embed_dim=self.embed_dim,
-        )
-        if self.res_blocks < 0:
-            raise ValueError(f"{owner}.res_blocks must be >= 0, got {self.res_blocks}")
-        if not 32 <= self.image_size <= 256 or self.image_size % multiple:
-            raise ValueError(
-                f"{owner}.image_size must be in [32, 256] and a multiple of {multiple}, got {self.image_size}"
-            )
-
-    def quantizer(self, codebook_size: int, dim: int) -> QuantizerConfig:
-        return QuantizerConfig(
-            codebook_size=codebook_size,
-            dim=dim,
-            beta=self.beta,
-            decay=self.decay,
-            eps=self.eps,
-            restart_after=self.restart_after,
-            kmeans_init=self.kmeans_init,
-        )
-
-
-@dataclass(frozen=True)
-class VQVAE2Config(_VQConfigFields):
-    """VQ-VAE-2 hyper-parameters. ``codebook_size``/``embed_dim`` apply to both levels unless a level overrides."""
-
+    quantizer: QuantizerConfig = field(default_factory=EMAQuantizerConfig)
     top_codebook_size: int | None = None
     bottom_codebook_size: int | None = None
     top_embed_dim: int | None = None
     bottom_embed_dim: int | None = None
 
-    def __post_init__(self) -> None:
-        self._validate("VQVAE2Config", 8)
-        for name in ("top", "bottom"):
-            self.quantizer(*self.level(name))  # validates codebook sizes, dims, beta, decay, ...
+    @property
+    def image_multiple(self) -> int:
+        return 8
 
-    def level(self, name: str) -> tuple[int, int]:
-        """(codebook_size, embed_dim) of level ``name``."""
-        size = getattr(self, f"{name}_codebook_size") or self.codebook_size
-        dim = getattr(self, f"{name}_embed_dim") or self.embed_dim
-        return size, dim
+    def validate(self) -> None:
+        super().validate()
+        for level in ("top", "bottom"):
+            self.quantizer_of(level)  # checks the level's overrides
+
+    def quantizer_of(self, level: str) -> QuantizerConfig:
+        """The quantiser config of ``level``: ``quantizer`` with the level's overrides."""
+        size, dim = getattr(self, f"{level}_codebook_size"), getattr(self, f"{level}_embed_dim")
+        try:
+            return self.quantizer.resized(size, dim)
+        except FieldError as exc:
+            override = {"codebook_size": f"{level}_codebook_size", "dim": f"{level}_embed_dim"}.get(exc.field)
+            raise self.error(override, exc.problem) if override else exc from None
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
+        """(H, W) of each level's code map."""
         return {"top": (self.image_size // 8,) * 2, "bottom": (self.image_size // 4,) * 2}
+
+    @property
+    def codebook_sizes(self) -> dict[str, int]:
+        return {level: self.quantizer_of(level).codebook_size for level in ("top", "bottom")}
 
 
 @dataclass(frozen=True)
-class VQVAEConfig(_VQConfigFields):
+class VQVAEConfig(SingleScaleConfig):
     """One-level VQ-VAE: a single code map at ``image_size / downsample``."""
 
-    downsample: int = 4
+    quantizer: QuantizerConfig = field(default_factory=EMAQuantizerConfig)
 
-    def __post_init__(self) -> None:
-        log2_exact("VQVAEConfig", "downsample", self.downsample)
-        self._validate("VQVAEConfig", self.downsample)
-        self.quantizer(self.codebook_size, self.embed_dim)
-
-    def level(self, name: str) -> tuple[int, int]:
-        return self.codebook_size, self.embed_dim
+    def quantizer_of(self, level: str) -> QuantizerConfig:
+        return self.quantizer
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {"top": (self.image_size // self.downsample,) * 2}
 
+    @property
+    def codebook_sizes(self) -> dict[str, int]:
+        return {"top": self.quantizer.codebook_size}
+
+
+def _quantizer(config: QuantizerConfig) -> Quantizer:
+    """The quantiser module of ``config``'s kind (the registry's ``quantizer`` role)."""
+    return registry.build(config)
+
 
 class _VQModel(Autoencoder):
     """Shared forward/encode/decode plumbing; subclasses define the levels."""
 
-    levels: tuple[str, ...]
-    quantizers: nn.ModuleDict
+    quantizers: nn.ModuleDict  # level -> Quantizer
 
     def forward(self, x: torch.Tensor) -> AutoencoderOutput:
         enc = self.encode(x)
@@ -168,7 +129,6 @@ class _VQModel(Autoencoder):
 class VQVAE2(_VQModel):
     """Two-level VQ-VAE: top codes at 1/8 of the image side, bottom codes at 1/4."""
 
-    kind = "vqvae2"
     config_cls = VQVAE2Config
     levels = ("top", "bottom")
 
@@ -176,7 +136,7 @@ class VQVAE2(_VQModel):
         super().__init__()
         self.config = config
         c, rb, rc = config.channels, config.res_blocks, config.res_channels
-        (k_t, d_t), (k_b, d_b) = config.level("top"), config.level("bottom")
+        d_t, d_b = config.quantizer_of("top").dim, config.quantizer_of("bottom").dim
         self.enc_bottom = Encoder(config.in_channels, c, rb, rc, factor=4)
         self.enc_top = Encoder(c, c, rb, rc, factor=2)
         self.pre_quant_top = nn.Conv2d(c, d_t, 1)
@@ -184,12 +144,7 @@ class VQVAE2(_VQModel):
         self.pre_quant_bottom = nn.Conv2d(c + d_b, d_b, 1)
         self.upsample_top = nn.ConvTranspose2d(d_t, d_t, 4, stride=2, padding=1)
         self.dec = Decoder(d_t + d_b, config.in_channels, c, rb, rc, factor=4)
-        self.quantizers = nn.ModuleDict(
-            {
-                "top": VectorQuantizerEMA(config.quantizer(k_t, d_t)),
-                "bottom": VectorQuantizerEMA(config.quantizer(k_b, d_b)),
-            }
-        )
+        self.quantizers = nn.ModuleDict({lv: _quantizer(config.quantizer_of(lv)) for lv in self.levels})
 
     def encode(self, x: torch.Tensor) -> Encoding:
         self._check_image(x)
@@ -214,20 +169,17 @@ class VQVAE2(_VQModel):
 class VQVAE(_VQModel):
     """One-level VQ-VAE (van den Oord et al. 2017); its single code map is called ``top``."""
 
-    kind = "vqvae"
     config_cls = VQVAEConfig
     levels = ("top",)
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         self.config = config
-        c, rb, rc = config.channels, config.res_blocks, config.res_channels
+        c, rb, rc, d = config.channels, config.res_blocks, config.res_channels, config.quantizer.dim
         self.enc = Encoder(config.in_channels, c, rb, rc, factor=config.downsample)
-        self.pre_quant = nn.Conv2d(c, config.embed_dim, 1)
-        self.dec = Decoder(config.embed_dim, config.in_channels, c, rb, rc, factor=config.downsample)
-        self.quantizers = nn.ModuleDict(
-            {"top": VectorQuantizerEMA(config.quantizer(config.codebook_size, config.embed_dim))}
-        )
+        self.pre_quant = nn.Conv2d(c, d, 1)
+        self.dec = Decoder(d, config.in_channels, c, rb, rc, factor=config.downsample)
+        self.quantizers = nn.ModuleDict({"top": _quantizer(config.quantizer)})
 
     def encode(self, x: torch.Tensor) -> Encoding:
         self._check_image(x)

@@ -1,4 +1,4 @@
-"""Faults injected into real `python -m pipeline` runs (the scenarios of bench/faults.py), and what must hold after.
+"""Faults injected into real `python -m pipeline` runs (the scenarios of pipeline.faults), and what must hold after.
 
 A killed driver takes its local Ray along (SIGKILL to the process group), as a preempted head node would. The
 artifact root is then checked with ``pipeline.verify``, the tool users run after an incident.
@@ -6,18 +6,13 @@ artifact root is then checked with ``pipeline.verify``, the tool users run after
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH) not in sys.path:  # --import-mode=importlib adds no path
-    sys.path.insert(0, str(BENCH))
-import faults  # noqa: E402
-
-from pipeline.verify import verify  # noqa: E402
+from pipeline import faults
+from pipeline.verify import verify
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from steps.codes import read_code_meta
-from steps.nn.checkpoint import load_model
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.codes import read_code_meta
+from steps.artifacts.priors import Priors
 
 pytestmark = pytest.mark.e2e
 EVALUATE_METRICS = ["recon_mse", "psnr", "ssim", "usage_top", "perplexity_bottom", "nll_bits_top", "bits_per_dim"]
@@ -17,17 +18,12 @@ EVALUATE_METRICS += ["fd_effnet", "kid_effnet", "kid_effnet_std", "precision", "
 STEPS = ["shard", "train_vqvae", "encode", "train_prior", "sample", "evaluate"]
 
 
-def pipeline(workdir: Path, *overrides: str) -> str:
+def pipeline(workdir: Path, *overrides: str, faults: tuple[str, ...] = ()) -> str:
     root, db = workdir / "artifacts", workdir / "mlflow.db"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "debug=tiny",
-        f"artifacts.root={root}",
-        f"mlflow.tracking_uri=sqlite:///{db}",
-        *overrides,
-    ]
+    settings = ["debug=tiny", f"artifacts.root={root}", f"mlflow.tracking_uri=sqlite:///{db}", *overrides]
+    cmd = [sys.executable, "-m", "pipeline.faults", *faults, "--", *settings] if faults else [
+        sys.executable, "-m", "pipeline", *settings
+    ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
@@ -52,10 +48,10 @@ def mlflow_runs(workdir: Path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """One full run, with a worker killed (SIGKILL) in train_vqvae after step 7 (a test-only setting that does not
-    change the fingerprint): Ray Train restarts the workers from the step-5 checkpoint."""
+    """One full run, with a worker killed (SIGKILL) in train_vqvae after step 7 (by the fault-injection wrapper,
+    python -m pipeline.faults): Ray Train restarts the workers from the step-5 checkpoint."""
     path = tmp_path_factory.mktemp("e2e")
-    pipeline(path, "train_vqvae.train.fail_at_step=7")
+    pipeline(path, faults=("--kill-at", "train_vqvae:7"))
     return path
 
 
@@ -71,8 +67,8 @@ def test_every_artifact_and_schema(workdir):
     manifest = json.loads((outs["shard"][0] / "manifest.json").read_text())
     assert manifest["rows"]["train"] + manifest["rows"]["val"] == 200
 
-    model, _ = load_model(outs["train_vqvae"][0] / "model.pt", expect="vqvae2")
-    assert model.config.codebook_size == 512
+    autoencoder = Autoencoder.open(str(outs["train_vqvae"][0]))
+    assert autoencoder.kind == "vqvae2" and autoencoder.codebook_sizes == {"top": 512, "bottom": 512}
     assert (outs["train_vqvae"][0] / "recon.png").stat().st_size > 0
 
     codes = outs["encode"][0]
@@ -83,10 +79,9 @@ def test_every_artifact_and_schema(workdir):
     assert str(table.schema.field("top").type.value_type) == "int16"
     assert table.num_rows == manifest["rows"]["train"] and len(set(table.column("id").to_pylist())) == table.num_rows
 
-    top, top_payload = load_model(outs["train_prior"][0] / "top.pt", expect="prior")
-    assert top_payload["vqvae"] == meta.vqvae and top.config.attn_heads == 2
-    bottom, _ = load_model(outs["train_prior"][0] / "bottom.pt", expect="prior")
-    assert bottom.config.cond_shape == (4, 4)
+    priors = Priors.open(str(outs["train_prior"][0]))
+    assert priors.checkpoint("top").extra("vqvae") == meta.vqvae == autoencoder.digest
+    assert priors.load("top").config.attn_heads == 2 and priors.load("bottom").config.cond_shape == (4, 4)
 
     sample = outs["sample"][0]
     assert len(list((sample / "images").glob("*.png"))) == 8 and (sample / "grid.png").exists()
@@ -107,7 +102,8 @@ def test_mlflow_run_tree(workdir):
     kids = {r.data.tags["mlflow.runName"]: r for r in children[parents[0].info.run_id]}
     assert sorted(kids) == sorted(STEPS)
     tv = kids["train_vqvae"]
-    assert tv.data.params["model.codebook_size"] == "512" and tv.data.params["train.steps"] == "10"
+    assert tv.data.params["model.quantizer.codebook_size"] == "512" and tv.data.params["train.steps"] == "10"
+    assert tv.data.params["model.kind"] == "vqvae2" and tv.data.params["model.quantizer.kind"] == "ema"
     out = finished(workdir / "artifacts", "train_vqvae")[0]
     assert tv.data.tags["fingerprint"] == out.name and tv.data.tags["git_sha"]
     assert tv.data.tags["input.shard"].endswith(finished(workdir / "artifacts", "shard")[0].name)

@@ -29,7 +29,7 @@ def test_bf16_autocast_training_keeps_the_quantiser_in_fp32():
     from steps.nn.vqvae import VQVAE2, VQVAE2Config
 
     torch.manual_seed(0)
-    model = VQVAE2(VQVAE2Config(image_size=32, in_channels=1, channels=64, codebook_size=128)).to(CUDA)
+    model = VQVAE2(VQVAE2Config(image_size=32, in_channels=1, channels=64, quantizer={"codebook_size": 128})).to(CUDA)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = digits_like(64)
     losses = []
@@ -56,11 +56,14 @@ def test_bf16_autocast_training_keeps_the_quantiser_in_fp32():
 
 
 def test_cached_sampler_on_cuda_equals_naive_and_cpu():
-    from steps.nn.prior import PixelCNNPrior, PriorConfig, sample_naive
+    from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
+    from steps.nn.prior import sample_naive
     from steps.nn.sampler import sample
 
     torch.manual_seed(0)
-    config = PriorConfig(num_codes=64, shape=(8, 8), channels=32, layers=4, attn_heads=4, attn_every=2, num_classes=3)
+    config = PixelCNNConfig(
+        num_codes=64, shape=(8, 8), channels=32, layers=4, attn_heads=4, attn_every=2, num_classes=3, dropout=0.0
+    )
     model = PixelCNNPrior(config).double().eval()
     torch.nn.init.normal_(model.head[-1].weight)
     labels = torch.tensor([0, 1, 2, 1])
@@ -86,7 +89,9 @@ def test_training_collectives_on_nccl(tmp_path):
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:
         torch.manual_seed(0)
-        model = VQVAE2(VQVAE2Config(image_size=32, in_channels=1, channels=32, codebook_size=64)).to(CUDA)
+        model = VQVAE2(VQVAE2Config(image_size=32, in_channels=1, channels=32, quantizer={"codebook_size": 64})).to(
+            CUDA
+        )
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = ddp(digits_like(16))

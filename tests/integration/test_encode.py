@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -13,26 +14,25 @@ import pytest
 import torch
 
 from steps import encode
-from steps.codes import CodeMeta, batch_to_tensors, model_digest, read_code_meta
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors, read_code_meta
 from steps.common import MissingInputError
-from steps.encode import EncodeConfig, run
-from steps.images import decode_batch, encode_png, image_schema
+from steps.encode import run
+from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, save_checkpoint
 from steps.nn.classifier import ClassifierConfig, ImageClassifier
-from steps.nn.prior import PixelCNNPrior, PriorConfig
-from steps.nn.vae import VAE, VAEConfig
-from steps.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
+from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
+from steps.pixels import decode_batch, encode_png
 
-TINY = dict(image_size=32, in_channels=1, channels=16, res_channels=8, res_blocks=1, codebook_size=32, embed_dim=8)
+SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 
 
-def write_shards(root, n: int = 100, size: int = 32, splits=(("train", 80, 2), ("val", 20, 1))) -> dict[str, pa.Table]:
-    """Pattern images with labels (every 7th null), split into Parquet files of the image-shard contract."""
+def write_shards(root, artifacts, size: int = 32, splits=(("train", 80, 2), ("val", 20, 1))) -> dict[str, pa.Table]:
+    """Pattern images with labels (every 7th null), written as image shards of ``files`` parts per split."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:size, :size]
-    schema = image_schema(size, 1)
-    tables, start = {}, 0
-    for split, count, files in splits:
+    tables, start, content = {}, 0, {}
+    for split, count, _ in splits:
         ids = [f"img-{i:04d}" for i in range(start, start + count)]
         labels = [None if i % 7 == 0 else i % 10 for i in range(start, start + count)]
         images = []
@@ -40,19 +40,12 @@ def write_shards(root, n: int = 100, size: int = 32, splits=(("train", 80, 2), (
             f = 0.1 + 0.4 * rng.random()
             img = 127.5 * (1 + np.sin(f * xx + (i % 10) * yy * 0.3)) + rng.normal(0, 20, (size, size))
             images.append(encode_png(np.clip(img, 0, 255).astype(np.uint8)))
-        table = pa.Table.from_pydict({"id": ids, "label": labels, "image": images}, schema=schema)
-        os.makedirs(root / split, exist_ok=True)
-        for j, part in enumerate(np.array_split(np.arange(count), files)):
-            pq.write_table(table.take(part), root / split / f"part-{j}.parquet")
-        tables[split], start = table, start + count
+        content[split] = (ids, labels, images)
+        tables[split] = pa.table({"id": ids, "label": pa.array(labels, pa.int32()), "image": images})
+        start += count
+    rows_per_file = max(-(-count // parts) for _, count, parts in splits)
+    artifacts.shards(root, content, size, 1, num_classes=10, rows_per_file=rows_per_file)
     return tables
-
-
-def save_model(root, model) -> str:
-    os.makedirs(root, exist_ok=True)
-    torch.manual_seed(0)
-    save_checkpoint(root / "model.pt", model)
-    return str(root)
 
 
 def expected_codes(model, table: pa.Table) -> dict[str, dict[str, np.ndarray]]:
@@ -76,19 +69,23 @@ def check_against_model(out, split, model, table, meta):
         assert got.column("label")[k].as_py() == labels[row_id]
 
 
-def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path):
-    tables = write_shards(tmp_path / "shard")
-    torch.manual_seed(0)
-    model = VQVAE2(VQVAE2Config(**TINY)).eval()
-    vq_dir = save_model(tmp_path / "train_vqvae", model)
+def model_of(tiny, *overrides: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return registry.build(tiny(*SMALL, *overrides).train_vqvae.model).eval()
+
+
+def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts):
+    tables = write_shards(tmp_path / "shard", artifacts)
+    model = model_of(tiny)
+    vq_dir = artifacts.autoencoder(tmp_path / "train_vqvae", model)
     out = tmp_path / "encode"
     (out / "train").mkdir(parents=True)
     (out / "train" / "stale.parquet").write_bytes(b"left by a crashed attempt")
 
-    cfg = EncodeConfig(batch_size=16, rows_per_file=30)
+    cfg = tiny.encode(batch_size=16, rows_per_file=30)
     result = run(cfg, {"shard": str(tmp_path / "shard"), "train_vqvae": vq_dir}, str(out))
 
-    digest = model_digest((tmp_path / "train_vqvae" / "model.pt").read_bytes())
+    digest = Autoencoder.open(vq_dir).digest
     assert result.metrics["rows_train"] == 80 and result.metrics["rows_val"] == 20
     assert result.metrics["images_per_s"] > 0
     assert result.info["vqvae"] == digest and result.info["shapes"] == {"top": [4, 4], "bottom": [8, 8]}
@@ -99,7 +96,8 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path):
     }
     assert not (out / "train" / "stale.parquet").exists()
 
-    meta = read_code_meta(str(out))
+    codes = CodeDataset.open(str(out))
+    meta = codes.meta
     assert meta == CodeMeta(
         levels=("top", "bottom"),
         shapes={"top": (4, 4), "bottom": (8, 8)},
@@ -110,22 +108,22 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path):
     )
     doc = json.loads((out / "codes.json").read_text())
     assert doc["rows"] == {"train": 80, "val": 20} and doc["top_shape"] == [4, 4] and doc["bottom_shape"] == [8, 8]
-    for f in (out / "train").iterdir():  # every file carries the metadata, not only codes.json
-        assert read_code_meta(str(f)) == meta
-    assert len(list((out / "train").iterdir())) >= 2  # rows_per_file=30 < 80 rows
-    schema = pq.read_schema(next((out / "val").iterdir()))
+    assert codes.check_files() == {"train": 80, "val": 20}  # every file carries the metadata, not only codes.json
+    for f in codes.files("train"):
+        assert read_code_meta(f) == meta
+    assert len(codes.files("train")) >= 2  # rows_per_file=30 < 80 rows
+    schema = pq.read_schema(codes.files("val")[0])
     assert schema.field("top").type.list_size == 16 and schema.field("bottom").type.list_size == 64
     for split, table in tables.items():
         check_against_model(out, split, model, table, meta)
 
 
-def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path):
-    tables = write_shards(tmp_path / "shard", splits=(("train", 40, 1),))  # no val files at all
-    torch.manual_seed(1)
-    model = VQVAE(VQVAEConfig(**TINY, downsample=4)).eval()
-    vq_dir = save_model(tmp_path / "train_vqvae", model)
+def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path, tiny, artifacts):
+    tables = write_shards(tmp_path / "shard", artifacts, splits=(("train", 40, 1),))  # no val files at all
+    model = model_of(tiny, "model=vqvae", "model.downsample=4", seed=1)
+    vq_dir = artifacts.autoencoder(tmp_path / "train_vqvae", model)
     out = tmp_path / "encode"
-    result = run(EncodeConfig(batch_size=64), {"shard": str(tmp_path / "shard"), "train_vqvae": vq_dir}, str(out))
+    result = run(tiny.encode(batch_size=64), {"shard": str(tmp_path / "shard"), "train_vqvae": vq_dir}, str(out))
     assert result.metrics["rows_train"] == 40 and result.metrics["rows_val"] == 0
     meta = read_code_meta(str(out))
     assert meta.levels == ("top",) and meta.shapes == {"top": (8, 8)}
@@ -134,27 +132,31 @@ def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path):
     check_against_model(out, "train", model, tables["train"], meta)
 
 
-def test_encode_input_errors(tmp_path):
+def test_encode_input_errors(tmp_path, tiny, artifacts):
     """All raised before any Ray work: no ray fixture needed."""
-    write_shards(tmp_path / "shard", n=10, splits=(("train", 8, 1), ("val", 2, 1)))
+    write_shards(tmp_path / "shard", artifacts, splits=(("train", 8, 1), ("val", 2, 1)))
     shard = str(tmp_path / "shard")
     out = str(tmp_path / "encode")
+    cfg = tiny.encode()
 
-    with pytest.raises(MissingInputError, match=r"checkpoint \S*none/model\.pt, which does not exist; run train_vqvae"):
-        run(EncodeConfig(), {"shard": shard, "train_vqvae": str(tmp_path / "none")}, out)
+    with pytest.raises(MissingInputError, match=r"\S*none/model\.pt does not exist: .* run train_vqvae first"):
+        run(cfg, {"shard": shard, "train_vqvae": str(tmp_path / "none")}, out)
     with pytest.raises(MissingInputError, match="run the shard step first"):
-        run(EncodeConfig(), {"train_vqvae": str(tmp_path / "none")}, out)
+        run(cfg, {"train_vqvae": str(tmp_path / "none")}, out)
 
-    vae = save_model(tmp_path / "vae", VAE(VAEConfig(in_channels=1, channels=16, res_channels=8, latent_channels=4)))
+    torch.manual_seed(0)
+    vae = artifacts.autoencoder(
+        tmp_path / "vae", registry.build(tiny("data.channels=1", "model=vae").train_vqvae.model)
+    )
     with pytest.raises(ValueError, match="encode needs a VQ model; model=vae has no codes"):
-        run(EncodeConfig(), {"shard": shard, "train_vqvae": vae}, out)
+        run(cfg, {"shard": shard, "train_vqvae": vae}, out)
 
-    big = save_model(tmp_path / "big", VQVAE2(VQVAE2Config(**{**TINY, "image_size": 64})))
+    big = artifacts.autoencoder(tmp_path / "big", model_of(tiny, "data.image_size=64"))
     with pytest.raises(ValueError, match=r"image_size=32, but the VQ-VAE .*model\.pt expects image_size=64"):
-        run(EncodeConfig(), {"shard": shard, "train_vqvae": big}, out)
-    rgb = save_model(tmp_path / "rgb", VQVAE2(VQVAE2Config(**{**TINY, "in_channels": 3})))
+        run(cfg, {"shard": shard, "train_vqvae": big}, out)
+    rgb = artifacts.autoencoder(tmp_path / "rgb", registry.build(replace(model_of(tiny).config, in_channels=3)))
     with pytest.raises(ValueError, match=r"channels=1, but the VQ-VAE .* expects channels=3"):
-        run(EncodeConfig(), {"shard": shard, "train_vqvae": rgb}, out)
+        run(cfg, {"shard": shard, "train_vqvae": rgb}, out)
     assert not os.path.exists(out)  # nothing touched before the checks pass
 
 
@@ -162,20 +164,21 @@ def test_encode_input_errors(tmp_path):
     "make, message",
     [
         (
-            lambda: PixelCNNPrior(PriorConfig(num_codes=32, shape=(4, 4), channels=8, layers=1)),
-            r"holds a 'prior' checkpoint, but encode needs a VQ-VAE: .*kind 'vqvae2' or 'vqvae'",
+            lambda: PixelCNNPrior(PixelCNNConfig(num_codes=32, shape=(4, 4), channels=8, layers=1)),
+            r"holds a 'pixelcnn' model, but an autoencoder \(train_vqvae's model\.pt: kind vqvae2 or vqvae or vae\)",
         ),
         (
             lambda: ImageClassifier(ClassifierConfig(in_channels=1, channels=8, stages=2)),
-            r"holds a 'classifier' checkpoint, but encode needs a VQ-VAE: .*kind 'vqvae2' or 'vqvae'",
+            r"holds a 'classifier' model, but an autoencoder \(train_vqvae's model\.pt",
         ),
-        (None, r"is not a checkpoint encode can use: torch\.load\(weights_only=True\) cannot read it"),
+        (None, r"is not a checkpoint of this project: torch\.load\(weights_only=True\) cannot read it"),
     ],
     ids=["prior", "classifier", "not-a-checkpoint"],
 )
-def test_encode_refuses_a_checkpoint_of_the_wrong_kind_before_any_work(tmp_path, monkeypatch, make, message):
+def test_encode_refuses_a_checkpoint_of_the_wrong_kind_before_any_work(tmp_path, monkeypatch, tiny, artifacts, make,
+                                                                       message):  # fmt: skip
     """Where train_vqvae's model.pt is expected, another model's checkpoint: a clear error naming the file."""
-    write_shards(tmp_path / "shard", n=10, splits=(("train", 8, 1),))
+    write_shards(tmp_path / "shard", artifacts, splits=(("train", 8, 1),))
     (tmp_path / "train_vqvae").mkdir()
     model_pt = tmp_path / "train_vqvae" / "model.pt"
     if make is None:
@@ -188,16 +191,6 @@ def test_encode_refuses_a_checkpoint_of_the_wrong_kind_before_any_work(tmp_path,
         raise AssertionError("encode started Ray work before checking its checkpoint")
 
     monkeypatch.setattr(encode, "_encode", tripwire)
-    monkeypatch.setattr(encode, "_check_shards", tripwire)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(model_pt))}\b.*{message}"):
-        run(EncodeConfig(), {"shard": str(tmp_path / "shard"), "train_vqvae": str(tmp_path / "train_vqvae")}, str(out))
+        run(tiny.encode(), {"shard": str(tmp_path / "shard"), "train_vqvae": str(tmp_path / "train_vqvae")}, str(out))
     assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "kw, field",
-    [({"batch_size": 0}, "batch_size"), ({"num_actors": 1.5}, "num_actors"), ({"cpus_per_actor": 0}, "cpus_per_actor")],
-)
-def test_encode_config_validation(kw, field):
-    with pytest.raises(ValueError, match=f"encode.{field}"):
-        EncodeConfig(**kw)

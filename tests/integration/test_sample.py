@@ -3,7 +3,6 @@ sampling controls, classifier-based rejection, clear errors."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -18,60 +17,49 @@ import pytest
 import torch
 from PIL import Image
 
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.priors import Priors
+from steps.artifacts.samples import META_KEY as SAMPLES_META_KEY
 from steps.common import MissingInputError
+from steps.generation import sample_seed
+from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, load_model, save_checkpoint
 from steps.nn.classifier import ClassifierConfig, ImageClassifier
-from steps.nn.prior import PixelCNNPrior, PriorConfig
+from steps.nn.pixelcnn import PixelCNNConfig
 from steps.nn.sampler import CachedSampler
-from steps.nn.vae import VAE, VAEConfig
-from steps.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
-from steps.sample import SAMPLES_META_KEY, SampleConfig, run, sample_seed
+from steps.sample import run
 from steps.train_classifier import TrainClassifierConfig
 from steps.train_classifier import train as train_classifier
 
-SMALL = {"image_size": 32, "in_channels": 1, "channels": 16, "res_channels": 8, "res_blocks": 1}
-TOP = PriorConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2)
-BOTTOM = PriorConfig(num_codes=16, shape=(8, 8), channels=16, layers=2, cond_num_codes=16, cond_shape=(4, 4))
+SMALL_CODES = ("data.channels=1", "model.quantizer.codebook_size=16", "model.quantizer.dim=8")
+
+TOP = PixelCNNConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2, dropout=0.0)
+BOTTOM = PixelCNNConfig(
+    num_codes=16, shape=(8, 8), channels=16, layers=2, cond_num_codes=16, cond_shape=(4, 4), dropout=0.0
+)
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def save_model(folder: Path, model: torch.nn.Module) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / "model.pt", model, step=1)
-    return digest(folder / "model.pt")
-
-
-def save_priors(folder: Path, vqvae: str, **configs: PriorConfig) -> str:
-    """One checkpoint per level (``top=..., bottom=...``), as train_prior writes them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for level, config in configs.items():
-        torch.manual_seed(len(level))
-        prior = PixelCNNPrior(config)
-        num_classes = config.num_classes or None
-        save_checkpoint(folder / f"{level}.pt", prior, level=level, vqvae=vqvae, num_classes=num_classes, step=1)
-    return str(folder)
+def save_model(artifacts, folder: Path, model: torch.nn.Module) -> str:
+    """A train_vqvae output holding ``model``; returns its digest."""
+    return Autoencoder.open(artifacts.autoencoder(folder, model)).digest
 
 
 @pytest.fixture(scope="module")
-def vq2(tmp_path_factory) -> dict[str, str]:
+def vq2(tmp_path_factory, artifacts) -> dict[str, str]:
     """A two-level VQ-VAE and unconditional top / bottom priors trained (nominally) on its codes."""
     root = tmp_path_factory.mktemp("vq2")
-    torch.manual_seed(0)
-    d = save_model(root / "vqvae", VQVAE2(VQVAE2Config(**SMALL, codebook_size=16, embed_dim=8)))
+    d = save_model(artifacts, root / "vqvae", artifacts.small_vqvae2())
     return {
         "train_vqvae": str(root / "vqvae"),
-        "train_prior": save_priors(root / "prior", d, top=TOP, bottom=BOTTOM),
+        "train_prior": artifacts.priors(root / "prior", d, top=TOP, bottom=BOTTOM),
         "digest": d,
     }
 
 
 @pytest.fixture(scope="module")
-def base_run(ray_local, vq2, tmp_path_factory):
+def base_run(ray_local, vq2, tmp_path_factory, tiny):
     """3 shards (the last one short) over 2 actors; the grid covers the first two shards."""
-    cfg = SampleConfig(num_samples=10, shard_size=4, grid_size=6, num_actors=2)
+    cfg = tiny.sample(num_samples=10, shard_size=4, grid_size=6, num_actors=2)
     out = tmp_path_factory.mktemp("base") / "out"
     result = run(cfg, inputs_of(vq2), str(out))
     return cfg, out, result
@@ -86,7 +74,7 @@ def pngs(out: Path) -> dict[str, bytes]:
 
 
 def grid_side(n: int, size: int, pad: int = 2) -> tuple[int, int]:
-    """(width, height) of steps.images.grid_png for n images of side size."""
+    """(width, height) of steps.pixels.grid_png for n images of side size."""
     nrow = math.ceil(math.sqrt(n))
     return nrow * (size + pad) + pad, math.ceil(n / nrow) * (size + pad) + pad
 
@@ -129,8 +117,8 @@ def test_writes_images_codes_grid_and_metadata(base_run, vq2):
     info = json.loads((out / "samples.json").read_text())
     assert info["num_samples"] == 10 and info["num_shards"] == 3 and info["vqvae"] == vq2["digest"]
     assert info["labels"] is None and info["shapes"] == {"top": [4, 4], "bottom": [8, 8]}
-    prior_dir = Path(vq2["train_prior"])
-    assert info["priors"] == {lv: digest(prior_dir / f"{lv}.pt") for lv in ("top", "bottom")}
+    priors = Priors.open(vq2["train_prior"])
+    assert info["priors"] == {lv: priors.checkpoint(lv).digest for lv in ("top", "bottom")}
     assert info["samples_per_s"] > 0
     assert result.metrics["num_samples"] == 10 and result.metrics["samples_per_s"] > 0
     assert result.artifacts == {
@@ -193,7 +181,7 @@ def test_codes_come_from_the_cached_sampler_with_a_seed_per_sample(base_run, vq2
     """Sample i is reproducible on its own: its seed column, one CPU generator, top then bottom from it."""
     _, out, _ = base_run
     table = pq.read_table(out / "codes").sort_by("id")
-    priors = {lv: load_model(Path(vq2["train_prior"]) / f"{lv}.pt")[0] for lv in ("top", "bottom")}
+    priors = {lv: Priors.open(vq2["train_prior"]).load(lv) for lv in ("top", "bottom")}
     gens = [torch.Generator().manual_seed(s) for s in table.column("seed").to_pylist()[:4]]  # shard 0
     top = CachedSampler(priors["top"]).sample(4, generator=gens)
     bottom = CachedSampler(priors["bottom"]).sample(4, cond=top, generator=gens)  # the same streams, continued
@@ -204,8 +192,8 @@ def test_codes_come_from_the_cached_sampler_with_a_seed_per_sample(base_run, vq2
     assert info["cache_bytes"]["top"] > 0 and info["cache_bytes"]["bottom"] > 0
 
 
-def test_top_k_1_is_greedy_whatever_the_seed(ray_local, vq2, tmp_path):
-    cfg = SampleConfig(num_samples=4, shard_size=2, num_actors=1, top_k=1, write_pngs=False)
+def test_top_k_1_is_greedy_whatever_the_seed(ray_local, vq2, tmp_path, tiny):
+    cfg = tiny.sample(num_samples=4, shard_size=2, num_actors=1, top_k=1, write_pngs=False)
     result = run(cfg, inputs_of(vq2), str(tmp_path / "greedy"))
     table = pq.read_table(tmp_path / "greedy" / "codes")
     assert len({tuple(c) for c in table.column("top").to_pylist()}) == 1  # unconditional prior: one greedy map
@@ -218,14 +206,14 @@ def test_top_k_1_is_greedy_whatever_the_seed(ray_local, vq2, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ other models
 @pytest.fixture(scope="module")
-def conditional(vq2, tmp_path_factory) -> dict[str, str]:
+def conditional(vq2, tmp_path_factory, artifacts) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cond")
     top, bottom = replace(TOP, num_classes=3), replace(BOTTOM, num_classes=3)
-    return {**vq2, "train_prior": save_priors(root, vq2["digest"], top=top, bottom=bottom)}
+    return {**vq2, "train_prior": artifacts.priors(root, vq2["digest"], top=top, bottom=bottom)}
 
 
-def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_path):
-    cfg = SampleConfig(num_samples=5, shard_size=3, labels=[2, 0], num_actors=1)
+def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_path, tiny):
+    cfg = tiny.sample(num_samples=5, shard_size=3, labels=[2, 0], num_actors=1)
     run(cfg, inputs_of(conditional), str(tmp_path / "given"))
     table = pq.read_table(tmp_path / "given" / "codes").sort_by("id")
     assert table.column("label").to_pylist() == [2, 0, 2, 0, 2]
@@ -233,7 +221,7 @@ def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_p
 
     # Without labels every class takes its turn; without PNGs only the grid shows the images.
     result = run(
-        SampleConfig(num_samples=4, shard_size=4, num_actors=1, write_pngs=False),
+        tiny.sample(num_samples=4, shard_size=4, num_actors=1, write_pngs=False),
         inputs_of(conditional),
         str(tmp_path / "default"),
     )
@@ -242,11 +230,12 @@ def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_p
     assert image(tmp_path / "default" / "grid.png").size == grid_side(4, 32)
 
 
-def test_one_level_vqvae(ray_local, tmp_path):
+def test_one_level_vqvae(ray_local, tmp_path, tiny, artifacts):
     torch.manual_seed(0)
-    d = save_model(tmp_path / "vqvae", VQVAE(VQVAEConfig(**SMALL, codebook_size=16, embed_dim=8, downsample=8)))
-    inputs = {"train_vqvae": str(tmp_path / "vqvae"), "train_prior": save_priors(tmp_path / "prior", d, top=TOP)}
-    result = run(SampleConfig(num_samples=3, shard_size=2, num_actors=1), inputs, str(tmp_path / "out"))
+    model = registry.build(tiny(*SMALL_CODES, "model=vqvae", "model.downsample=8").train_vqvae.model)
+    d = save_model(artifacts, tmp_path / "vqvae", model)
+    inputs = {"train_vqvae": str(tmp_path / "vqvae"), "train_prior": artifacts.priors(tmp_path / "prior", d, top=TOP)}
+    result = run(tiny.sample(num_samples=3, shard_size=2, num_actors=1), inputs, str(tmp_path / "out"))
     table = pq.read_table(tmp_path / "out" / "codes")
     assert table.column_names == ["id", "label", "seed", "top"] and table.num_rows == 3
     assert len(pngs(tmp_path / "out")) == 3
@@ -266,10 +255,10 @@ def digits_classifier(digit_shards, tmp_path_factory) -> tuple[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def ten_classes(vq2, tmp_path_factory) -> dict[str, str]:
+def ten_classes(vq2, tmp_path_factory, artifacts) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ten")
     top, bottom = replace(TOP, num_classes=10), replace(BOTTOM, num_classes=10)
-    return {**vq2, "train_prior": save_priors(root, vq2["digest"], top=top, bottom=bottom)}
+    return {**vq2, "train_prior": artifacts.priors(root, vq2["digest"], top=top, bottom=bottom)}
 
 
 def test_train_classifier_on_image_shards(digits_classifier):
@@ -281,9 +270,9 @@ def test_train_classifier_on_image_shards(digits_classifier):
     assert metrics["val_accuracy"] > 0.5  # chance is 0.1; 120 tiny steps beat it clearly
 
 
-def test_classifier_rejection(ray_local, ten_classes, digits_classifier, tmp_path, caplog):
+def test_classifier_rejection(ray_local, ten_classes, digits_classifier, tmp_path, caplog, tiny):
     path, _ = digits_classifier
-    base = SampleConfig(num_samples=6, shard_size=4, num_actors=2, classifier=path, max_attempts=3)
+    base = tiny.sample(num_samples=6, shard_size=4, num_actors=2, classifier=path, max_attempts=3)
     run(base, inputs_of(ten_classes), str(tmp_path / "all"))  # threshold 0: every first draw passes
     first = pq.read_table(tmp_path / "all" / "codes").sort_by("id")
     assert first.column("attempt").to_pylist() == [0] * 6 and all(first.column("accepted").to_pylist())
@@ -322,10 +311,13 @@ def test_classifier_rejection(ray_local, ten_classes, digits_classifier, tmp_pat
     assert pq.read_table(tmp_path / "again" / "codes").sort_by("id").equals(table)
 
 
-def test_rejection_needs_a_fitting_classifier(vq2, conditional, digits_classifier, tmp_path):
+def test_rejection_needs_a_fitting_classifier(vq2, conditional, digits_classifier, tmp_path, tiny):
     path, _ = digits_classifier
-    expect_error(ValueError, "priors are not class-conditional", inputs_of(vq2), tmp_path / "out1", classifier=path)
     expect_error(
+        tiny, ValueError, "priors are not class-conditional", inputs_of(vq2), tmp_path / "out1", classifier=path
+    )
+    expect_error(
+        tiny,
         CheckpointError,
         "10 classes, but the models make 1x32x32 images of 3 classes",
         inputs_of(conditional),
@@ -335,29 +327,31 @@ def test_rejection_needs_a_fitting_classifier(vq2, conditional, digits_classifie
     wrong = tmp_path / "rgb.pt"
     save_checkpoint(wrong, ImageClassifier(ClassifierConfig(image_size=32, in_channels=3, num_classes=3)))
     expect_error(
-        CheckpointError, "takes 3x32x32 images", inputs_of(conditional), tmp_path / "out3", classifier=str(wrong)
+        tiny, CheckpointError, "takes 3x32x32 images", inputs_of(conditional), tmp_path / "out3", classifier=str(wrong)
     )
     expect_error(
+        tiny,
         MissingInputError,
-        "sample.classifier .* does not exist",
+        "does not exist: sample.classifier",
         inputs_of(conditional),
         tmp_path / "out4",
         classifier=str(tmp_path / "none.pt"),
     )
     expect_error(
+        tiny,
         CheckpointError,
-        "holds a 'prior' model, expected 'classifier'",
+        "holds a 'pixelcnn' model, but sample.classifier",
         inputs_of(conditional),
         tmp_path / "out5",
         classifier=str(Path(conditional["train_prior"]) / "top.pt"),
     )
 
 
-def test_vae_decodes_gaussian_draws(ray_local, tmp_path):
+def test_vae_decodes_gaussian_draws(ray_local, tmp_path, tiny, artifacts):
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(**{**SMALL, "in_channels": 3}, latent_channels=4))
-    save_model(tmp_path / "vae", vae)
-    cfg = SampleConfig(num_samples=5, shard_size=2, grid_size=4, num_actors=1)
+    vae = registry.build(tiny("model=vae", "data.channels=3", "model.latent_channels=4").train_vqvae.model)
+    save_model(artifacts, tmp_path / "vae", vae)
+    cfg = tiny.sample(num_samples=5, shard_size=2, grid_size=4, num_actors=1)
     result = run(cfg, {"train_vqvae": str(tmp_path / "vae")}, str(tmp_path / "out"))
     out = tmp_path / "out"
     assert len(pngs(out)) == 5 and image(out / "images" / "000004.png").mode == "RGB"
@@ -365,56 +359,62 @@ def test_vae_decodes_gaussian_draws(ray_local, tmp_path):
     assert grid.size == grid_side(4, 32) and grid.mode == "RGB"
     assert not (out / "codes").exists() and "codes" not in result.artifacts
     assert json.loads((out / "samples.json").read_text())["kind"] == "vae"
-    match = "sample.classifier given, but .* holds a VAE"
-    expect_error(ValueError, match, {"train_vqvae": str(tmp_path / "vae")}, tmp_path / "out2", classifier="c.pt")
+    match = "sample.classifier given, but .* holds a vae, which is not class-conditional"
+    expect_error(tiny, ValueError, match, {"train_vqvae": str(tmp_path / "vae")}, tmp_path / "out2", classifier="c.pt")
 
 
 # ------------------------------------------------------------------------------------------------ clear errors
-def expect_error(exc: type[Exception], match: str, inputs: dict[str, str], out: Path, **cfg) -> None:
+def expect_error(tiny, exc: type[Exception], match: str, inputs: dict[str, str], out: Path, **cfg) -> None:
     """run() fails with ``exc`` before it touches ``out``."""
     out.mkdir()
     (out / "keep").write_text("x")
     with pytest.raises(exc, match=match):
-        run(SampleConfig(**cfg), inputs, str(out))
+        run(tiny.sample(**cfg), inputs, str(out))
     assert [p.name for p in out.iterdir()] == ["keep"]
 
 
-def test_priors_of_another_vqvae_are_refused(vq2, tmp_path):
-    prior = save_priors(tmp_path / "prior", "0" * 16, top=TOP, bottom=BOTTOM)
-    match = f"trained on codes of VQ-VAE 0{{16}}, but train_vqvae holds {vq2['digest']}: rerun train_prior"
-    expect_error(CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out")
+def test_priors_of_another_vqvae_are_refused(vq2, tmp_path, artifacts, tiny):
+    prior = artifacts.priors(tmp_path / "prior", "0" * 16, top=TOP, bottom=BOTTOM)
+    match = f"top prior was trained on codes of VQ-VAE 0{{16}}, but .*model.pt is {vq2['digest']}; rerun train_prior"
+    expect_error(tiny, CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out")
 
 
-def test_prior_shape_and_level_mismatches_are_refused(vq2, tmp_path):
-    prior = save_priors(tmp_path / "shape", vq2["digest"], top=replace(TOP, shape=(8, 8)), bottom=BOTTOM)
+def test_prior_shape_and_level_mismatches_are_refused(vq2, tmp_path, artifacts, tiny):
+    prior = artifacts.priors(tmp_path / "shape", vq2["digest"], top=replace(TOP, shape=(8, 8)), bottom=BOTTOM)
     match = r"top\.pt models 16 codes on a \[8, 8\] map, but .*model\.pt has 16 codes on a \[4, 4\] map"
-    expect_error(CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out1")
+    expect_error(tiny, CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out1")
 
-    prior = save_priors(tmp_path / "codes", vq2["digest"], top=TOP, bottom=replace(BOTTOM, num_codes=32))
+    prior = artifacts.priors(tmp_path / "codes", vq2["digest"], top=TOP, bottom=replace(BOTTOM, num_codes=32))
     expect_error(
-        CheckpointError, r"bottom\.pt models 32 codes", {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out2"
+        tiny,
+        CheckpointError,
+        r"bottom\.pt models 32 codes",
+        {**inputs_of(vq2), "train_prior": prior},
+        tmp_path / "out2",
     )
 
-    prior = save_priors(tmp_path / "cond", vq2["digest"], top=TOP, bottom=replace(BOTTOM, cond_num_codes=0))
+    prior = artifacts.priors(tmp_path / "cond", vq2["digest"], top=TOP, bottom=replace(BOTTOM, cond_num_codes=0))
     expect_error(
+        tiny,
         CheckpointError,
         r"bottom\.pt is conditioned on 0 codes",
         {**inputs_of(vq2), "train_prior": prior},
         tmp_path / "out3",
     )
 
-    prior = Path(save_priors(tmp_path / "level", vq2["digest"], top=TOP, bottom=BOTTOM))
+    prior = Path(artifacts.priors(tmp_path / "level", vq2["digest"], top=TOP, bottom=BOTTOM))
     (prior / "top.pt").write_bytes((prior / "bottom.pt").read_bytes())
     match = r"top\.pt holds a prior for level 'bottom', expected 'top'"
-    expect_error(CheckpointError, match, {**inputs_of(vq2), "train_prior": str(prior)}, tmp_path / "out4")
+    expect_error(tiny, CheckpointError, match, {**inputs_of(vq2), "train_prior": str(prior)}, tmp_path / "out4")
 
     (prior / "top.pt").unlink()
     match = r"top\.pt does not exist.*rerun train_prior"
-    expect_error(MissingInputError, match, {**inputs_of(vq2), "train_prior": str(prior)}, tmp_path / "out5")
+    expect_error(tiny, MissingInputError, match, {**inputs_of(vq2), "train_prior": str(prior)}, tmp_path / "out5")
 
 
-def test_labels_must_fit_the_priors(vq2, conditional, tmp_path):
+def test_labels_must_fit_the_priors(vq2, conditional, tmp_path, tiny):
     expect_error(
+        tiny,
         ValueError,
         "sample.labels given, but the priors are not class-conditional",
         inputs_of(vq2),
@@ -422,42 +422,22 @@ def test_labels_must_fit_the_priors(vq2, conditional, tmp_path):
         labels=[0],
     )
     expect_error(
-        ValueError, r"sample.labels must be in \[0, 3\)", inputs_of(conditional), tmp_path / "out2", labels=[1, 3]
+        tiny, ValueError, r"sample.labels must be in \[0, 3\)", inputs_of(conditional), tmp_path / "out2", labels=[1, 3]
     )
 
 
-def test_missing_inputs_name_the_step_to_run(vq2, tmp_path):
+def test_missing_inputs_name_the_step_to_run(vq2, tmp_path, tiny):
     expect_error(
-        MissingInputError, "run the train_prior step first", {"train_vqvae": vq2["train_vqvae"]}, tmp_path / "out1"
+        tiny,
+        MissingInputError,
+        "run the train_prior step first",
+        {"train_vqvae": vq2["train_vqvae"]},
+        tmp_path / "out1",
     )
     expect_error(
-        MissingInputError, "run the train_vqvae step first", {"train_prior": vq2["train_prior"]}, tmp_path / "out2"
+        tiny,
+        MissingInputError,
+        "run the train_vqvae step first",
+        {"train_prior": vq2["train_prior"]},
+        tmp_path / "out2",
     )
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("num_samples", 0),
-        ("shard_size", -1),
-        ("temperature", 0.0),
-        ("labels", [-1]),
-        ("labels", []),
-        ("seed", -1),
-        ("num_actors", 0),
-        ("grid_size", 0),
-        ("write_pngs", 1),
-        ("top_k", -1),
-        ("top_k", 1.5),
-        ("top_p", 0.0),
-        ("top_p", 1.5),
-        ("reject_threshold", 1.0),
-        ("reject_threshold", -0.1),
-        ("reject_threshold", 0.5),  # without a classifier
-        ("max_attempts", 0),
-        ("classifier", ""),
-    ],
-)
-def test_config_is_validated(field, value):
-    with pytest.raises(ValueError, match=f"sample.{field}"):
-        SampleConfig(**{field: value})

@@ -15,8 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from steps.images import IMAGE_META_KEY, image_schema
-from steps.shard import ShardConfig, read_manifest, run, shard_files
+from steps.artifacts.images import IMAGE_META_KEY, ImageShards, image_schema
+from steps.common import MissingInputError
+from steps.shard import run
+
+
+def shard_files(out: str, split: str) -> list[str]:
+    return ImageShards.open(out).files(split)
+
+
+def read_manifest(out: str) -> dict:
+    return ImageShards.open(out).manifest
 
 
 def encoded(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -48,13 +57,13 @@ def assert_image(data: bytes, size: int, channels: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ digits
 @pytest.fixture(scope="module")
-def digits_out(ray_local, tmp_path_factory):
+def digits_out(ray_local, tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("digits")
     (out / "train").mkdir()
     (out / "train" / "part-00099.parquet").write_bytes(b"leftover of a crashed attempt")
     (out / "_SUCCESS").write_text("{}")
     (out / "notes.txt").write_text("not ours: kept")
-    result = run(ShardConfig(limit=200, rows_per_shard=64), {}, str(out))
+    result = run(tiny.shard(limit=200, rows_per_shard=64, val_fraction=0.1), {}, str(out))
     return out, result
 
 
@@ -90,10 +99,10 @@ def test_digits_shards_follow_the_contract(digits_out):
     assert (manifest["num_classes"], manifest["skipped_count"], manifest["skipped"]) == (10, 0, [])
 
 
-def test_digits_split_is_deterministic_and_rgb_works(digits_out, tmp_path):
+def test_digits_split_is_deterministic_and_rgb_works(digits_out, tmp_path, tiny):
     out, _ = digits_out
     # Different channels and shard sizes: a different worker layout, the same ids in each split.
-    again = run(ShardConfig(limit=200, channels=3, rows_per_shard=1000), {}, str(tmp_path))
+    again = run(tiny.shard(limit=200, channels=3, rows_per_shard=1000, val_fraction=0.1), {}, str(tmp_path))
     for split in ("train", "val"):
         assert read_split(out, split)["id"].to_pylist() == read_split(tmp_path, split)["id"].to_pylist()
     assert again.info["channels"] == 3
@@ -102,9 +111,9 @@ def test_digits_split_is_deterministic_and_rgb_works(digits_out, tmp_path):
     assert_image(read_split(tmp_path, "val")["image"][0].as_py(), 32, 3)
 
 
-def test_read_manifest_names_the_missing_step(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the shard step"):
-        read_manifest(str(tmp_path))
+def test_opening_missing_shards_names_the_step_to_run(tmp_path):
+    with pytest.raises(MissingInputError, match="run the shard step"):
+        ImageShards.open(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ image folder
@@ -168,11 +177,13 @@ def files_under(out) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
 
 
-def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path):
+def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path, tiny):
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     (out / "train" / ".tmp-crashed.part").write_bytes(b"half a shard of an earlier attempt")
-    cfg = ShardConfig(source="image_folder", path=str(folder), channels=3, val_fraction=0.3, rows_per_shard=6)
+    cfg = tiny.shard(
+        source="image_folder", path=str(folder), channels=3, val_fraction=0.3, rows_per_shard=6, limit=None
+    )
     result = run(cfg, {}, str(out))
     rows = read_all(out)
     labels = {k: v["label"] for k, v in rows.items()}
@@ -229,30 +240,49 @@ def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path
     assert all(re.fullmatch(r"(train|val)/part-\d{5}\.parquet", f) for f in listed)
 
 
-def test_image_folder_fail_mode_raises_and_leaves_nothing(ray_local, folder, tmp_path):
+def test_image_folder_fail_mode_raises_and_leaves_nothing(ray_local, folder, tmp_path, tiny):
     out = tmp_path / "out"
     bad = "|".join(re.escape(f"{folder}/{name}") for name in BAD)
     with pytest.raises(ValueError, match=rf"^bad image ({bad}): \w+: .+ \(shard\.on_bad_file=fail\)$"):
-        run(ShardConfig(source="image_folder", path=str(folder), on_bad_file="fail", rows_per_shard=4), {}, str(out))
+        run(
+            tiny.shard(
+                source="image_folder",
+                path=str(folder),
+                on_bad_file="fail",
+                rows_per_shard=4,
+                limit=None,
+                val_fraction=0.1,
+            ),
+            {},
+            str(out),
+        )
     assert files_under(out) == []  # shards other work units finished are removed too; no manifest
 
 
-def test_empty_or_unreadable_folder_is_a_clear_error(ray_local, tmp_path):
+def test_empty_or_unreadable_folder_is_a_clear_error(ray_local, tmp_path, tiny):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no image here")
     with pytest.raises(ValueError, match=rf"nothing to shard in {re.escape(str(empty))}: no image files"):
-        run(ShardConfig(source="image_folder", path=str(empty)), {}, str(tmp_path / "out"))
+        run(
+            tiny.shard(source="image_folder", path=str(empty), limit=None, val_fraction=0.1, rows_per_shard=1024),
+            {},
+            str(tmp_path / "out"),
+        )
     assert not (tmp_path / "out").exists()  # refused before any work
     (empty / "zero.png").write_bytes(b"")
     zero = re.escape(str(empty / "zero.png"))
     with pytest.raises(ValueError, match=rf"nothing to shard in .*all 1 images were unreadable.*{zero}: .*empty file"):
-        run(ShardConfig(source="image_folder", path=str(empty)), {}, str(tmp_path / "out"))
+        run(
+            tiny.shard(source="image_folder", path=str(empty), limit=None, val_fraction=0.1, rows_per_shard=1024),
+            {},
+            str(tmp_path / "out"),
+        )
     assert files_under(tmp_path / "out") == []
 
 
 # ------------------------------------------------------------------------------------------------ parquet
-def test_parquet_binary_and_hf_struct_columns(ray_local, tmp_path, monkeypatch):
+def test_parquet_binary_and_hf_struct_columns(ray_local, tmp_path, monkeypatch, tiny):
     monkeypatch.chdir(tmp_path)  # relative paths: workers need not share the driver's working directory
     src = tmp_path / "src"
     src.mkdir()
@@ -261,7 +291,11 @@ def test_parquet_binary_and_hf_struct_columns(ray_local, tmp_path, monkeypatch):
     structs = [{"bytes": b, "path": f"x{i}.png"} for i, b in enumerate(imgs)]
     structs[2] = {"bytes": b"broken", "path": "x2.png"}
     pq.write_table(pa.table({"image": structs, "label": [7] * 6}), src / "b.parquet", row_group_size=4)
-    result = run(ShardConfig(source="parquet", path="src", image_size=40), {}, "out")
+    result = run(
+        tiny.shard(source="parquet", path="src", image_size=40, limit=None, val_fraction=0.1, rows_per_shard=1024),
+        {},
+        "out",
+    )
     rows = read_all(tmp_path / "out")
     assert sorted(rows) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(6) if i != 2])
     assert rows["a-3"]["label"] == 3 and rows["b-5"]["label"] == 7
@@ -269,7 +303,18 @@ def test_parquet_binary_and_hf_struct_columns(ray_local, tmp_path, monkeypatch):
     assert result.metrics["files_skipped"] == 1 and result.info["num_classes"] == 8
     assert result.info["skipped"][0]["path"].endswith("b.parquet#row=2")
     with pytest.raises(ValueError, match=rf"{re.escape(str(src / 'a.parquet'))}: no image column 'pixels'"):
-        run(ShardConfig(source="parquet", path=str(src), image_column="pixels"), {}, str(tmp_path / "out2"))
+        run(
+            tiny.shard(
+                source="parquet",
+                path=str(src),
+                image_column="pixels",
+                limit=None,
+                val_fraction=0.1,
+                rows_per_shard=1024,
+            ),
+            {},
+            str(tmp_path / "out2"),
+        )
     assert not (tmp_path / "out2").exists()  # refused while listing, before any work
 
 
@@ -278,7 +323,7 @@ def idx(magic: int, arr: np.ndarray) -> bytes:
     return struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
-def test_idx_gzip_and_raw_files(ray_local, tmp_path):
+def test_idx_gzip_and_raw_files(ray_local, tmp_path, tiny):
     rng = np.random.default_rng(0)
     src = tmp_path / "mnist"
     src.mkdir()
@@ -286,7 +331,11 @@ def test_idx_gzip_and_raw_files(ray_local, tmp_path):
     (src / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx(2049, np.arange(12) % 10)))
     (src / "t10k-images-idx3-ubyte").write_bytes(idx(2051, rng.integers(0, 256, (5, 28, 28))))
     (src / "t10k-labels-idx1-ubyte").write_bytes(idx(2049, np.full(5, 9)))
-    result = run(ShardConfig(source="idx", path=str(src), channels=3), {}, str(tmp_path / "out"))
+    result = run(
+        tiny.shard(source="idx", path=str(src), channels=3, limit=None, val_fraction=0.1, rows_per_shard=1024),
+        {},
+        str(tmp_path / "out"),
+    )
     rows = read_all(tmp_path / "out")
     assert sorted(rows) == [f"t10k-{i:05d}" for i in range(5)] + [f"train-{i:05d}" for i in range(12)]
     assert rows["train-00011"]["label"] == 1 and rows["t10k-00004"]["label"] == 9
@@ -295,8 +344,16 @@ def test_idx_gzip_and_raw_files(ray_local, tmp_path):
     (src / "t10k-images-idx3-ubyte").write_bytes(idx(2049, np.zeros(3)))
     images_file = re.escape(str(src / "t10k-images-idx3-ubyte"))
     with pytest.raises(ValueError, match=rf"{images_file}: magic number 2049 is not an idx images file"):
-        run(ShardConfig(source="idx", path=str(src)), {}, str(tmp_path / "out2"))
+        run(
+            tiny.shard(source="idx", path=str(src), limit=None, val_fraction=0.1, rows_per_shard=1024),
+            {},
+            str(tmp_path / "out2"),
+        )
     (src / "t10k-images-idx3-ubyte").write_bytes(idx(1234, np.zeros((3, 4, 4))))
     with pytest.raises(ValueError, match=rf"{images_file}: not an idx file: magic number 1234"):
-        run(ShardConfig(source="idx", path=str(src)), {}, str(tmp_path / "out2"))
+        run(
+            tiny.shard(source="idx", path=str(src), limit=None, val_fraction=0.1, rows_per_shard=1024),
+            {},
+            str(tmp_path / "out2"),
+        )
     assert not (tmp_path / "out2").exists()

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from steps.codes import (
+from steps.artifacts.checkpoints import digest as model_digest
+from steps.artifacts.codes import (
     CODES_META_KEY,
     CodeDatasetMismatch,
     CodeMeta,
@@ -19,7 +20,6 @@ from steps.codes import (
     check_code_meta,
     code_schema,
     codes_to_arrow,
-    model_digest,
     read_code_meta,
 )
 

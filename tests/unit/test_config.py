@@ -1,6 +1,7 @@
 """Every conf file composes and validates; bad values fail naming the key; fingerprints and the plan behave."""
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def test_defaults_are_the_digits_recipe():
     cfg = make()
     assert cfg.shard.source == "digits" and cfg.shard.image_size == 32 and cfg.model_kind == "vqvae2"
     assert cfg.mlflow.tracking_uri == "sqlite:///" + os.path.abspath("mlflow.db")
-    assert cfg.train_prior.top.attn_heads > 0 and cfg.train_prior.bottom.attn_heads == 0
+    assert cfg.train_prior.prior.top.attn_heads > 0 and cfg.train_prior.prior.bottom.attn_heads == 0
+    assert type(cfg.train_prior.prior.top).__name__ == "PixelCNNConfig"
 
 
 @pytest.mark.parametrize(
@@ -54,7 +56,8 @@ def test_defaults_are_the_digits_recipe():
     [
         ("train_vqvae.train.lr=-1", "train_vqvae.train.lr"),
         ("data.image_size=36", "data.image_size"),
-        ("model.codebook_size=40000", "model.codebook_size"),
+        ("model.quantizer.codebook_size=40000", "model.quantizer.codebook_size must be in [2, 32767]"),
+        ("model.top_codebook_size=1", "model.top_codebook_size"),
         ("data.source=flickr", "data.source"),
         ("prior.top.kernel_size=4", "prior.top.kernel_size"),
         ("sample.num_samples=0", "sample.num_samples"),
@@ -64,7 +67,7 @@ def test_defaults_are_the_digits_recipe():
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         make(override)
 
 
@@ -82,7 +85,7 @@ def test_fingerprints_follow_config_and_upstream():
     assert fp != cache.fingerprint("sample", cfg.sample, {"train_prior": "b"})
     # Settings that cannot change the result keep the fingerprint.
     tv = cfg.train_vqvae
-    same = replace(tv, train=replace(tv.train, max_failures=9, fail_at_step=3, nan_at_step=2, cache_data=False))
+    same = replace(tv, train=replace(tv.train, max_failures=9, cache_data=False))
     assert cache.fingerprint("t", tv, {}) == cache.fingerprint("t", same, {})
     pool = replace(cfg.sample, num_actors=7, cpus_per_actor=2)
     assert cache.fingerprint("sample", pool, {"train_prior": "a"}) == fp
@@ -100,7 +103,7 @@ def test_graph_skips_code_steps_for_the_vae():
 def test_plan_changes_propagate_downstream(tmp_path):
     store = cache.ArtifactStore(str(tmp_path))
     base = {p.step.name: p.fingerprint for p in plan(make("debug=tiny"), store)}
-    more = {p.step.name: p.fingerprint for p in plan(make("debug=tiny", "model.codebook_size=64"), store)}
+    more = {p.step.name: p.fingerprint for p in plan(make("debug=tiny", "model.quantizer.codebook_size=64"), store)}
     assert base["shard"] == more["shard"]
     assert all(base[s] != more[s] for s in ("train_vqvae", "encode", "train_prior", "sample", "evaluate"))
 
@@ -128,3 +131,48 @@ def test_atomic_publish_and_force(tmp_path):
     Path(work, "data.txt").write_text("v2")
     store.publish("shard", "abc", {"step": "shard", "n": 2})
     assert Path(final, "data.txt").read_text() == "v2" and not list(tmp_path.glob("shard/*.old-*"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("prior.top.shape=[4,4]", "prior.top.shape"),  # derived from the code dataset: not in the schema
+        ("model/quantizer=fsq", "fsq"),  # no such option
+        ("model.quantizer.kind=fsq", "model.quantizer.kind: unknown quantizer kind 'fsq'"),
+        ("prior.bottom.kind=nope", "prior.bottom.kind: unknown prior kind 'nope'"),
+    ],
+)
+def test_kinds_and_derived_fields(override, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        make(override)
+
+
+def test_every_registered_kind_has_a_typed_schema_node():
+    """A group option starts from its kind's node; the registry, not a hand list, decides which nodes exist."""
+    from hydra.core.config_store import ConfigStore
+
+    from pipeline.config import SCHEMA_GROUPS
+    from steps.nn import registry
+
+    repo = ConfigStore.instance().repo
+    for role, group in SCHEMA_GROUPS.items():
+        node = repo
+        for part in group.split("/"):
+            node = node[part]
+        assert {f"{k}_schema.yaml" for k in registry.kinds(role)} <= set(node), (role, sorted(node))
+
+
+def test_the_logged_config_is_the_whole_run_and_builds_back():
+    from pipeline.config import PipelineConfig, as_user_dict, build
+
+    cfg = make("debug=tiny", "model.quantizer.dim=8")
+    data = as_user_dict(cfg)
+    assert data["model"]["kind"] == "vqvae2" and data["model"]["quantizer"]["dim"] == 8
+    assert data["prior"]["top"]["kind"] == "pixelcnn" and "shape" not in data["prior"]["top"]
+    assert data["data"]["source"] == "digits" and "shard" not in data
+    # Back through the same alias mapping: the same typed config.
+    back = {k: v for k, v in data.items() if k not in ("data", "model", "prior")}
+    back["shard"] = data["data"]
+    back["train_vqvae"]["model"] = data["model"]
+    back["train_prior"]["prior"] = data["prior"]
+    assert build(PipelineConfig, back) == cfg

@@ -6,11 +6,13 @@ import pathlib
 import pytest
 import torch
 
+from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, checkpoint_dict, load_model, save_checkpoint
+from steps.nn.quantize import EMAQuantizerConfig
 from steps.nn.vae import VAE, VAEConfig
 from steps.nn.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
 
-TINY = {"channels": 16, "res_channels": 8, "res_blocks": 1, "codebook_size": 32, "embed_dim": 8}
+TINY = {"channels": 16, "res_channels": 8, "res_blocks": 1, "quantizer": EMAQuantizerConfig(codebook_size=32, dim=8)}
 
 
 def tiny_vqvae2(**kw) -> VQVAE2:
@@ -93,7 +95,6 @@ def test_checkpoint_round_trip(tmp_path, model):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).recon, model(x).recon)
-    assert type(model).from_checkpoint(path).config == model.config
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -108,8 +109,11 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"corrupt\.pt"):
         load_model(bad)
     payload = checkpoint_dict(model)
-    payload["config"] = {**payload["config"], "codebook_size": 64}
+    payload["config"] = {**payload["config"], "quantizer": {"kind": "ema", "codebook_size": 64, "dim": 8}}
     with pytest.raises(CheckpointError, match="do not match"):
+        load_model(payload)
+    payload["config"] = {**payload["config"], "quantizer": {"kind": "fsq"}}
+    with pytest.raises(CheckpointError, match="unknown quantizer kind 'fsq'"):
         load_model(payload)
 
 
@@ -154,7 +158,8 @@ def test_seeded_determinism():
 def test_overfit_one_batch(kind):
     torch.manual_seed(0)
     if kind == "vqvae2":
-        model = VQVAE2(VQVAE2Config(channels=32, res_channels=16, res_blocks=1, codebook_size=64, embed_dim=16))
+        quantizer = EMAQuantizerConfig(codebook_size=64, dim=16)
+        model = VQVAE2(VQVAE2Config(channels=32, res_channels=16, res_blocks=1, quantizer=quantizer))
     else:
         model = VAE(VAEConfig(channels=32, res_channels=16, res_blocks=1, kl_weight=0.01))
     # Smooth random images: a real, learnable signal rather than white noise.
@@ -176,7 +181,10 @@ def test_overfit_one_batch(kind):
     [
         (lambda: VQVAE2Config(image_size=36), "image_size"),
         (lambda: VQVAE2Config(image_size=512), "image_size"),
-        (lambda: VQVAE2Config(codebook_size=40000), "codebook_size"),
+        (lambda: VQVAE2Config(quantizer={"codebook_size": 40000}), "codebook_size"),
+        (lambda: VQVAE2Config(quantizer={"kind": "nope"}), "quantizer"),
+        (lambda: VQVAE2Config(channels=1.5), "channels"),
+        (lambda: VQVAE2Config(in_channels=True), "in_channels"),
         (lambda: VQVAE2Config(top_codebook_size=1), "codebook_size"),
         (lambda: VQVAE2Config(channels=0), "channels"),
         (lambda: VQVAEConfig(downsample=3), "downsample"),
@@ -191,5 +199,20 @@ def test_config_validation_names_the_field(build, field):
 def test_config_dict_round_trip():
     cfg = VQVAE2Config(**TINY, top_codebook_size=16)
     assert VQVAE2Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown field"):
+    assert cfg.to_dict()["quantizer"]["kind"] == "ema"  # a polymorphic part names its kind
+    with pytest.raises(ValueError, match="VQVAE2Config.bogus is not a setting"):
         VQVAE2Config.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_format_1_checkpoints_still_load():
+    """Checkpoints of the previous format (flat quantiser settings, priors of kind "prior") load as today's."""
+    model = tiny_vqvae2()
+    payload = checkpoint_dict(model)
+    flat = {k: v for k, v in payload["config"].items() if k != "quantizer"}
+    flat |= {"codebook_size": 32, "embed_dim": 8, "beta": 0.25, "decay": 0.99, "eps": 1e-5, "restart_after": 20}
+    old = {**payload, "format": 1, "config": {**flat, "kmeans_init": False}}
+    loaded, upgraded = load_model(old, expect="vqvae2")
+    assert loaded.config == model.config and upgraded["format"] == 2
+    prior = registry.build(registry.get("pixelcnn").config(num_codes=8, shape=(2, 2), channels=8, layers=1))
+    old_prior = {**checkpoint_dict(prior), "format": 1, "kind": "prior"}
+    assert load_model(old_prior, expect="prior")[0].config == prior.config

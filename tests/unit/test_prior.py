@@ -11,10 +11,11 @@ import re
 import pytest
 import torch
 
-from steps.nn import prior
-from steps.nn.prior import PixelCNNPrior, PriorConfig, sample_naive
+from steps.nn import pixelcnn as prior
+from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
+from steps.nn.prior import sample_naive
 
-TINY = dict(num_codes=11, shape=(5, 4), channels=16, layers=3, kernel_size=3)
+TINY = dict(num_codes=11, shape=(5, 4), channels=16, layers=3, kernel_size=3, dropout=0.0)
 # Every conditioning mode; the spatial ones cover both an upsampling factor of 2 and of 1.
 MODES = {
     "plain": {},
@@ -27,7 +28,7 @@ MODES = {
 
 def make_model(seed: int = 0, **overrides) -> PixelCNNPrior:
     torch.manual_seed(seed)
-    model = PixelCNNPrior(PriorConfig(**{**TINY, **overrides}))
+    model = PixelCNNPrior(PixelCNNConfig(**{**TINY, **overrides}))
     # The real init shrinks the output layer towards uniform predictions; random weights make every dependence
     # of a logit on an input large enough to measure.
     torch.nn.init.normal_(model.head[-1].weight)
@@ -192,7 +193,7 @@ def test_forward_rejects_unexpected_conditioning() -> None:
 
 def test_fresh_nll_is_near_uniform_and_falls_when_overfitting() -> None:
     torch.manual_seed(0)
-    model = PixelCNNPrior(PriorConfig(**{**TINY, **MODES["all"], "num_codes": 16}))
+    model = PixelCNNPrior(PixelCNNConfig(**{**TINY, **MODES["all"], "num_codes": 16}))
     inputs = make_inputs(model, batch=4)
     start = model.nll_bits(**inputs)
     assert start.shape == ()
@@ -200,7 +201,7 @@ def test_fresh_nll_is_near_uniform_and_falls_when_overfitting() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(100):
         opt.zero_grad()
-        loss = model.loss(**inputs)
+        loss = model.nll_bits(**inputs)
         loss.backward()
         opt.step()
     assert model.nll_bits(**inputs).item() < 0.5 * start.item()
@@ -259,17 +260,17 @@ def test_sample_naive_temperature() -> None:
 )
 def test_config_validation_names_the_field(field: str, value) -> None:
     base = dict(TINY, attn_heads=2, cond_num_codes=7, cond_shape=(5, 2))
-    with pytest.raises(ValueError, match=re.escape(f"PriorConfig.{field} ")):
-        PriorConfig(**{**base, field: value})
+    with pytest.raises(ValueError, match=re.escape(f"PixelCNNConfig.{field} ")):
+        PixelCNNConfig(**{**base, field: value})
 
 
 def test_kernel_size_message() -> None:
-    with pytest.raises(ValueError, match=re.escape("PriorConfig.kernel_size must be odd and >= 3, got 4")):
-        PriorConfig(kernel_size=4)
+    with pytest.raises(ValueError, match=re.escape("PixelCNNConfig.kernel_size must be odd and >= 3, got 4")):
+        PixelCNNConfig(kernel_size=4)
 
 
 def test_config_dict_round_trip_through_a_checkpoint() -> None:
-    cfg = PriorConfig(**TINY, **MODES["all"], dropout=0.1)
+    cfg = PixelCNNConfig(**{**TINY, **MODES["all"], "dropout": 0.1})
     data = cfg.to_dict()
     assert data["shape"] == [5, 4] and isinstance(data["cond_shape"], list)
     json.dumps(data)  # plain python primitives only
@@ -278,13 +279,13 @@ def test_config_dict_round_trip_through_a_checkpoint() -> None:
     torch.save({"config": data, "state_dict": model.state_dict()}, buffer)
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=True)
-    restored = PriorConfig.from_dict(ckpt["config"])
+    restored = PixelCNNConfig.from_dict(ckpt["config"])
     assert restored == cfg and restored.shape == (5, 4)
     clone = PixelCNNPrior(restored).eval()
     clone.load_state_dict(ckpt["state_dict"])
     inputs = make_inputs(model, batch=2)
     with torch.no_grad():
         assert torch.equal(model(**inputs), clone(**inputs))
-    with pytest.raises(ValueError, match="unknown field"):
-        PriorConfig.from_dict({**data, "bogus": 1})
+    with pytest.raises(ValueError, match="PixelCNNConfig.bogus is not a setting"):
+        PixelCNNConfig.from_dict({**data, "bogus": 1})
     assert dataclasses.replace(cfg, layers=2).to_dict()["layers"] == 2

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from steps.nn.quantize import QuantizerConfig, VectorQuantizerEMA
+from steps.nn.quantize import EMAQuantizerConfig, VectorQuantizerEMA
 
 
 def as_map(vectors: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,7 @@ def as_map(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def make(k=4, d=2, **kw) -> VectorQuantizerEMA:
-    q = VectorQuantizerEMA(QuantizerConfig(codebook_size=k, dim=d, **kw))
+    q = VectorQuantizerEMA(EMAQuantizerConfig(codebook_size=k, dim=d, **kw))
     q.embedding.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])[:k, :d])
     return q
 
@@ -111,7 +111,7 @@ def test_kmeans_init_finds_clusters():
     torch.manual_seed(0)
     centres = torch.tensor([[-4.0, -4.0], [-4.0, 4.0], [4.0, -4.0], [4.0, 4.0]])
     x = (centres[:, None, :] + 0.1 * torch.randn(4, 50, 2)).reshape(-1, 2)
-    q = VectorQuantizerEMA(QuantizerConfig(codebook_size=4, dim=2, kmeans_init=True, kmeans_iters=20)).train()
+    q = VectorQuantizerEMA(EMAQuantizerConfig(codebook_size=4, dim=2, kmeans_init=True, kmeans_iters=20)).train()
     assert not bool(q.initialized)
     q(as_map(x))
     assert bool(q.initialized)
@@ -148,6 +148,6 @@ def test_bad_input_and_config():
     with pytest.raises(ValueError, match="code values"):
         q.lookup(torch.tensor([[[4]]]))
     with pytest.raises(ValueError, match="codebook_size"):
-        QuantizerConfig(codebook_size=40000)
+        EMAQuantizerConfig(codebook_size=40000)
     with pytest.raises(ValueError, match="decay"):
-        QuantizerConfig(decay=1.0)
+        EMAQuantizerConfig(decay=1.0)

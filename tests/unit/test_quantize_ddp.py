@@ -30,10 +30,7 @@ def _worker(rank: int, port: int, out_dir: str, sync: bool) -> None:
             channels=16,
             res_channels=8,
             res_blocks=1,
-            codebook_size=64,
-            embed_dim=8,
-            restart_after=2,
-            kmeans_init=True,
+            quantizer={"kind": "ema", "codebook_size": 64, "dim": 8, "restart_after": 2, "kmeans_init": True},
         )
         model = VQVAE2(cfg)
         for q in model.quantizers.values():

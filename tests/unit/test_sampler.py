@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from steps.nn.draw import draw_codes, filtered_probs, uniforms
-from steps.nn.prior import PixelCNNPrior, PriorConfig, sample_naive
+from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
+from steps.nn.prior import sample_naive
 from steps.nn.sampler import CachedSampler, sample
 
 BASE = dict(num_codes=11, channels=16, layers=3)
@@ -40,7 +41,7 @@ def make_model(variant: str, shape=(5, 4), kernel_size=3, seed=0, dtype=torch.fl
     if "cond_num_codes" in overrides:
         overrides["cond_shape"] = SHAPES[shape]
     torch.manual_seed(seed)
-    model = PixelCNNPrior(PriorConfig(**BASE, shape=shape, kernel_size=kernel_size, **overrides))
+    model = PixelCNNPrior(PixelCNNConfig(**BASE, shape=shape, kernel_size=kernel_size, **overrides))
     torch.nn.init.normal_(model.head[-1].weight)  # far from uniform: every logit difference is visible
     return model.to(dtype).eval()
 

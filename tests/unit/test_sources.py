@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import re
 import struct
 
 import numpy as np
@@ -15,7 +14,6 @@ import pytest
 from PIL import Image
 
 from steps import sources
-from steps.shard import ShardConfig
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -26,37 +24,6 @@ def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
 
 def idx_bytes(magic: int, arr: np.ndarray) -> bytes:
     return struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-
-
-# ------------------------------------------------------------------------------------------------ config
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"source": "webdataset"}, "shard.source"),
-        ({"source": "image_folder"}, "shard.path"),
-        ({"path": "/data"}, "shard.path"),
-        ({"image_size": 36}, "shard.image_size must be a multiple of 8 in [32, 256], got 36"),
-        ({"image_size": 512}, "shard.image_size"),
-        ({"channels": 2}, "shard.channels"),
-        ({"val_fraction": 1.0}, "shard.val_fraction"),
-        ({"val_fraction": -0.1}, "shard.val_fraction"),
-        ({"rows_per_shard": 0}, "shard.rows_per_shard"),
-        ({"limit": 0}, "shard.limit"),
-        ({"on_bad_file": "ignore"}, "shard.on_bad_file"),
-        ({"image_column": ""}, "shard.image_column"),
-        ({"label_column": ""}, "shard.label_column"),
-        ({"id_column": ""}, "shard.id_column"),
-    ],
-)
-def test_config_errors_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=re.escape(field)):
-        ShardConfig(**kwargs)
-
-
-def test_config_defaults_are_valid():
-    cfg = ShardConfig()
-    assert (cfg.source, cfg.image_size, cfg.channels) == ("digits", 32, 1)
-    ShardConfig(source="parquet", path="x.parquet", val_fraction=0, label_column=None, limit=5)
 
 
 # ------------------------------------------------------------------------------------------------ split

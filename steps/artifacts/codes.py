@@ -1,4 +1,4 @@
-"""The code-dataset contract: what the encode step writes and what train_prior, sample and evaluate read.
+"""The code-dataset contract: what the encode step writes and what train_prior, evaluate and verify read.
 
 A code dataset is Parquet files under ``<out>/train/`` and ``<out>/val/``, one row per image::
 
@@ -9,26 +9,25 @@ flattened row-major. Every file's schema metadata key ``vqvae2.codes`` holds the
 reader can check what it got (which levels, shapes, codebook sizes, and *which* VQ-VAE made the codes) without
 reading a row. ``<out>/codes.json`` repeats that metadata plus the row count per split; it is written last.
 
-The files are plain Parquet: pyarrow, pandas and duckdb read them as they are.
+The files are plain Parquet: pyarrow, pandas and duckdb read them as they are. :class:`CodeDataset` is the handle
+readers open; :class:`CodeWriter` is what the encode step writes through.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from steps.common import exists, filesystem, join, read_bytes
-from steps.images import SPLITS
+from steps import storage
+from steps.artifacts.images import SPLITS
+from steps.common import MissingInputError
 
 CODES_META_KEY = b"vqvae2.codes"
 METADATA_FILE = "codes.json"
@@ -37,11 +36,6 @@ MAX_CODEBOOK = 1 << 15  # codes are stored as int16
 
 class CodeDatasetMismatch(ValueError):
     """A code dataset that does not fit what the reader expects (another VQ-VAE, other levels or shapes)."""
-
-
-def model_digest(data: bytes) -> str:
-    """The VQ-VAE fingerprint recorded in a code dataset: the first 16 hex chars of sha256(checkpoint bytes)."""
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -85,15 +79,14 @@ class CodeMeta:
             object.__setattr__(self, "num_classes", int(self.num_classes))
 
     @classmethod
-    def from_model(cls, model: Any, vqvae: str, num_classes: int | None = None) -> CodeMeta:
-        """The metadata of codes made by ``model`` (a ``VQVAE2`` or ``VQVAE``) whose checkpoint digest is ``vqvae``."""
-        cfg = model.config
+    def of(cls, autoencoder: Any, num_classes: int | None = None) -> CodeMeta:
+        """The metadata of codes made by ``autoencoder`` (an :class:`~steps.artifacts.autoencoder.Autoencoder`)."""
         return cls(
-            levels=tuple(model.levels),
-            shapes={n: cfg.shapes[n] for n in model.levels},
-            codebook_size={n: cfg.level(n)[0] for n in model.levels},
-            vqvae=vqvae,
-            image_size=cfg.image_size,
+            levels=autoencoder.levels,
+            shapes=autoencoder.shapes,
+            codebook_size=autoencoder.codebook_sizes,
+            vqvae=autoencoder.digest,
+            image_size=autoencoder.image_size,
             num_classes=num_classes,
         )
 
@@ -156,53 +149,109 @@ def schema_code_meta(schema: pa.Schema, where: str = "") -> CodeMeta:
     return CodeMeta.from_json(raw)
 
 
-def parquet_files(uri: str) -> list[str]:
-    """Parquet files under ``uri`` (recursively, sorted), skipping hidden and ``_``-prefixed names; [] if absent."""
-    fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return [uri]
-    if info.type == pafs.FileType.NotFound:
-        return []
-    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    rels = sorted(
-        f.path[len(path) :].lstrip("/")
-        for f in found
-        if f.type == pafs.FileType.File and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
-    )
-    return [join(uri, r) for r in rels]
-
-
-def read_ids(files: list[str]) -> pa.ChunkedArray:
-    """The ``id`` column of Parquet ``files`` (of one filesystem), in file order; empty for no files."""
-    if not files:
-        return pa.chunked_array([], pa.string())
-    fs, _ = filesystem(files[0])
-    dataset = pads.dataset([filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
-    return dataset.to_table(columns=["id"]).column("id")
-
-
 def read_code_meta(uri: str) -> CodeMeta:
     """The metadata of the code dataset at ``uri``: from ``codes.json``, else from a Parquet file's schema.
 
     Raises:
-        FileNotFoundError: nothing at ``uri`` looks like a code dataset.
-        ValueError: Parquet files without the code metadata.
+        MissingInputError: nothing at ``uri`` looks like a code dataset.
+        ValueError: Parquet files without the code metadata, or an unreadable ``codes.json``.
     """
-    meta_uri = join(uri, METADATA_FILE)
-    if exists(meta_uri):
+    meta_uri = storage.join(uri, METADATA_FILE)
+    if storage.exists(meta_uri):
         try:
-            return CodeMeta.from_json(read_bytes(meta_uri))
+            return CodeMeta.from_json(storage.read_bytes(meta_uri))
         except ValueError as exc:
             raise ValueError(f"{meta_uri}: not valid code metadata ({exc}); rerun the encode step") from None
     for split in (*SPLITS, ""):
-        files = parquet_files(join(uri, split) if split else uri)
+        files = storage.parquet_files(storage.join(uri, split) if split else uri)
         if files:
-            fs, path = filesystem(files[0])
+            fs, path = storage.filesystem(files[0])
             return schema_code_meta(pq.read_schema(path, filesystem=fs), where=f"code dataset {uri} ({files[0]})")
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"no code dataset at {uri}: neither {METADATA_FILE} nor Parquet files under it; run the encode step first"
     )
+
+
+class CodeDataset:
+    """An encode output, opened for reading: its metadata, files per split, ids and batches."""
+
+    def __init__(self, uri: str, meta: CodeMeta) -> None:
+        self.uri, self.meta = uri, meta
+
+    @classmethod
+    def open(cls, uri: str) -> CodeDataset:
+        """The code dataset at ``uri`` (see :func:`read_code_meta` for the errors)."""
+        return cls(uri, read_code_meta(uri))
+
+    def split_uri(self, split: str) -> str:
+        return storage.join(self.uri, split)
+
+    def files(self, split: str) -> list[str]:
+        return storage.parquet_files(self.split_uri(split))
+
+    def ids(self, split: str) -> pa.ChunkedArray:
+        return storage.read_column(self.files(split), "id")
+
+    def scoring_split(self) -> str:
+        """The split to score on: ``val``, or ``train`` when val is empty."""
+        for split in ("val", "train"):
+            if self.files(split):
+                return split
+        raise MissingInputError(f"no codes under {self.uri}: rerun the encode step")
+
+    def tables(self, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The split's files one table at a time."""
+        for uri in self.files(split):
+            yield storage.read_parquet(uri, columns)
+
+    def check_files(self) -> dict[str, int]:
+        """Rows per split, after checking every file's schema metadata against :attr:`meta`.
+
+        Raises:
+            CodeDatasetMismatch: a file written with other metadata.
+        """
+        rows = {}
+        for split in SPLITS:
+            rows[split] = 0
+            for uri in self.files(split):
+                fs, path = storage.filesystem(uri)
+                md = pq.read_metadata(path, filesystem=fs)
+                if schema_code_meta(md.schema.to_arrow_schema(), where=uri) != self.meta:
+                    raise CodeDatasetMismatch(f"{uri} was written with metadata other than {self.meta}")
+                rows[split] += md.num_rows
+        return rows
+
+
+class CodeWriter:
+    """Writes a code dataset at ``out``: Parquet parts per split (each whole or absent), then ``codes.json``."""
+
+    def __init__(self, out: str, meta: CodeMeta) -> None:
+        self.out, self.meta = out, meta
+        self.schema = code_schema(meta)
+
+    def clear(self, keep_clear_of: Sequence[str] = ()) -> None:
+        """Empty ``out`` (a crashed attempt may have left files), refusing to touch an input directory in it."""
+        inside = storage.filesystem(self.out)[1].rstrip("/") + "/"
+        for uri in keep_clear_of:
+            if (storage.filesystem(uri)[1].rstrip("/") + "/").startswith(inside):
+                raise ValueError(f"code dataset {self.out} must not contain its input {uri}")
+        storage.clear_dir(self.out)
+
+    def write_part(self, table: pa.Table, split: str, name: str) -> str:
+        """Write ``table`` (code schema) as ``<out>/<split>/<name>.parquet``; returns its URI."""
+        uri = storage.join(self.out, split, f"{name}.parquet")
+        storage.write_parquet(table.cast(self.schema).replace_schema_metadata(self.schema.metadata), uri)
+        return uri
+
+    def write_empty(self, split: str) -> None:
+        """An empty split still gets a file, so readers see the schema."""
+        self.write_part(self.schema.empty_table(), split, "part-empty")
+
+    def finish(self, rows: Mapping[str, int]) -> dict[str, str]:
+        """Write ``codes.json`` (last: its presence means the data is complete); returns the artifact URIs."""
+        metadata = storage.join(self.out, METADATA_FILE)
+        storage.write_json(metadata, {**self.meta.to_dict(), "rows": dict(rows)})
+        return {split: storage.join(self.out, split) for split in SPLITS} | {"metadata": metadata}
 
 
 def check_code_meta(

@@ -1,0 +1,45 @@
+"""The evaluation contract: what the evaluate step writes.
+
+<out>/metrics.json          {"metrics", "counts", "notes", "feature_space", "config", "inputs"}; written last
+<out>/real_vs_samples.png   real images (top row) above samples (bottom row)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from steps import storage
+
+REPORT = "metrics.json"
+GRID = "real_vs_samples.png"
+
+
+class Evaluation:
+    """A finished evaluate output, opened for reading."""
+
+    def __init__(self, uri: str, report: dict[str, Any]) -> None:
+        self.uri, self.report = uri, report
+
+    @classmethod
+    def open(cls, uri: str) -> Evaluation:
+        missing = f"no evaluation at {uri} ({REPORT} missing): run the evaluate step first"
+        return cls(uri, storage.read_record(uri, REPORT, missing))
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.report["metrics"].items()}
+
+
+class EvaluationWriter:
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    @property
+    def artifacts(self) -> dict[str, str]:
+        return {"metrics": storage.join(self.out, REPORT), "grid": storage.join(self.out, GRID)}
+
+    def write(self, report: dict[str, Any], grid_png: bytes) -> dict[str, str]:
+        """The grid, then the report (last); returns the artifact URIs."""
+        storage.write_bytes(self.artifacts["grid"], grid_png)
+        storage.write_json(self.artifacts["metrics"], report)
+        return self.artifacts

@@ -1,0 +1,102 @@
+"""The priors contract: what train_prior writes and what sample, evaluate and the generator read.
+
+    <out>/<level>.pt    one prior per code level (``top.pt``, ``bottom.pt``): steps.nn.checkpoint format with the
+                        extra entries ``level``, ``vqvae`` (digest of the autoencoder whose codes it models),
+                        ``num_classes`` and ``step``
+    <out>/priors.json   levels, VQ-VAE digest, final metrics per level (NLL in bits per code); written last
+    <out>/ray/          Ray Train's run state
+
+:class:`Priors` opens it, one checkpoint per level on demand; whether the priors belong to an autoencoder and a code
+dataset is :func:`steps.artifacts.compat.check_compatible`'s to say. :class:`PriorsWriter` writes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from steps import storage
+from steps.artifacts.checkpoints import CheckpointFile, TrainedWriter
+from steps.common import MissingInputError
+from steps.nn import registry
+from steps.nn.checkpoint import to_bytes
+
+SUMMARY = "priors.json"
+WHAT = "a prior (train_prior's <level>.pt: kind " + " or ".join(registry.kinds("prior")) + ")"
+
+
+def _level_file(level: str) -> str:
+    return f"{level}.pt"
+
+
+class Priors:
+    """A train_prior output, opened for reading; each level's checkpoint is read on first use."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._checkpoints: dict[str, CheckpointFile] = {}
+
+    @classmethod
+    def open(cls, uri: str) -> Priors:
+        """The priors at ``uri``.
+
+        Raises:
+            MissingInputError: no such folder (train_prior has not run).
+        """
+        if not storage.is_dir(uri):
+            raise MissingInputError(f"no priors at {uri}: run the train_prior step first")
+        return cls(uri)
+
+    def level_uri(self, level: str) -> str:
+        return storage.join(self.uri, _level_file(level))
+
+    def has(self, level: str) -> bool:
+        return storage.exists(self.level_uri(level))
+
+    def checkpoint(self, level: str) -> CheckpointFile:
+        """The prior of ``level``.
+
+        Raises:
+            MissingInputError: no checkpoint for that level.
+            CheckpointError: not a prior checkpoint of this project.
+        """
+        if level not in self._checkpoints:
+            self._checkpoints[level] = CheckpointFile.open(
+                self.level_uri(level), "prior", WHAT, f"no {level} prior was trained; rerun train_prior"
+            )
+        return self._checkpoints[level]
+
+    def num_classes(self, level: str) -> int:
+        """Classes the prior of ``level`` is conditioned on (0: unconditional)."""
+        return int(self.checkpoint(level).config.num_classes)
+
+    def load(self, level: str, device: torch.device | str | None = None) -> torch.nn.Module:
+        return self.checkpoint(level).load(device)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """``priors.json``: levels, VQ-VAE digest and final metrics per level.
+
+        Raises:
+            MissingInputError: no summary: train_prior did not finish here.
+        """
+        missing = f"{storage.join(self.uri, SUMMARY)} does not exist: train_prior did not finish writing {self.uri}"
+        return storage.read_record(self.uri, SUMMARY, missing)
+
+
+class PriorsWriter(TrainedWriter):
+    """Writes a train_prior output at ``out``."""
+
+    def write_level(self, level: str, payload: dict[str, Any], vqvae: str) -> str:
+        """One level's prior (a checkpoint payload), tagged with its level and the VQ-VAE digest; returns its URI."""
+        uri = storage.join(self.out, _level_file(level))
+        num_classes = payload["config"].get("num_classes") or None
+        storage.write_bytes(uri, to_bytes({**payload, "level": level, "vqvae": vqvae, "num_classes": num_classes}))
+        return uri
+
+    def finish(self, levels: list[str], vqvae: str, metrics: dict[str, dict[str, float]]) -> str:
+        """Write ``priors.json`` (last); returns its URI."""
+        uri = storage.join(self.out, SUMMARY)
+        storage.write_json(uri, {"levels": list(levels), "vqvae": vqvae, "metrics": metrics})
+        return uri

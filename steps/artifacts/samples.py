@@ -1,0 +1,161 @@
+"""The samples contract: what the sample step writes and what evaluate and verify read.
+
+    <out>/images/{index:06d}.png          one PNG per sample (unless sample.write_pngs=false)
+    <out>/codes/part-{shard:05d}.parquet  the sampled codes: id, label, seed, [attempt, class_prob, accepted,] one
+                                          int16 fixed-size list per level (none for the VAE)
+    <out>/grid.png                        the first samples tiled
+    <out>/shards/part-{shard:05d}.json    one record per finished shard (written last for that shard)
+    <out>/shards/settings.json            what the samples depend on: an interrupted run resumes only with these
+    <out>/samples.json                    the run's metadata; written last
+
+:class:`Samples` opens it; :class:`SamplesWriter` writes it and decides what an interrupted run may keep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from steps import storage
+from steps.pixels import decode_png
+
+META_KEY = b"vqvae2.samples"
+METADATA = "samples.json"
+GRID = "grid.png"
+IMAGES, CODES, SHARDS = "images", "codes", "shards"
+SETTINGS = "settings.json"
+
+
+def samples_schema(
+    levels: tuple[str, ...],
+    shapes: Mapping[str, tuple[int, int]],
+    codebook_size: Mapping[str, int],
+    vqvae: str,
+    rejection: bool,
+) -> pa.Schema:
+    """Arrow schema of a codes part: id, label, seed, [attempt, class_prob, accepted,] one int16 list per level."""
+    cols = [pa.field("id", pa.string()), pa.field("label", pa.int32()), pa.field("seed", pa.int64())]
+    if rejection:
+        cols += [
+            pa.field("attempt", pa.int32()),
+            pa.field("class_prob", pa.float32()),
+            pa.field("accepted", pa.bool_()),
+        ]
+    cols += [pa.field(lv, pa.list_(pa.int16(), math.prod(shapes[lv]))) for lv in levels]
+    meta = {"vqvae": vqvae, "levels": list(levels), "codebook_size": dict(codebook_size)}
+    meta.update({f"{lv}_shape": list(shapes[lv]) for lv in levels})
+    return pa.schema(cols, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def sample_id(index: int) -> str:
+    return f"sample-{index:06d}"
+
+
+class Samples:
+    """A finished sample output, opened for reading."""
+
+    def __init__(self, uri: str, meta: dict[str, Any]) -> None:
+        self.uri, self.meta = uri, meta
+
+    @classmethod
+    def open(cls, uri: str) -> Samples:
+        """The samples at ``uri``.
+
+        Raises:
+            MissingInputError: no ``samples.json`` (the sample step has not finished).
+        """
+        missing = f"no samples at {uri} ({METADATA} missing): run the sample step first"
+        return cls(uri, storage.read_record(uri, METADATA, missing))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.meta["num_samples"])
+
+    def code_files(self) -> list[str]:
+        return storage.parquet_files(storage.join(self.uri, CODES))
+
+    def ids(self) -> pa.ChunkedArray:
+        return storage.read_column(self.code_files(), "id")
+
+    def read_pngs(self, channels: int, limit: int) -> np.ndarray | None:
+        """Up to ``limit`` sample PNGs as uint8 (N, C, S, S) in index order, or None if none were written."""
+        names = [i.base_name for i in storage.listdir(storage.join(self.uri, IMAGES)) if i.base_name.endswith(".png")]
+        if not names:
+            return None
+        paths = [storage.join(self.uri, IMAGES, n) for n in sorted(names)[:limit]]
+        return np.stack([decode_png(storage.read_bytes(p), channels) for p in paths])
+
+    def read_codes(self, levels: tuple[str, ...], limit: int) -> dict[str, np.ndarray]:
+        """Up to ``limit`` sampled code rows per level, flat (N, H*W) int64, in file order; {} without codes."""
+        parts: dict[str, list[np.ndarray]] = {lv: [] for lv in levels}
+        for uri in self.code_files():
+            table = storage.read_parquet(uri, list(levels))
+            for lv in levels:
+                parts[lv].append(np.stack(table.column(lv).to_numpy(zero_copy_only=False)).astype(np.int64))
+        if not any(parts.values()):
+            return {}
+        return {lv: np.concatenate(p)[:limit] for lv, p in parts.items()}
+
+
+class SamplesWriter:
+    """Writes a sample output at ``out``, shard by shard; :meth:`resume` keeps what an interrupted run finished."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def _record_uri(self, shard: int) -> str:
+        return storage.join(self.out, SHARDS, f"part-{shard:05d}.json")
+
+    def resume(self, settings: dict[str, Any], num_shards: int) -> dict[int, dict[str, Any]]:
+        """The records of the shards an interrupted run with the same ``settings`` finished (kept); anything else
+        in ``out`` is cleared. Records ``settings`` for the next attempt."""
+        settings = json.loads(json.dumps(settings, default=str))  # as it reads back
+        done: dict[int, dict[str, Any]] = {}
+        try:
+            same = storage.read_json(storage.join(self.out, SHARDS, SETTINGS)) == settings
+        except (FileNotFoundError, OSError, ValueError):
+            same = False
+        if same:  # one listing, then only the records that exist are read (object stores: no miss per shard)
+            for info in storage.listdir(storage.join(self.out, SHARDS)):
+                name = info.base_name
+                if name.startswith("part-") and name.endswith(".json") and name[5:-5].isdigit():
+                    shard = int(name[5:-5])
+                    try:
+                        if shard < num_shards:
+                            done[shard] = storage.read_json(self._record_uri(shard))
+                    except (OSError, ValueError):
+                        continue
+        if done:  # keep the finished shards; drop what an unfinished one or the last run's ending left behind
+            for name in (GRID, METADATA):
+                storage.delete(storage.join(self.out, name))
+        else:
+            storage.clear_dir(self.out)
+        storage.write_json(storage.join(self.out, SHARDS, SETTINGS), settings)
+        return done
+
+    def write_image(self, index: int, png: bytes) -> None:
+        storage.write_bytes(storage.join(self.out, IMAGES, f"{index:06d}.png"), png)
+
+    def write_codes(self, shard: int, table: pa.Table) -> None:
+        storage.write_parquet(table, storage.join(self.out, CODES, f"part-{shard:05d}.parquet"), compression="snappy")
+
+    def write_record(self, shard: int, record: dict[str, Any]) -> None:
+        """The shard's record, written after its images and codes: a shard with a record is complete."""
+        storage.write_json(self._record_uri(shard), record)
+
+    def finish(self, grid_png: bytes, meta: dict[str, Any], pngs: bool, codes: bool) -> dict[str, str]:
+        """The grid, then ``samples.json`` (last); returns the artifact URIs."""
+        artifacts = {"grid": storage.join(self.out, GRID)}
+        storage.write_bytes(artifacts["grid"], grid_png)
+        if pngs:
+            artifacts["images"] = storage.join(self.out, IMAGES)
+        if codes:
+            artifacts["codes"] = storage.join(self.out, CODES)
+        artifacts["metadata"] = storage.join(self.out, METADATA)
+        storage.write_json(artifacts["metadata"], meta)
+        return artifacts

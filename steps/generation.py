@@ -1,0 +1,82 @@
+"""Drawing images from trained models: the heart of the sample step, usable anywhere a model can be loaded.
+
+For a VQ-VAE-2 each image draws a top code map from the top prior, then a bottom code map from the bottom prior
+conditioned on those top codes, then decodes both to pixels (Razavi et al. 2019, section 3.2); a one-level VQ-VAE has
+only the top prior, and the VAE baseline decodes N(0, temperature^2 I) draws with no prior at all. Codes come from
+each prior's sampler in the registry (the cached sampler for the PixelCNN), with temperature, top-k and top-p.
+
+Seeds. Each image draws all its randomness (top codes, then bottom codes, or the VAE latent) from its own CPU
+generator seeded with its seed, so an image depends only on its seed and label: not on the batch it is drawn in, the
+device (up to float rounding) or the order of work. The sample step gives image ``i`` the seed
+:func:`sample_seed` ``(seed, i, attempt)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.priors import Priors
+from steps.nn import registry
+
+
+def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
+    """The generator seed of attempt ``attempt`` of sample ``index``: a fixed hash (never Python's salted ``hash``).
+
+    Below 2**63, so it fits an int64 column; ``torch.Generator().manual_seed(...)`` on it reproduces the sample.
+    """
+    digest = hashlib.sha256(f"vqvae2-sample/{seed}/{index}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class ImageGenerator:
+    """An autoencoder and its priors, loaded once on ``device``, drawing images from per-image seeds.
+
+    Args:
+        autoencoder: the train_vqvae output.
+        priors: the train_prior output (None for a model without codes); checked against ``autoencoder`` by the
+            caller (:func:`steps.artifacts.compat.check_compatible`).
+        device: where the models run; random streams stay on the CPU.
+    """
+
+    def __init__(self, autoencoder: Autoencoder, priors: Priors | None, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = autoencoder.load(self.device)
+        self.levels = autoencoder.levels
+        if self.levels and priors is None:
+            raise ValueError(f"{autoencoder.model_uri} makes codes: drawing images needs its priors")
+        self.samplers = {lv: registry.sampler(priors.load(lv, self.device)) for lv in self.levels}
+        self.num_classes = {lv: priors.num_classes(lv) for lv in self.levels}
+        self.cache_bytes = dict.fromkeys(self.levels, 0)  # the largest sampler caches so far, per level
+
+    @torch.no_grad()
+    def draw(
+        self,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images (n, C, S, S) in [-1, 1] and code maps per level (n, H, W) for ``seeds`` (and ``labels``, one per
+        image, for class-conditional priors; levels whose prior is unconditional ignore them)."""
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # each level continues these streams
+        if not self.levels:
+            shape = self.model.config.latent_shape
+            z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # (n, *latent)
+            return self.model.decode(z * temperature), {}
+        labels_t = torch.as_tensor(list(labels), device=self.device) if labels is not None else None
+        codes: dict[str, torch.Tensor] = {}
+        cond = None
+        for lv in self.levels:
+            sampler = self.samplers[lv]
+            lab = labels_t if self.num_classes[lv] else None
+            controls = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+            codes[lv] = sampler.sample(len(gens), lab, cond, generator=gens, **controls)  # (n, H, W)
+            self.cache_bytes[lv] = max(self.cache_bytes[lv], sampler.cache_bytes)
+            cond = codes[lv]
+        return self.model.decode_codes(*codes.values()), codes

@@ -1,0 +1,144 @@
+"""What the evaluate step measures, as functions of images, models and code datasets (no Ray, no step settings).
+
+- :func:`reconstruction`: ``recon_mse`` (images in [-1, 1]), ``psnr`` (dB, peak-to-peak 2, from the mean MSE) and
+  ``ssim`` (Gaussian 11x11 window, mean over images) of an autoencoder on real images;
+- :func:`code_metrics`: per level ``usage_<level>`` (fraction of the codebook used) and ``perplexity_<level>``
+  (the effective number of codes) over a code dataset, and the priors' ``nll_bits_<level>`` on it;
+- :func:`features` / :func:`distances`: sample quality in the pooled 1280-d feature space of ImageNet
+  EfficientNet-Lite0 (:mod:`steps.nn.features`): Frechet distance, KID, k-NN precision / recall. Named ``*_effnet``,
+  never FID: not comparable with Inception FID from papers, only between runs evaluated the same way;
+- :func:`inception_fid`: the standard Inception FID through torch-fidelity (the ``fid`` extra);
+- :func:`decode_codes`: images from sampled codes, when the sample step wrote no PNGs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from steps.artifacts.codes import CodeDataset, batch_to_tensors
+from steps.nn.metrics import (
+    code_histogram,
+    codebook_stats,
+    frechet_distance_features,
+    kernel_inception_distance,
+    precision_recall,
+    psnr,
+    ssim,
+)
+from steps.pixels import to_float, to_uint8_chw
+
+
+def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 (N, C, S, S) as float batches (B, C, S, S) in [-1, 1] on ``device``."""
+    for start in range(0, len(images), batch_size):
+        yield to_float(images[start : start + batch_size]).to(device)
+
+
+@torch.no_grad()
+def reconstruction(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device):
+    """Metrics ``recon_mse``, ``psnr``, ``ssim`` and the reconstructions as uint8 (N, C, S, S).
+
+    Reconstructions are clamped to [-1, 1] first, as every saved image is, so a value beyond the image range
+    counts only as far as it shows.
+    """
+    sq_err, count, ssims, recons = 0.0, 0, [], []
+    for x in batches(images, batch_size, device):
+        recon = model(x).recon.float().clamp(-1, 1)  # (B, C, S, S)
+        sq_err += torch.sum((recon - x) ** 2).item()
+        count += x.numel()
+        ssims.append(ssim(recon, x).cpu())
+        recons.append(to_uint8_chw(recon))
+    mse = sq_err / count
+    return {"recon_mse": mse, "psnr": psnr(mse), "ssim": float(torch.cat(ssims).mean())}, np.concatenate(recons)
+
+
+@torch.no_grad()
+def code_metrics(
+    codes: CodeDataset, priors: Mapping[str, torch.nn.Module], batch_size: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Usage and perplexity per level over the val codes (train if val is empty), and the priors' bits per code on
+    them (for the levels given in ``priors``, which must belong to the codes' model)."""
+    meta, split = codes.meta, codes.scoring_split()
+    priors = {lv: p.to(device) for lv, p in priors.items()}
+    counts = {lv: torch.zeros(meta.codebook_size[lv], dtype=torch.long) for lv in meta.levels}
+    bits = dict.fromkeys(meta.levels, 0.0)
+    rows = 0
+    for table in codes.tables(split):
+        for start in range(0, table.num_rows, batch_size):
+            t = batch_to_tensors(table.slice(start, batch_size), meta)
+            n = len(t[meta.levels[0]])
+            rows += n
+            for i, lv in enumerate(meta.levels):
+                counts[lv] += code_histogram(t[lv], meta.codebook_size[lv])
+                if lv in priors:
+                    prior = priors[lv]
+                    labels = t["label"].clamp_min(0).to(device) if prior.config.num_classes else None
+                    cond = t[meta.levels[i - 1]].to(device) if prior.config.cond_num_codes else None
+                    bits[lv] += prior.nll_bits(t[lv].to(device), labels, cond).item() * n
+    metrics: dict[str, float] = {}
+    for lv in meta.levels:
+        stats = codebook_stats(counts[lv])
+        metrics[f"usage_{lv}"] = stats["usage"]
+        metrics[f"perplexity_{lv}"] = stats["perplexity"]
+    if priors and rows:
+        for lv in meta.levels:
+            metrics[f"nll_bits_{lv}"] = bits[lv] / rows
+    return metrics, {"code_split": split, "code_rows": rows, "levels": list(meta.levels)}
+
+
+@torch.no_grad()
+def features(extractor: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """EfficientNet-Lite0 features (N, 1280) as float64."""
+    return np.concatenate([extractor(x).double().cpu().numpy() for x in batches(images, batch_size, device)])
+
+
+def distances(
+    fake: np.ndarray, real: np.ndarray, kid_subsets: int, kid_subset_size: int, knn_k: int, seed: int, suffix: str = ""
+) -> dict[str, float]:
+    """FD, KID (mean, std over ``kid_subsets`` subsets) and k-NN precision / recall of ``fake`` against ``real``
+    features; metric names end in ``suffix``."""
+    kid, kid_std = kernel_inception_distance(fake, real, kid_subsets, kid_subset_size, seed)
+    out = {f"fd_effnet{suffix}": frechet_distance_features(fake, real), f"kid_effnet{suffix}": kid}
+    out[f"kid_effnet{suffix}_std"] = kid_std
+    if min(len(fake), len(real)) > knn_k:
+        out[f"precision{suffix}"], out[f"recall{suffix}"] = precision_recall(real, fake, k=knn_k)
+    return out
+
+
+def inception_fid(fake: np.ndarray, real: np.ndarray, use_gpu: bool) -> float:
+    """Standard Inception FID through torch-fidelity (the ``fid`` extra); downloads its weights on first use."""
+    import torch_fidelity
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, arr: np.ndarray) -> None:
+            self.arr = arr
+
+        def __len__(self) -> int:
+            return len(self.arr)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            x = torch.from_numpy(self.arr[i])  # (C, S, S) uint8
+            return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+    got = torch_fidelity.calculate_metrics(
+        input1=Images(fake), input2=Images(real), cuda=use_gpu, fid=True, verbose=False
+    )
+    return float(got["frechet_inception_distance"])
+
+
+@torch.no_grad()
+def decode_codes(
+    model: torch.nn.Module, codes: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, int]], batch_size: int
+) -> np.ndarray:
+    """uint8 images (N, C, S, S) of flat code rows per level (N, H*W), decoded by ``model`` (levels top first)."""
+    device = next(model.parameters()).device
+    levels = list(codes)
+    out = []
+    for start in range(0, len(codes[levels[0]]), batch_size):
+        maps = [torch.from_numpy(codes[lv][start : start + batch_size]).view(-1, *shapes[lv]) for lv in levels]
+        out.append(to_uint8_chw(model.decode_codes(*(m.to(device) for m in maps))))  # each map (B, H, W)
+    return np.concatenate(out)

@@ -9,6 +9,7 @@ to the run that produced the output, so every invocation shows the whole graph.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -98,6 +99,29 @@ def close_orphaned_runs(client, experiment_id: str) -> list[str]:
     return closed
 
 
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while setting it up.
+
+    The first process to open a new SQLite store creates its tables and runs MLflow's schema migrations; a second
+    process doing the same at that moment fails inside them (alembic: "Online migration expected to match one
+    row"). Two pipelines started together on a fresh store therefore take turns here. Other stores (a tracking
+    server) need no lock.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    path = tracking_uri[len(prefix) :] + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Opens the parent run on enter; :meth:`step` opens child runs."""
 
@@ -113,8 +137,9 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         self.mlflow.set_tracking_uri(self.tracking_uri)
-        experiment = self.mlflow.set_experiment(self.experiment)
-        close_orphaned_runs(self.mlflow.tracking.MlflowClient(), experiment.experiment_id)
+        with store_lock(self.tracking_uri):  # the first access of a new SQLite store creates its tables
+            experiment = self.mlflow.set_experiment(self.experiment)
+            close_orphaned_runs(self.mlflow.tracking.MlflowClient(), experiment.experiment_id)
         driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
         self.parent = self.mlflow.start_run(run_name=self.run_name, tags={"git_sha": git_sha(), **driver, **self.tags})
         return self

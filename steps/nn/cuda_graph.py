@@ -63,7 +63,8 @@ class GraphSequence:
             self.graphs: list[torch.cuda.CUDAGraph] = []
             for step in steps:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                # thread_local: other threads of the process (e.g. a Ray actor's) may keep using CUDA meanwhile.
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     step()
                 self.graphs.append(graph)
             torch.cuda.synchronize()

@@ -276,6 +276,10 @@ class CachedSampler:
         self._run(entry.buffers, entry.graphs.replay)
         return entry.buffers.codes.clone()  # the buffer is overwritten by the next replay
 
+    def clear_graphs(self) -> None:
+        """Drop every captured configuration with its buffers (the memory returns to torch's caching allocator)."""
+        self._graphs.clear()
+
     @torch.no_grad()
     def logits(self, codes: Tensor, labels: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """Teacher-forced logits (B, K, H, W) of ``codes``, position by position from the caches (always eager).

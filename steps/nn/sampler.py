@@ -29,9 +29,17 @@ them. The loop is therefore written for CUDA graphs (:mod:`steps.nn.cuda_graph`)
 allocated before the loop (:class:`_Buffers`), makes no Python decision on tensor values and never synchronises with
 the host (uniforms are drawn up front, inputs are checked before). With ``cuda_graphs`` on, each row of the map is
 captured once per batch configuration and later calls replay the graphs: the same kernels on the same buffers, so the
-codes are those of the eager loop, bit for bit. The kernel count was squeezed without changing the computation:
+codes are those of the eager loop, bit for bit. One graph per row rather than per map: a 32x32 map is ~100k kernels,
+and a row (~3.5k) keeps each graph's instantiation small for the price of 32 graph launches per map. Only the
+per-call setup (cache reset, conditioning features: a few kernels) stays eager.
+
+Operations per position of the default top prior were cut from ~160 to 99 (tests/unit/test_sampler.py pins the
+count); on a GPU every matrix product with an addend also costs a copy of the addend first, 42 per position before,
+5 now: ~200 kernels per position became ~105 (+10 layer-norm input copies at batch > 1). Nothing computed changed:
 biases ride in matrix products on a constant-1 column, products accumulate in place into the buffers that hold their
-addend, and elementwise ops write straight into the buffers their consumers read.
+addend (row terms, q/k/v cache rows prefilled with the bias, the residual stream), a layer's residual and skip
+products are one product, and elementwise ops write into the buffers their consumers read. Float rounding differs
+from the forward pass only in summation order, as before.
 """
 
 from __future__ import annotations
@@ -189,8 +197,9 @@ class CachedSampler:
             whether labels / cond are given, float32 matmul precision) captures the graphs, at about the cost of one
             eager call; later calls with that configuration replay them. Pays off from the second call with the same
             configuration, e.g. a sampler that draws shard after shard of the same size.
-        max_graphs: how many configurations keep their graphs and buffers (the least recently used are dropped):
-            the buffers hold the caches of a whole batch, e.g. ~4 GiB for 512 samples of the default 32x32 top prior.
+        max_graphs: how many configurations keep their graphs and buffers (the least recently used are dropped).
+            Two fit a sampling step (full shards and a last, smaller one); each holds the caches of a whole batch,
+            e.g. ~4 GiB for 512 samples of the default 32x32 top prior.
 
     Attributes:
         cache_bytes: bytes of all cache tensors of the last batch.
@@ -198,7 +207,7 @@ class CachedSampler:
         capture_seconds: wall seconds of the last capture, warm-up included.
     """
 
-    def __init__(self, model: PixelCNNPrior, *, cuda_graphs: bool | None = None, max_graphs: int = 3) -> None:
+    def __init__(self, model: PixelCNNPrior, *, cuda_graphs: bool | None = None, max_graphs: int = 2) -> None:
         self.model, cfg = model, model.config
         self.height, self.width = cfg.shape
         self.pad = cfg.kernel_size // 2

@@ -12,10 +12,15 @@ depends on the newest position, from per-layer caches, and mirrors the prior's f
   columns c..c+k//2 as soon as it exists (one matrix product with the taps side by side), so the pre-activation at
   column c is complete once column c's own input has been added. The residual stream and the skip sum of one
   position are updated in place by one product ``[gated, 1] @ [[W_res | W_skip], [b_res | b_skip]]``;
-* causal self-attention (PixelSNAIL): one cache per block holds the queries, keys and values of every position,
-  prefilled with the projection bias, so that the newest position's fused q/k/v product lands in its cache row in
-  place; it attends to the keys / values so far, then the residual and feed-forward follow (the block's
-  ``project`` / ``attend`` / ``update`` for one query); the 2-D position embedding is folded into the norm's shift;
+* causal self-attention (PixelSNAIL): the newest position alone is projected (q/k/v fused into one product; the 2-D
+  position embedding folded into the norm's shift) and attends to the cached keys / values of positions <= its own,
+  then the residual and feed-forward follow: the block's ``project`` / ``attend`` / ``update`` for one query. Two
+  ways to attend (``attention``): ``"sdpa"``, one fused kernel, with a cache per block of every position's queries,
+  keys and values prefilled with the projection bias so that the q/k/v product lands in its cache row in place; and
+  ``"bmm"``, two batched matrix products and a softmax over per-head key / value caches. The fused kernel tiles 32-64
+  queries per block for training-sized problems, so with one query per sample and head most of its work is padding:
+  fine while it is a few blocks (small batches, where fewer kernels matter more), not when the batch fills the GPU;
+  the products read each key and value once, at memory speed;
 * conditioning: class biases and the ConditionNet features of the top codes are computed once per batch; each
   layer's 1x1 projection of them is applied row by row as rows start (the same work as once, far less memory).
 
@@ -59,6 +64,10 @@ from steps.nn.prior import CausalSelfAttention, GatedBlock, PixelCNNPrior
 
 # pick(i, logits (B, K)) -> codes (B,) at flat position i: a draw when sampling, the given codes when teacher forcing.
 Pick = Callable[[int, Tensor], Tensor]
+ATTENTION = ("auto", "sdpa", "bmm")
+# attention="auto" attends with batched products from this batch size on, with the fused kernel below it. A first
+# guess: bench/gpu.py times both ways at batches 1, 64 and 512 on a GPU.
+BMM_FROM_BATCH = 32
 
 
 def _bias_row(weight_t: Tensor, bias: Tensor) -> Tensor:
@@ -96,6 +105,7 @@ class _Attention:
 
     def __init__(self, attn: CausalSelfAttention, height: int, width: int) -> None:
         self.heads = attn.heads
+        self.scale = (attn.q_proj.weight.shape[0] // attn.heads) ** -0.5  # scaled_dot_product_attention's default
         self.eps, self.ff_eps = attn.norm.eps, attn.ff_norm.eps
         pos = torch.arange(height * width, device=attn.row_embed.weight.device)
         table = attn.row_embed(pos // width) + attn.col_embed(pos % width)  # (N, C), as in project()
@@ -112,19 +122,35 @@ class _Attention:
 
     def step(self, buf: _Buffers, block: int, i: int) -> None:
         """Attention of position ``i`` over positions <= i, then the feed-forward, added to ``buf.stream`` in place."""
-        stream, (b, c), heads = buf.stream, buf.stream.shape, self.heads
+        stream, c = buf.stream, buf.stream.shape[1]
         x = F.layer_norm(stream, (c,), self.norm_w, self.norm_b[i], self.eps)  # (B, C)
-        qkv = buf.qkv[block]  # (B, N, 3C), row i holds the bias until now
+        attend = self._sdpa if buf.attention == "sdpa" else self._bmm
+        out = attend(buf.attn_cache[block], x, i)  # (B, C)
+        stream.addmm_(out, self.out_w).add_(self.out_b)  # update(): + out_proj(out)
+        x = F.layer_norm(stream, (c,), self.ff_norm_w, self.ff_norm_b, self.ff_eps)  # (B, C)
+        hidden = torch.addmm(self.ff1_b, x, self.ff1_w, out=buf.ff_in[:, :-1])  # (B, 2C)
+        torch.ops.aten.gelu_(hidden, approximate=self.gelu)  # in place: gelu.out into a strided view fails on CPU
+        stream.addmm_(buf.ff_in, self.ff2_w)  # + ff(ff_norm(tokens)), bias included
+
+    def _sdpa(self, qkv: Tensor, x: Tensor, i: int) -> Tensor:
+        """Attention output (B, C) from the fused kernel; ``qkv`` (B, N, 3C) caches q, k, v, row i holding the bias."""
+        (b, c), heads = x.shape, self.heads
         qkv[:, i].addmm_(x, self.qkv_w)  # this position's queries, keys and values, in the cache
         q = qkv[:, i, :c].view(b, 1, heads, -1).transpose(1, 2)  # (B, heads, 1, C / heads)
         k = qkv[:, : i + 1, c : 2 * c].view(b, i + 1, heads, -1).transpose(1, 2)  # (B, heads, i+1, C / heads)
         v = qkv[:, : i + 1, 2 * c :].view(b, i + 1, heads, -1).transpose(1, 2)  # (B, heads, i+1, C / heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, C / heads)
-        stream.addmm_(out.transpose(1, 2).reshape(b, c), self.out_w).add_(self.out_b)  # update(): + out_proj(out)
-        x = F.layer_norm(stream, (c,), self.ff_norm_w, self.ff_norm_b, self.ff_eps)  # (B, C)
-        hidden = torch.addmm(self.ff1_b, x, self.ff1_w, out=buf.ff_in[:, :-1])  # (B, 2C)
-        torch.ops.aten.gelu_(hidden, approximate=self.gelu)  # in place: gelu.out into a strided view fails on CPU
-        stream.addmm_(buf.ff_in, self.ff2_w)  # + ff(ff_norm(tokens)), bias included
+        return out.transpose(1, 2).reshape(b, c)
+
+    def _bmm(self, kv: Tensor, x: Tensor, i: int) -> Tensor:
+        """Attention output (B, C) from batched products; ``kv`` (2, B, heads, N, C / heads) caches keys, values."""
+        (b, c), heads, n = x.shape, self.heads, kv.shape[3]
+        qkv = torch.addmm(self.qkv_b, x, self.qkv_w)  # (B, 3C)
+        kv[:, :, :, i] = qkv[:, c:].view(b, 2, heads, -1).transpose(0, 1)  # this position's keys and values
+        q = (qkv[:, :c] * self.scale).view(b * heads, 1, -1)  # (B*heads, 1, C / heads), contiguous
+        keys = kv[0].view(b * heads, n, -1)[:, : i + 1]  # (B*heads, i+1, C / heads)
+        weights = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # (B*heads, 1, i+1)
+        return torch.bmm(weights, kv[1].view(b * heads, n, -1)[:, : i + 1]).view(b, c)  # (B, C)
 
 
 class _Buffers:
@@ -148,11 +174,15 @@ class _Buffers:
             self.labels = torch.zeros(b, **ints) if labels else None
             self.cond = torch.zeros(b, *cfg.cond_shape, **ints) if cond and cfg.cond_num_codes else None
             # Caches: the last p+1 input rows of each vertical conv (channel-first, as conv2d wants them); each layer's
-            # horizontal pre-activations of the current row (the row term plus the inputs added so far); queries,
-            # keys and values of every position per attention block; the conditioning features.
+            # horizontal pre-activations of the current row (the row term plus the inputs added so far); per attention
+            # block, queries, keys and values of every position ("sdpa") or keys and values per head ("bmm"); the
+            # conditioning features.
             self.v_rows = [torch.zeros(b, c, p + 1, width, **like) for _ in sampler.layers]  # (B, C, p+1, W)
             self.pre = [torch.zeros(b, width, 2 * c, **like) for _ in sampler.layers]  # (B, W, 2C)
-            self.qkv = {i: torch.zeros(b, n_pos, 3 * c, **like) for i in sampler.attn}  # (B, N, 3C)
+            self.attention = sampler.attention_for(b)
+            heads = max(cfg.attn_heads, 1)
+            shape = (b, n_pos, 3 * c) if self.attention == "sdpa" else (2, b, heads, n_pos, c // heads)
+            self.attn_cache = {i: torch.zeros(shape, **like) for i in sampler.attn}
             cond_map = self.cond is not None and sampler.model.cond_net is not None
             self.cond_map = torch.zeros(b, cfg.cond_channels, height, width, **like) if cond_map else None
             # Per-batch conditioning and per-position scratch.
@@ -167,7 +197,7 @@ class _Buffers:
             self.ff_in = torch.ones(b, 2 * c + 1, **like)  # the attention feed-forward's hidden layer
             self.head_in = torch.ones(b, c + 1, **like)  # relu(skip + stream)
             self.head_mid = torch.ones(b, c + 1, **like)  # the head's hidden layer
-        caches = [*self.v_rows, *self.pre, *self.qkv.values(), *([self.cond_map] if cond_map else [])]
+        caches = [*self.v_rows, *self.pre, *self.attn_cache.values(), *([self.cond_map] if cond_map else [])]
         self.cache_bytes = sum(t.numel() * t.element_size() for t in caches)
 
     def load(self, labels: Tensor | None, cond: Tensor | None, u: Tensor | None = None) -> None:
@@ -199,7 +229,9 @@ class CachedSampler:
             configuration, e.g. a sampler that draws shard after shard of the same size.
         max_graphs: how many configurations keep their graphs and buffers (the least recently used are dropped).
             Two fit a sampling step (full shards and a last, smaller one); each holds the caches of a whole batch,
-            e.g. ~4 GiB for 512 samples of the default 32x32 top prior.
+            e.g. ~3 GiB for 512 samples of the default 32x32 top prior.
+        attention: how the attention blocks attend (module docstring): "sdpa", "bmm", or "auto": "bmm" from
+            ``BMM_FROM_BATCH`` samples on. The codes do not depend on it beyond float rounding.
 
     Attributes:
         cache_bytes: bytes of all cache tensors of the last batch.
@@ -207,7 +239,9 @@ class CachedSampler:
         capture_seconds: wall seconds of the last capture, warm-up included.
     """
 
-    def __init__(self, model: PixelCNNPrior, *, cuda_graphs: bool | None = None, max_graphs: int = 2) -> None:
+    def __init__(
+        self, model: PixelCNNPrior, *, cuda_graphs: bool | None = None, max_graphs: int = 2, attention: str = "auto"
+    ) -> None:
         self.model, cfg = model, model.config
         self.height, self.width = cfg.shape
         self.pad = cfg.kernel_size // 2
@@ -226,7 +260,9 @@ class CachedSampler:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
-        self.cuda_graphs, self.max_graphs = cuda_graphs, max_graphs
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        self.cuda_graphs, self.max_graphs, self.attention = cuda_graphs, max_graphs, attention
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.cache_bytes = 0
         self.captures = 0
@@ -284,6 +320,12 @@ class CachedSampler:
         entry.buffers.load(labels, cond, u)
         self._run(entry.buffers, entry.graphs.replay)
         return entry.buffers.codes.clone()  # the buffer is overwritten by the next replay
+
+    def attention_for(self, batch: int) -> str:
+        """How a batch of ``batch`` samples attends: "sdpa" (one fused kernel) or "bmm" (batched products)."""
+        if self.attention != "auto":
+            return self.attention
+        return "bmm" if batch >= BMM_FROM_BATCH else "sdpa"
 
     def clear_graphs(self) -> None:
         """Drop every captured configuration with its buffers (the memory returns to torch's caching allocator)."""
@@ -351,8 +393,9 @@ class CachedSampler:
         """Reset the caches and compute the batch's conditioning (eager: a few kernels per call)."""
         for rows in buf.v_rows:
             rows.zero_()  # the rows above row 0 are the shift's zeros
-        for i, qkv in buf.qkv.items():
-            qkv.copy_(self.attn[i].qkv_b.expand_as(qkv))  # each position's projection is added in place
+        if buf.attention == "sdpa":
+            for i, qkv in buf.attn_cache.items():
+                qkv.copy_(self.attn[i].qkv_b.expand_as(qkv))  # each position's projection is added in place
         if buf.cond_map is not None:
             buf.cond_map.copy_(self.model.cond_net(buf.cond))  # (B, cc, H, W), once
         for lay, bias in zip(self.layers, buf.class_bias, strict=True):

@@ -115,13 +115,15 @@ def inputs(model, batch: int, seed: int) -> dict:
     return {k: v.to(CUDA) for k, v in dict(labels=labels, cond=cond).items() if v is not None}
 
 
-@pytest.mark.parametrize("level", ["top", "bottom"])  # attention + classes; spatial conditioning + classes
+# top: attention (both ways to attend) + classes; bottom: spatial conditioning + classes.
+@pytest.mark.parametrize(("level", "attention"), [("top", "sdpa"), ("top", "bmm"), ("bottom", "auto")])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_cuda_graphs_equal_eager_and_naive_in_float64(level: str, batch: int):
+def test_cuda_graphs_equal_eager_and_naive_in_float64(level: str, attention: str, batch: int):
     from steps.nn.prior import sample_naive
 
     model = prior(level)
-    graphs, eager = CachedSampler(model, cuda_graphs=True), CachedSampler(model, cuda_graphs=False)
+    graphs = CachedSampler(model, cuda_graphs=True, attention=attention)
+    eager = CachedSampler(model, cuda_graphs=False, attention=attention)
     ctx, seeds = inputs(model, batch, seed=1), list(range(batch))
     codes = graphs.sample(batch, **ctx, generator=seeds)
     assert graphs.captures == 1 and graphs.capture_seconds > 0
@@ -158,13 +160,15 @@ def test_cuda_graphs_replay_the_eager_kernels_in_float32():
     """float32, the default-size top prior's layers on a 16x16 map: graph codes equal eager codes bit for bit."""
     model = prior("top", torch.float32, channels=128, layers=10, kernel_size=5, shape=(16, 16), num_codes=512)
     torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # as bench/gpu.py: many near-ties between codes
-    graphs, eager = CachedSampler(model), CachedSampler(model, cuda_graphs=False)
-    for batch in (1, 16):
-        for seed in (1, 2):
-            ctx, seeds = inputs(model, batch, seed), [1000 * seed + i for i in range(batch)]
-            codes = graphs.sample(batch, **ctx, generator=seeds)
-            assert torch.equal(codes, eager.sample(batch, **ctx, generator=seeds))
-    assert graphs.captures == 2
+    for attention in ("sdpa", "bmm"):
+        graphs = CachedSampler(model, attention=attention)
+        eager = CachedSampler(model, cuda_graphs=False, attention=attention)
+        for batch in (1, 16):
+            for seed in (1, 2):
+                ctx, seeds = inputs(model, batch, seed), [1000 * seed + i for i in range(batch)]
+                codes = graphs.sample(batch, **ctx, generator=seeds)
+                assert torch.equal(codes, eager.sample(batch, **ctx, generator=seeds)), (attention, batch, seed)
+        assert graphs.captures == 2
     # Teacher forcing (always eager) still matches the forward pass on the GPU, with TF32 off (as on the CPU).
     codes = torch.randint(0, 512, (2, 16, 16), device=CUDA)
     ctx = inputs(model, 2, seed=3)

@@ -152,6 +152,36 @@ def test_cache_bytes_count_every_cache() -> None:
     assert sampler.cache_bytes == f * (vertical + row_terms + queries_keys_values + cond_map)
 
 
+@pytest.mark.parametrize("variant", ["attention", "all"])
+@pytest.mark.parametrize("attention", ["sdpa", "bmm"])
+def test_both_ways_to_attend(variant: str, attention: str) -> None:
+    model = make_model(variant, (5, 4), 5)
+    ctx = conditioning(model, batch=3)
+    codes = torch.randint(0, 11, (3, 5, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(codes, **ctx)
+    assert (CachedSampler(model, attention=attention).logits(codes, **ctx) - full).abs().max().item() < 1e-4
+    model = make_model(variant, (5, 4), 5, dtype=torch.float64)
+    controls = dict(generator=[1, 2, 3], top_p=0.9)
+    cached = CachedSampler(model, attention=attention).sample(3, **ctx, **controls)
+    assert torch.equal(cached, sample_naive(model, 3, **ctx, **controls))
+
+
+def test_attention_choice_and_its_cache() -> None:
+    model = make_model("all", (5, 4), 5)  # channels 16, 3 layers, attention after layer 1 only, 4 heads
+    auto = CachedSampler(model)
+    assert auto.attention_for(1) == "sdpa" and auto.attention_for(sampler_module.BMM_FROM_BATCH) == "bmm"
+    assert CachedSampler(model, attention="sdpa").attention_for(10_000) == "sdpa"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        CachedSampler(model, attention="flash")
+    sampler = CachedSampler(model, attention="bmm")
+    sampler.sample(2, **conditioning(model, batch=2))
+    c, p, (h, w), f = 16, 2, (5, 4), 4
+    vertical, row_terms = 3 * 2 * c * (p + 1) * w, 3 * 2 * w * 2 * c
+    keys_values, cond_map = 2 * 2 * h * w * c, 2 * 8 * h * w  # keys and values per head, no queries
+    assert sampler.cache_bytes == f * (vertical + row_terms + keys_values + cond_map)
+
+
 def test_bad_inputs_are_refused() -> None:
     model = make_model("class", (4, 2), 3)
     sampler = CachedSampler(model)
@@ -227,11 +257,11 @@ def test_cuda_graphs_need_a_cuda_device() -> None:
         CachedSampler(model, max_graphs=0)
 
 
-@pytest.mark.parametrize("variant", ["all", "spatial"])
-def test_replays_equal_fresh_eager_calls(graph_sampler, variant: str) -> None:
+@pytest.mark.parametrize(("variant", "attention"), [("all", "sdpa"), ("all", "bmm"), ("spatial", "auto")])
+def test_replays_equal_fresh_eager_calls(graph_sampler, variant: str, attention: str) -> None:
     model = make_model(variant, (5, 4), 5, dtype=torch.float64)
     ctx = conditioning(model, batch=3)
-    sampler = graph_sampler(model)
+    sampler = graph_sampler(model, attention=attention)
     first = sampler.sample(3, **ctx, generator=[1, 2, 3], top_k=5)
     assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], top_k=5))
     assert torch.equal(first, sample_naive(model, 3, **ctx, generator=[1, 2, 3], top_k=5))
@@ -242,7 +272,7 @@ def test_replays_equal_fresh_eager_calls(graph_sampler, variant: str) -> None:
     assert torch.equal(second, sample(model, 3, **ctx2, generator=[4, 5, 6], top_k=5))
     assert not torch.equal(first, second)
     assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], top_k=5))  # not overwritten by the replay
-    eager = CachedSampler(model)
+    eager = CachedSampler(model, attention=attention)
     eager.sample(3, **ctx, generator=[1, 2, 3])
     assert sampler.cache_bytes == eager.cache_bytes
 
@@ -284,16 +314,18 @@ def test_the_loop_never_synchronises() -> None:
     sampler.sample(2, **ctx, generator=[1, 2], top_k=3, top_p=0.7)
 
 
-def test_operations_per_position() -> None:
+@pytest.mark.parametrize(("attention", "per_block"), [("sdpa", 9), ("bmm", 13)])
+def test_operations_per_position(attention: str, per_block: int) -> None:
     """Kernel budget: with graphs each operation is a replayed kernel (~1-3 us); this guards against regressions.
 
     The default 32x32 top prior (10 gated layers, attention after every 2nd) costs, per position: 1 lookup; 4 per
-    layer (input product, tanh, glu, residual / skip product); 9 per attention block (norm, q/k/v product,
-    attention, output product, its bias, norm, feed-forward product, gelu, product); 5 for the head; the draw.
+    layer (input product, tanh, glu, residual / skip product); per attention block 9 with the fused kernel (norm,
+    q/k/v product, attention, output product, its bias, norm, feed-forward product, gelu, product) or 13 with
+    batched products (+ caching keys / values, scaling queries, a second product, a softmax); 5 for the head; the draw.
     """
     cfg = PriorConfig(num_codes=512, shape=(2, 32), channels=128, layers=10, kernel_size=5, attn_heads=4, attn_every=2)
     torch.manual_seed(0)
-    sampler = CachedSampler(PixelCNNPrior(cfg).eval())
+    sampler = CachedSampler(PixelCNNPrior(cfg).eval(), attention=attention)
     counts: list[int] = []
     position = sampler._position
 
@@ -305,7 +337,7 @@ def test_operations_per_position() -> None:
     sampler._position = counted
     sampler.sample(1, generator=[0])
     draw = 7  # to float64, / temperature, softmax, cumsum, * u, searchsorted, clamp
-    expected = 1 + 4 * 10 + 9 * 5 + 5 + draw + 1  # ... + writing the code
+    expected = 1 + 4 * 10 + per_block * 5 + 5 + draw + 1  # ... + writing the code
     assert max(counts[1:]) == expected, (max(counts), expected)  # column 0 skips layer 0's input product
 
 

@@ -205,6 +205,7 @@ def graph_timings(
         "capture_s": graphs.capture_seconds,
         "cache_bytes": graphs.cache_bytes,
         "float32_codes_equal_eager": equal,
+        "replayed": graphs.cuda_graphs and graphs.captures == 1,  # False: capture failed, timings are eager
     }
 
 

@@ -50,6 +50,7 @@ from the forward pass only in summation order, as before.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -305,21 +306,14 @@ class CachedSampler:
         u = uniforms(n, self.height * self.width, generator, self.device)  # (n, H*W)
         self._check_inputs(n, labels, cond)
         controls = (float(temperature), top_k, float(top_p))
-        if not self.cuda_graphs:
-            buf = _Buffers(self, n, labels is not None, cond is not None)
-            buf.load(labels, cond, u)
-            self._run(buf, functools.partial(self._rows, buf, self._drawer(buf, *controls)))
-            return buf.codes
-        key = (n, *controls, labels is not None, cond is not None, *_precision())
-        entry = self._graphs.pop(key, None)
-        if entry is None:
-            entry = self._capture(n, labels is not None, cond is not None, controls)
-        self._graphs[key] = entry  # the most recently used last
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
-        entry.buffers.load(labels, cond, u)
-        self._run(entry.buffers, entry.graphs.replay)
-        return entry.buffers.codes.clone()  # the buffer is overwritten by the next replay
+        if self.cuda_graphs:
+            codes = self._sample_graphs(n, labels, cond, u, controls)
+            if codes is not None:
+                return codes
+        buf = _Buffers(self, n, labels is not None, cond is not None)
+        buf.load(labels, cond, u)
+        self._run(buf, functools.partial(self._rows, buf, self._drawer(buf, *controls)))
+        return buf.codes
 
     def attention_for(self, batch: int) -> str:
         """How a batch of ``batch`` samples attends: "sdpa" (one fused kernel) or "bmm" (batched products)."""
@@ -362,6 +356,27 @@ class CachedSampler:
             return draw_codes(logits, buf.u[:, i], temperature, top_k, top_p)
 
         return pick
+
+    def _sample_graphs(
+        self, n: int, labels: Tensor | None, cond: Tensor | None, u: Tensor, controls: tuple[float, int, float]
+    ) -> Tensor | None:
+        """Codes (n, H, W) replayed from the configuration's graphs (captured first if new); None if capture failed."""
+        key = (n, *controls, labels is not None, cond is not None, *_precision())
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            while len(self._graphs) >= self.max_graphs:  # the least recently used goes before new buffers come
+                self._graphs.popitem(last=False)
+            try:
+                entry = self._capture(n, labels is not None, cond is not None, controls)
+            except RuntimeError as e:  # e.g. an operation this torch build cannot capture: the codes are the same
+                warnings.warn(f"CUDA graph capture failed, sampling eagerly from now on: {e}", RuntimeWarning, 3)
+                self.cuda_graphs = False
+                self.clear_graphs()
+                return None
+        self._graphs[key] = entry  # the most recently used last
+        entry.buffers.load(labels, cond, u)
+        self._run(entry.buffers, entry.graphs.replay)
+        return entry.buffers.codes.clone()  # the buffer is overwritten by the next replay
 
     def _capture(self, n: int, labels: bool, cond: bool, controls: tuple[float, int, float]) -> _Captured:
         """Buffers for one configuration and its rows captured as CUDA graphs (after an eager warm-up of two rows)."""

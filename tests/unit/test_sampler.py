@@ -299,6 +299,21 @@ def test_configurations_are_keyed_and_the_least_recent_dropped(graph_sampler) ->
     assert sampler.captures == 5
 
 
+def test_a_failed_capture_falls_back_to_eager(monkeypatch) -> None:
+    def fail(*args) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(sampler_module, "GraphSequence", fail)
+    model = make_model("class", (4, 2), 3, dtype=torch.float64)
+    sampler = CachedSampler(model)
+    sampler.cuda_graphs = True
+    labels = torch.tensor([0, 2])
+    with pytest.warns(RuntimeWarning, match="capture failed, sampling eagerly"):
+        codes = sampler.sample(2, labels, generator=[1, 2])
+    assert torch.equal(codes, sample(model, 2, labels, generator=[1, 2]))
+    assert not sampler.cuda_graphs and sampler.captures == 0
+
+
 def test_the_loop_never_synchronises() -> None:
     # Eager too: every step of the raster loop runs without reading a tensor value on the host.
     model = make_model("all", (5, 4), 5)

@@ -1,4 +1,4 @@
-"""Cached (incremental) sampling for :class:`~steps.nn.pixelcnn.PixelCNNPrior`.
+"""Cached (incremental) sampling for :class:`~steps.nn.pixelcnn.PixelCNNPrior`, eager or replayed from CUDA graphs.
 
 The naive sampler reruns the whole prior on the generated prefix for each of the H * W positions. Following
 Ramachandran et al. 2017 ("Fast Generation for Convolutional Autoregressive Models"), this one computes only what
@@ -6,12 +6,21 @@ depends on the newest position, from per-layer caches, and mirrors the prior's f
 
 * vertical stack: its features at row r depend only on code rows < r, so at the start of row r each layer runs its
   (k//2+1, k) convolution once over the whole row, from a cache of the last k//2+1 rows of its input. The same row
-  pass precomputes the row's vertical-to-horizontal term ``v_to_h(v_pre) + bias`` for every column;
-* horizontal stack: at (r, c) each layer reads the last k//2+1 columns of its input row (a per-layer row buffer)
-  and the precomputed vertical term at (r, c); ``h_res`` and ``h_skip`` run as one matrix product;
-* causal self-attention (PixelSNAIL): keys and values of earlier positions sit in per-block caches; the newest
-  position alone is projected (q/k/v fused into one product) and attends to the cache, then the residual and
-  feed-forward follow: the block's ``project`` / ``attend`` / ``update`` for one query;
+  pass fills the layer's row buffer with the row's vertical-to-horizontal term ``v_to_h(v_pre) + bias``;
+* horizontal stack, accumulated forwards: the (1, k//2+1) convolution at column c sums taps over the input columns
+  c-k//2..c. Instead of gathering that window at column c, the input at column c is added to the row buffer of
+  columns c..c+k//2 as soon as it exists (one matrix product with the taps side by side), so the pre-activation at
+  column c is complete once column c's own input has been added. The residual stream and the skip sum of one
+  position are updated in place by one product ``[gated, 1] @ [[W_res | W_skip], [b_res | b_skip]]``;
+* causal self-attention (PixelSNAIL): the newest position alone is projected (q/k/v fused into one product; the 2-D
+  position embedding folded into the norm's shift) and attends to the cached keys / values of positions <= its own,
+  then the residual and feed-forward follow: the block's ``project`` / ``attend`` / ``update`` for one query. Two
+  ways to attend (``attention``): ``"sdpa"``, one fused kernel, with a cache per block of every position's queries,
+  keys and values prefilled with the projection bias so that the q/k/v product lands in its cache row in place; and
+  ``"bmm"``, two batched matrix products and a softmax over per-head key / value caches. The fused kernel tiles 32-64
+  queries per block for training-sized problems, so with one query per sample and head most of its work is padding:
+  fine while it is a few blocks (small batches, where fewer kernels matter more), not when the batch fills the GPU;
+  the products read each key and value once, at memory speed;
 * conditioning: class biases and the ConditionNet features of the top codes are computed once per batch; each
   layer's 1x1 projection of them is applied row by row as rows start (the same work as once, far less memory).
 
@@ -19,76 +28,164 @@ Per position the work is O(layers * C^2 + attention over the prefix) instead of 
 positions. The results equal the forward pass up to float rounding (tests/unit/test_sampler.py checks every
 variant), and draws go through :func:`steps.nn.draw.draw_codes`, so with the same random streams this sampler and
 :func:`steps.nn.prior.sample_naive` return the same codes.
+
+On a GPU each position is ~100 kernels of a few microseconds, and launching them from Python costs more than running
+them. The loop is therefore written for CUDA graphs (:mod:`steps.nn.cuda_graph`): it reads and writes only buffers
+allocated before the loop (:class:`_Buffers`), makes no Python decision on tensor values and never synchronises with
+the host (uniforms are drawn up front, inputs are checked before). With ``cuda_graphs`` on, each row of the map is
+captured once per batch configuration and later calls replay the graphs: the same kernels on the same buffers, so the
+codes are those of the eager loop, bit for bit. One graph per row rather than per map: a 32x32 map is ~100k kernels,
+and a row (~3.5k) keeps each graph's instantiation small for the price of 32 graph launches per map. Only the
+per-call setup (cache reset, conditioning features: a few kernels) stays eager.
+
+Operations per position of the default top prior were cut from ~160 to 99 (tests/unit/test_sampler.py pins the
+count); on a GPU every matrix product with an addend also costs a copy of the addend first, 42 per position before,
+5 now: ~200 kernels per position became ~105 (+10 layer-norm input copies at batch > 1). Nothing computed changed:
+biases ride in matrix products on a constant-1 column, products accumulate in place into the buffers that hold their
+addend (row terms, q/k/v cache rows prefilled with the bias, the residual stream), a layer's residual and skip
+products are one product, and elementwise ops write into the buffers their consumers read. Float rounding differs
+from the forward pass only in summation order, as before.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from steps.nn.cuda_graph import GraphSequence
 from steps.nn.draw import RandomSource, check_controls, draw_codes, uniforms
-from steps.nn.pixelcnn import CausalSelfAttention, GatedBlock, PixelCNNPrior
+from steps.nn.pixelcnn import PixelCNNPrior
+from steps.nn.sampler_weights import AttentionWeights, LayerWeights, bias_row
+
+# pick(i, logits (B, K)) -> codes (B,) at flat position i: a draw when sampling, the given codes when teacher forcing.
+Pick = Callable[[int, Tensor], Tensor]
+ATTENTION = ("auto", "sdpa", "bmm")
+# attention="auto" attends with batched products from this batch size on, with the fused kernel below it. A first
+# guess: bench/gpu.py times both ways at batches 1, 64 and 512 on a GPU.
+BMM_FROM_BATCH = 32
 
 
-class _Layer:
-    """One gated block's weights, reshaped for row-wise and position-wise use."""
+class _Buffers:
+    """Everything one batch reads and writes while its code maps are drawn, allocated up front.
 
-    def __init__(self, block: GatedBlock) -> None:
-        c = block.h_res.weight.shape[0]
-        self.v_w, self.v_b = block.v_conv.weight, block.v_conv.bias  # (2C, C, p+1, k), (2C,)
-        self.vh_w = block.v_to_h.weight[:, :, 0]  # (2C, 2C, 1), a 1-D conv over a row
-        self.vh_b = block.v_to_h.bias + block.h_conv.bias  # (2C,); h_conv's bias folded into the row term
-        # h_conv weight (2C, C, 1, p+1) as a matrix over a window flattened column-major: ((p+1) * C, 2C).
-        self.h_w = block.h_conv.weight[:, :, 0, :].permute(2, 1, 0).reshape(-1, 2 * c).contiguous()
-        res_skip = torch.cat([block.h_res.weight[:, :, 0, 0], block.h_skip.weight[:, :, 0, 0]])  # (2C, C)
-        self.rs_w, self.rs_b = res_skip.t().contiguous(), torch.cat([block.h_res.bias, block.h_skip.bias])
-        self.class_w = block.class_bias.weight if block.class_bias is not None else None  # (classes, 2C)
-        proj = block.cond_proj
-        self.cond_w = proj.weight[:, :, 0] if proj is not None else None  # (2C, cond_channels, 1)
-        self.cond_b = proj.bias if proj is not None else None
+    The loop keeps all state that outlives one step in these tensors and updates them in place: that is what lets a
+    CUDA graph replay it, since a graph reads and writes the addresses it was captured with. Fresh buffers per call
+    when eager; one set per captured configuration with graphs, its inputs refreshed in place before each replay.
+    """
+
+    def __init__(self, sampler: CachedSampler, batch: int, labels: bool, cond: bool) -> None:
+        cfg, b = sampler.model.config, batch
+        (height, width), c, p, n_pos = cfg.shape, cfg.channels, sampler.pad, cfg.shape[0] * cfg.shape[1]
+        like = dict(dtype=sampler.dtype, device=sampler.device)
+        ints = dict(dtype=torch.long, device=sampler.device)
+        # Normal tensors even when called under torch.inference_mode(): a later call outside it updates them in place.
+        with torch.inference_mode(False):
+            # Inputs and output.
+            self.codes = torch.zeros(b, height, width, **ints)
+            self.u = torch.zeros(b, n_pos, dtype=torch.float64, device=sampler.device)  # the random streams
+            self.labels = torch.zeros(b, **ints) if labels else None
+            self.cond = torch.zeros(b, *cfg.cond_shape, **ints) if cond and cfg.cond_num_codes else None
+            # Caches: the last p+1 input rows of each vertical conv (channel-first, as conv2d wants them); each layer's
+            # horizontal pre-activations of the current row (the row term plus the inputs added so far); per attention
+            # block, queries, keys and values of every position ("sdpa") or keys and values per head ("bmm"); the
+            # conditioning features.
+            self.v_rows = [torch.zeros(b, c, p + 1, width, **like) for _ in sampler.layers]  # (B, C, p+1, W)
+            self.pre = [torch.zeros(b, width, 2 * c, **like) for _ in sampler.layers]  # (B, W, 2C)
+            self.attention = sampler.attention_for(b)
+            heads = max(cfg.attn_heads, 1)
+            shape = (b, n_pos, 3 * c) if self.attention == "sdpa" else (2, b, heads, n_pos, c // heads)
+            self.attn_cache = {i: torch.zeros(shape, **like) for i in sampler.attn}
+            cond_map = self.cond is not None and sampler.model.cond_net is not None
+            self.cond_map = torch.zeros(b, cfg.cond_channels, height, width, **like) if cond_map else None
+            # Per-batch conditioning and per-position scratch.
+            self.class_bias = [
+                torch.zeros(b, 2 * c, **like) if lay.class_w is not None and labels else None for lay in sampler.layers
+            ]  # (B, 2C) per layer
+            self.zero_row = torch.zeros(b, c, width, **like)  # the vertical stack's input above row 0
+            self.ss = torch.zeros(b, 2 * c, **like)  # (B, 2C): the residual stream, then the skip sum, of one position
+            self.stream, self.skip = self.ss[:, :c], self.ss[:, c:]  # (B, C) views
+            # Inputs of products whose bias rides on a last column of ones (see sampler_weights.bias_row).
+            self.gated = torch.ones(b, c + 1, **like)  # a gated block's output
+            self.ff_in = torch.ones(b, 2 * c + 1, **like)  # the attention feed-forward's hidden layer
+            self.head_in = torch.ones(b, c + 1, **like)  # relu(skip + stream)
+            self.head_mid = torch.ones(b, c + 1, **like)  # the head's hidden layer
+        caches = [*self.v_rows, *self.pre, *self.attn_cache.values(), *([self.cond_map] if cond_map else [])]
+        self.cache_bytes = sum(t.numel() * t.element_size() for t in caches)
+
+    def load(self, labels: Tensor | None, cond: Tensor | None, u: Tensor | None = None) -> None:
+        """Copy a call's inputs into the buffers (in place: captured graphs read these addresses)."""
+        for buf, x in ((self.labels, labels), (self.cond, cond), (self.u, u)):
+            if buf is not None and x is not None:
+                buf.copy_(x)
 
 
-class _Attention:
-    """One attention block's weights: fused q/k/v projection and the 2-D position table."""
+class _Captured(NamedTuple):
+    """The CUDA graphs of one batch configuration and the buffers they were captured on."""
 
-    def __init__(self, attn: CausalSelfAttention, height: int, width: int) -> None:
-        self.heads = attn.heads
-        self.norm, self.ff_norm, self.out_proj, self.ff = attn.norm, attn.ff_norm, attn.out_proj, attn.ff
-        pos = torch.arange(height * width, device=attn.row_embed.weight.device)
-        self.pos = attn.row_embed(pos // width) + attn.col_embed(pos % width)  # (N, C), as in project()
-        self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t().contiguous()
-        self.qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])  # (3C,)
-
-    def step(self, h: Tensor, i: int, keys: Tensor, values: Tensor) -> Tensor:
-        """Tokens (B, C) at flat position ``i`` after attention over positions <= i; fills cache slot i."""
-        b, c = h.shape
-        x = F.layer_norm(h, (c,), self.norm.weight, self.norm.bias, self.norm.eps).add_(self.pos[i])  # (B, C)
-        qkv = torch.addmm(self.qkv_b, x, self.qkv_w).view(b, 3, self.heads, -1)  # (B, 3, heads, d)
-        keys[:, :, i], values[:, :, i] = qkv[:, 1], qkv[:, 2]
-        out = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys[:, :, : i + 1], values[:, :, : i + 1])
-        tokens = self.out_proj(out.view(b, c)).add_(h)  # (B, C); update() without dropout (eval)
-        return self.ff(self.ff_norm(tokens)).add_(tokens)
+    buffers: _Buffers
+    graphs: GraphSequence
 
 
 class CachedSampler:
     """Incremental sampler for one prior; build it once per model and reuse it for every batch.
 
-    The weights are read when the sampler is built: build a new one after changing the model's parameters.
+    The weights are read when the sampler is built: build a new one after changing the model's parameters (or moving
+    the model).
+
+    Args:
+        model: the prior.
+        cuda_graphs: replay each row of the map from CUDA graphs (:mod:`steps.nn.cuda_graph`); None: when the model is
+            on a CUDA device. The first :meth:`sample` call of a configuration (batch size, temperature, top_k, top_p,
+            whether labels / cond are given, float32 matmul precision) captures the graphs, at about the cost of one
+            eager call; later calls with that configuration replay them. Pays off from the second call with the same
+            configuration, e.g. a sampler that draws shard after shard of the same size.
+        max_graphs: how many configurations keep their graphs and buffers (the least recently used are dropped).
+            Two fit a sampling step (full shards and a last, smaller one); each holds the caches of a whole batch,
+            e.g. ~3 GiB for 512 samples of the default 32x32 top prior.
+        attention: how the attention blocks attend (module docstring): "sdpa", "bmm", or "auto": "bmm" from
+            ``BMM_FROM_BATCH`` samples on. The codes do not depend on it beyond float rounding.
+
+    Attributes:
+        cache_bytes: bytes of all cache tensors of the last batch.
+        captures: number of configurations captured so far (a replay does not count).
+        capture_seconds: wall seconds of the last capture, warm-up included.
     """
 
-    def __init__(self, model: PixelCNNPrior) -> None:
+    def __init__(
+        self, model: PixelCNNPrior, *, cuda_graphs: bool | None = None, max_graphs: int = 2, attention: str = "auto"
+    ) -> None:
         self.model, cfg = model, model.config
         self.height, self.width = cfg.shape
         self.pad = cfg.kernel_size // 2
         with torch.no_grad():
-            self.layers = [_Layer(block) for block in model.blocks]
-            self.attn = {int(i): _Attention(a, *cfg.shape) for i, a in model.attn.items()}
-            # The head's 1x1 convs (ReLU, conv, ReLU, conv) as linear maps of one position's features.
-            self.head = [(conv.weight[:, :, 0, 0], conv.bias) for conv in (model.head[1], model.head[3])]
-        self.cache_bytes = 0  # bytes of all cache tensors of the last batch
+            self.layers = [LayerWeights(block) for block in model.blocks]
+            self.attn = {int(i): AttentionWeights(a, *cfg.shape) for i, a in model.attn.items()}
+            embed = model.embed.weight.detach()  # (K, C)
+            # A code's embedding next to zeros: one lookup starts a position's residual stream and clears its skip sum.
+            self.embed, self.embed_zeros = embed, torch.cat([embed, torch.zeros_like(embed)], dim=1)  # (K, 2C)
+            # The head (ReLU, 1x1 conv, ReLU, 1x1 conv) as linear maps of one position's features, biases as rows.
+            self.head = [bias_row(conv.weight[:, :, 0, 0].t(), conv.bias) for conv in (model.head[1], model.head[3])]
+        self.device, self.dtype = embed.device, embed.dtype
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        elif cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        self.cuda_graphs, self.max_graphs, self.attention = cuda_graphs, max_graphs, attention
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.cache_bytes = 0
+        self.captures = 0
+        self.capture_seconds = 0.0
 
     @torch.no_grad()
     def sample(
@@ -124,105 +221,185 @@ class CachedSampler:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         check_controls(temperature, top_k, top_p)
-        u = uniforms(n, self.height * self.width, generator, self._device)  # (n, H*W)
-        codes = torch.zeros(n, self.height, self.width, dtype=torch.long, device=self._device)
+        u = uniforms(n, self.height * self.width, generator, self.device)  # (n, H*W)
+        self._check_inputs(n, labels, cond)
+        controls = (float(temperature), top_k, float(top_p))
+        if self.cuda_graphs:
+            codes = self._sample_graphs(n, labels, cond, u, controls)
+            if codes is not None:
+                return codes
+        buf = _Buffers(self, n, labels is not None, cond is not None)
+        buf.load(labels, cond, u)
+        self._run(buf, functools.partial(self._rows, buf, self._drawer(buf, *controls)))
+        return buf.codes
 
-        def pick(i: int, logits: Tensor) -> Tensor:
-            return draw_codes(logits, u[:, i], temperature, top_k, top_p)
+    def attention_for(self, batch: int) -> str:
+        """How a batch of ``batch`` samples attends: "sdpa" (one fused kernel) or "bmm" (batched products)."""
+        if self.attention != "auto":
+            return self.attention
+        return "bmm" if batch >= BMM_FROM_BATCH else "sdpa"
 
-        return self._run(codes, labels, cond, pick)
+    def clear_graphs(self) -> None:
+        """Drop every captured configuration with its buffers (the memory returns to torch's caching allocator)."""
+        self._graphs.clear()
 
     @torch.no_grad()
     def logits(self, codes: Tensor, labels: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (B, K, H, W) of ``codes``, position by position from the caches.
+        """Teacher-forced logits (B, K, H, W) of ``codes``, position by position from the caches (always eager).
 
         Equals ``model(codes, labels, cond)`` up to float rounding; used to test the caches.
         """
-        w = self.layers[0].h_w
-        out = torch.empty(
-            codes.shape[0], self.model.config.num_codes, self.height, self.width, dtype=w.dtype, device=w.device
-        )
+        self.model.check_inputs(codes, labels, cond)
+        b = codes.shape[0]
+        out = torch.empty(b, self.model.config.num_codes, self.height, self.width, dtype=self.dtype, device=self.device)
+        buf = _Buffers(self, b, labels is not None, cond is not None)
+        buf.load(labels, cond)
+        teacher = codes.to(self.device)
 
         def pick(i: int, logits: Tensor) -> Tensor:
             r, c = divmod(i, self.width)
             out[:, :, r, c] = logits
-            return codes[:, r, c]
+            return teacher[:, r, c]
 
-        self._run(codes.clone(), labels, cond, pick)
+        self._run(buf, functools.partial(self._rows, buf, pick))
         return out
 
-    @property
-    def _device(self) -> torch.device:
-        return self.layers[0].h_w.device
+    def _check_inputs(self, n: int, labels: Tensor | None, cond: Tensor | None) -> None:
+        """The prior's own input checks, for a batch of ``n`` (they synchronise: never inside a captured region)."""
+        codes = torch.zeros((), dtype=torch.long, device=self.device).expand(n, self.height, self.width)
+        self.model.check_inputs(codes, labels, cond)
 
-    def _run(self, codes: Tensor, labels: Tensor | None, cond: Tensor | None, pick: Callable) -> Tensor:
-        """Raster-order loop; ``pick(i, logits (B, K))`` returns the codes (B,) at flat position i."""
+    def _drawer(self, buf: _Buffers, temperature: float, top_k: int, top_p: float) -> Pick:
+        def pick(i: int, logits: Tensor) -> Tensor:
+            return draw_codes(logits, buf.u[:, i], temperature, top_k, top_p)
+
+        return pick
+
+    def _sample_graphs(
+        self, n: int, labels: Tensor | None, cond: Tensor | None, u: Tensor, controls: tuple[float, int, float]
+    ) -> Tensor | None:
+        """Codes (n, H, W) replayed from the configuration's graphs (captured first if new); None if capture failed."""
+        key = (n, *controls, labels is not None, cond is not None, *_precision())
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            while len(self._graphs) >= self.max_graphs:  # the least recently used goes before new buffers come
+                self._graphs.popitem(last=False)
+            try:
+                entry = self._capture(n, labels is not None, cond is not None, controls)
+            except RuntimeError as e:  # e.g. an operation this torch build cannot capture: the codes are the same
+                warnings.warn(f"CUDA graph capture failed, sampling eagerly from now on: {e}", RuntimeWarning, 3)
+                self.cuda_graphs = False
+                self.clear_graphs()
+                return None
+        self._graphs[key] = entry  # the most recently used last
+        entry.buffers.load(labels, cond, u)
+        self._run(entry.buffers, entry.graphs.replay)
+        return entry.buffers.codes.clone()  # the buffer is overwritten by the next replay
+
+    def _capture(self, n: int, labels: bool, cond: bool, controls: tuple[float, int, float]) -> _Captured:
+        """Buffers for one configuration and its rows captured as CUDA graphs (after an eager warm-up of two rows)."""
+        buf = _Buffers(self, n, labels, cond)
+        pick = self._drawer(buf, *controls)
+        steps = [functools.partial(self._row, buf, r, pick) for r in range(self.height)]
+
+        def warm_up() -> None:  # row 0 (no row above, zero inputs) and a later row: every kind of kernel runs once
+            self._run(buf, lambda: [step() for step in steps[:2]])
+
+        graphs = GraphSequence(steps, warm_up, self.device)
+        self.captures += 1
+        self.capture_seconds = graphs.warm_up_seconds + graphs.capture_seconds
+        return _Captured(buf, graphs)
+
+    def _run(self, buf: _Buffers, rows: Callable[[], object]) -> None:
+        """Per-call preparation of ``buf``, then ``rows()`` (the eager loop or the graph replay) in eval mode."""
         model = self.model
-        model.check_inputs(codes, labels, cond)
         was_training = model.training
-        model.eval()  # no dropout; the head and attention's sub-modules are called directly
+        model.eval()  # no dropout; the sampler reads the weights directly, only the ConditionNet is called
         try:
-            return self._loop(codes, labels, cond, pick)
+            self._prepare(buf)
+            rows()
         finally:
             model.train(was_training)
+        self.cache_bytes = buf.cache_bytes
 
-    def _loop(self, codes: Tensor, labels: Tensor | None, cond: Tensor | None, pick: Callable) -> Tensor:
-        model, p, width = self.model, self.pad, self.width
-        b, c_, n_layers = codes.shape[0], model.config.channels, len(self.layers)
-        embed = model.embed.weight  # (K, C)
-        like = dict(dtype=embed.dtype, device=embed.device)
-        cond_map = model.cond_net(cond.long()) if model.cond_net is not None else None  # (B, cc, H, W), once
-        class_bias = [
-            F.embedding(labels.long(), lay.class_w)[:, :, None] if lay.class_w is not None and labels is not None else 0
-            for lay in self.layers
-        ]  # (B, 2C, 1) per layer, once
-        # Caches: the last p+1 input rows of each vertical conv (channel-first, as conv2d wants them); the current
-        # input row of each horizontal conv with p zero columns on the left (channel-last: a window is one view);
-        # the row's vertical-to-horizontal term per layer; keys / values of every attention block.
-        v_rows = [torch.zeros(b, c_, p + 1, width, **like) for _ in range(n_layers)]  # (B, C, p+1, W)
-        h_rows = [torch.zeros(b, width + p, c_, **like) for _ in range(n_layers)]  # (B, p+W, C)
-        vh = [torch.zeros(b, width, 2 * c_, **like) for _ in range(n_layers)]  # (B, W, 2C)
-        n_pos, heads = self.height * width, model.config.attn_heads
-        kv = {i: [torch.zeros(b, heads, n_pos, c_ // max(heads, 1), **like) for _ in range(2)] for i in self.attn}
-        cached = [*v_rows, *h_rows, *vh, *(t for pair in kv.values() for t in pair)]
-        cached += [cond_map] if cond_map is not None else []
-        self.cache_bytes = sum(t.numel() * t.element_size() for t in cached)
-        (w1, b1), (w2, b2) = self.head
+    def _prepare(self, buf: _Buffers) -> None:
+        """Reset the caches and compute the batch's conditioning (eager: a few kernels per call)."""
+        for rows in buf.v_rows:
+            rows.zero_()  # the rows above row 0 are the shift's zeros
+        if buf.attention == "sdpa":
+            for i, qkv in buf.attn_cache.items():
+                qkv.copy_(self.attn[i].qkv_b.expand_as(qkv))  # each position's projection is added in place
+        if buf.cond_map is not None:
+            buf.cond_map.copy_(self.model.cond_net(buf.cond))  # (B, cc, H, W), once
+        for lay, bias in zip(self.layers, buf.class_bias, strict=True):
+            if bias is not None:
+                torch.index_select(lay.class_w, 0, buf.labels, out=bias)  # (B, 2C), once
 
+    def _rows(self, buf: _Buffers, pick: Pick) -> None:
         for r in range(self.height):
-            # Row start: the whole vertical stack for row r, from code rows < r.
-            v_in = F.embedding(codes[:, r - 1], embed).transpose(1, 2) if r else torch.zeros(b, c_, width, **like)
-            for li, lay in enumerate(self.layers):
-                v_rows[li] = torch.cat([v_rows[li][:, :, 1:], v_in[:, :, None]], dim=2)  # (B, C, p+1, W)
-                v_pre = F.conv2d(v_rows[li], lay.v_w, lay.v_b, padding=(0, p))[:, :, 0]  # (B, 2C, W)
-                bias = class_bias[li]
-                if lay.cond_w is not None:
-                    bias = bias + F.conv1d(cond_map[:, :, r], lay.cond_w, lay.cond_b)  # (B, 2C, W)
-                if li + 1 < n_layers:  # the last layer's vertical output feeds nothing
-                    a, g = (v_pre + bias).chunk(2, dim=1)
-                    v_in = torch.tanh(a) * torch.sigmoid(g)  # (B, C, W)
-                vh[li] = (F.conv1d(v_pre, lay.vh_w, lay.vh_b) + bias).transpose(1, 2).contiguous()  # (B, W, 2C)
-            h_rows[0][:, p].zero_()  # the horizontal stack's input at column 0 is the shift's zero
-            for c in range(width):
-                i = r * width + c
-                skip = None
-                for li, lay in enumerate(self.layers):
-                    window = h_rows[li][:, c : c + p + 1].reshape(b, -1)  # (B, (p+1)*C): columns c-p..c
-                    pre = torch.addmm(vh[li][:, c], window, lay.h_w)  # (B, 2C)
-                    gated = torch.tanh(pre[:, :c_]).mul_(torch.sigmoid(pre[:, c_:]))  # (B, C)
-                    res_skip = torch.addmm(lay.rs_b, gated, lay.rs_w)  # (B, 2C)
-                    h = res_skip[:, :c_].add_(h_rows[li][:, c + p])  # (B, C)
-                    skip = res_skip[:, c_:] if skip is None else skip.add_(res_skip[:, c_:])
-                    if li in self.attn:
-                        h = self.attn[li].step(h, i, *kv[li])
-                    if li + 1 < n_layers:
-                        h_rows[li + 1][:, c + p] = h
-                logits = F.linear(F.relu(F.linear(F.relu(skip + h), w1, b1)), w2, b2)  # (B, K)
-                code = pick(i, logits)
-                codes[:, r, c] = code
-                if c + 1 < width:  # the horizontal shift: code (r, c) is layer 0's input at (r, c + 1)
-                    h_rows[0][:, c + 1 + p] = F.embedding(code, embed)
-        return codes
+            self._row(buf, r, pick)
+
+    def _row(self, buf: _Buffers, r: int, pick: Pick) -> None:
+        """Row ``r``: the vertical stack once, then every position; the unit a CUDA graph captures."""
+        self._row_start(buf, r)
+        for c in range(self.width):
+            self._position(buf, r, c, pick)
+
+    def _row_start(self, buf: _Buffers, r: int) -> None:
+        """The whole vertical stack for row r, from code rows < r; fills each layer's horizontal row buffer."""
+        p, n_layers = self.pad, len(self.layers)
+        v_in = F.embedding(buf.codes[:, r - 1], self.embed).transpose(1, 2) if r else buf.zero_row  # (B, C, W)
+        for li, lay in enumerate(self.layers):
+            rows = buf.v_rows[li]
+            rows.copy_(torch.cat([rows[:, :, 1:], v_in[:, :, None]], dim=2))  # (B, C, p+1, W): drop the oldest row
+            v_pre = F.conv2d(rows, lay.v_w, lay.v_b, padding=(0, p))[:, :, 0]  # (B, 2C, W)
+            bias = buf.class_bias[li][:, :, None] if buf.class_bias[li] is not None else None  # (B, 2C, 1)
+            if lay.cond_w is not None and buf.cond_map is not None:
+                spatial = F.conv1d(buf.cond_map[:, :, r], lay.cond_w, lay.cond_b)  # (B, 2C, W)
+                bias = spatial if bias is None else spatial.add_(bias)
+            if li + 1 < n_layers:  # the last layer's vertical output feeds nothing
+                a, g = (v_pre if bias is None else v_pre + bias).chunk(2, dim=1)
+                v_in = torch.tanh(a) * torch.sigmoid(g)  # (B, C, W)
+            row_term = F.conv1d(v_pre, lay.vh_w, lay.vh_b)  # (B, 2C, W)
+            pre = buf.pre[li].transpose(1, 2)  # (B, 2C, W) view of the (B, W, 2C) row buffer
+            if bias is None:
+                pre.copy_(row_term)
+            else:
+                torch.add(row_term, bias, out=pre)
+
+    def _position(self, buf: _Buffers, r: int, c: int, pick: Pick) -> None:
+        """Position (r, c): every layer's horizontal step (and attention), the head, the draw."""
+        i, p, b, width = r * self.width + c, self.pad, buf.ss.shape[0], self.width
+        # Layer 0's input at (r, c) is the code at (r, c - 1) (the horizontal shift; zero in column 0), and the skip
+        # sum starts at zero: both halves of ss in one lookup.
+        if c:
+            torch.index_select(self.embed_zeros, 0, buf.codes[:, r, c - 1], out=buf.ss)  # (B, 2C)
+        else:
+            buf.ss.zero_()
+        for li, lay in enumerate(self.layers):
+            pre = buf.pre[li]  # (B, W, 2C)
+            if li or c:  # layer 0's input in column 0 is zero: nothing to add
+                n = min(p + 1, width - c)  # columns c..c+n-1 read this input (the row ends at W - 1)
+                pre[:, c : c + n].view(b, -1).addmm_(buf.stream, lay.scatter_w[:, : n * pre.shape[2]])
+            now = pre[:, c]  # (B, 2C): column c's pre-activation, complete
+            c_ = now.shape[1] // 2
+            now[:, :c_].tanh_()  # the row buffer's column c is not read again in this row
+            torch.ops.aten.glu.out(now, 1, out=buf.gated[:, :-1])  # tanh(a) * sigmoid(b): (B, C)
+            buf.ss.addmm_(buf.gated, lay.rs_w)  # stream += h_res(gated), skip += h_skip(gated)
+            if li in self.attn:
+                self.attn[li].step(buf.stream, buf.attn_cache[li], buf.ff_in, buf.attention, i)
+        (w1, w2), head_in, head_mid = self.head, buf.head_in, buf.head_mid
+        torch.add(buf.skip, buf.stream, out=head_in[:, :-1])  # the final stream joins the skips
+        head_in.relu_()  # relu(1) = 1 keeps the bias column
+        torch.mm(head_in, w1, out=head_mid[:, :-1])
+        head_mid.relu_()
+        logits = torch.mm(head_mid, w2)  # (B, K)
+        buf.codes[:, r, c] = pick(i, logits)
+
+
+def _precision() -> tuple[str, bool]:
+    """Float32 precision settings a captured graph bakes in (TF32 on or off for matmuls and convolutions)."""
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
 
 
 @torch.no_grad()
@@ -237,6 +414,10 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> Tensor:
-    """Draw ``n`` code maps (n, H, W) with a fresh :class:`CachedSampler`; see :meth:`CachedSampler.sample`."""
+    """Draw ``n`` code maps (n, H, W) with a fresh :class:`CachedSampler`; see :meth:`CachedSampler.sample`.
+
+    Eager on every device: a fresh sampler could never replay CUDA graphs, only pay for capturing them. Keep a
+    :class:`CachedSampler` to sample repeatedly.
+    """
     controls = dict(temperature=temperature, generator=generator, top_k=top_k, top_p=top_p)
-    return CachedSampler(model).sample(n, labels, cond, **controls)
+    return CachedSampler(model, cuda_graphs=False).sample(n, labels, cond, **controls)

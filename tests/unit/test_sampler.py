@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import steps.nn.sampler as sampler_module
 from steps.nn.draw import draw_codes, filtered_probs, uniforms
 from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from steps.nn.prior import sample_naive
@@ -144,9 +146,41 @@ def test_cache_bytes_count_every_cache() -> None:
     sampler = CachedSampler(model)
     sampler.sample(2, **conditioning(model, batch=2))
     c, p, (h, w), f = 16, 2, (5, 4), 4  # f: bytes per float32
-    vertical, horizontal, row_terms = 3 * 2 * c * (p + 1) * w, 3 * 2 * (w + p) * c, 3 * 2 * w * 2 * c
-    keys_values, cond_map = 2 * 2 * h * w * c, 2 * 8 * h * w
-    assert sampler.cache_bytes == f * (vertical + horizontal + row_terms + keys_values + cond_map)
+    # Per layer: the last p+1 vertical input rows and the row of horizontal pre-activations (B, W, 2C); per attention
+    # block: queries, keys and values of every position (B, H*W, 3C); the conditioning features.
+    vertical, row_terms = 3 * 2 * c * (p + 1) * w, 3 * 2 * w * 2 * c
+    queries_keys_values, cond_map = 2 * h * w * 3 * c, 2 * 8 * h * w
+    assert sampler.cache_bytes == f * (vertical + row_terms + queries_keys_values + cond_map)
+
+
+@pytest.mark.parametrize("variant", ["attention", "all"])
+@pytest.mark.parametrize("attention", ["sdpa", "bmm"])
+def test_both_ways_to_attend(variant: str, attention: str) -> None:
+    model = make_model(variant, (5, 4), 5)
+    ctx = conditioning(model, batch=3)
+    codes = torch.randint(0, 11, (3, 5, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(codes, **ctx)
+    assert (CachedSampler(model, attention=attention).logits(codes, **ctx) - full).abs().max().item() < 1e-4
+    model = make_model(variant, (5, 4), 5, dtype=torch.float64)
+    controls = dict(generator=[1, 2, 3], top_p=0.9)
+    cached = CachedSampler(model, attention=attention).sample(3, **ctx, **controls)
+    assert torch.equal(cached, sample_naive(model, 3, **ctx, **controls))
+
+
+def test_attention_choice_and_its_cache() -> None:
+    model = make_model("all", (5, 4), 5)  # channels 16, 3 layers, attention after layer 1 only, 4 heads
+    auto = CachedSampler(model)
+    assert auto.attention_for(1) == "sdpa" and auto.attention_for(sampler_module.BMM_FROM_BATCH) == "bmm"
+    assert CachedSampler(model, attention="sdpa").attention_for(10_000) == "sdpa"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        CachedSampler(model, attention="flash")
+    sampler = CachedSampler(model, attention="bmm")
+    sampler.sample(2, **conditioning(model, batch=2))
+    c, p, (h, w), f = 16, 2, (5, 4), 4
+    vertical, row_terms = 3 * 2 * c * (p + 1) * w, 3 * 2 * w * 2 * c
+    keys_values, cond_map = 2 * 2 * h * w * c, 2 * 8 * h * w  # keys and values per head, no queries
+    assert sampler.cache_bytes == f * (vertical + row_terms + keys_values + cond_map)
 
 
 def test_bad_inputs_are_refused() -> None:
@@ -170,6 +204,172 @@ def test_bad_inputs_are_refused() -> None:
         sampler.sample(2, labels=torch.tensor([0, 1]), generator=[1, 2, 3])
     with pytest.raises(ValueError, match="n must be"):
         sampler.sample(0)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+# What CPU can prove about the graph path: the captured steps never synchronise with the host, rerunning them on the
+# same buffers (what a replay does) gives the codes fresh buffers give, and configurations are keyed and evicted
+# correctly. A stand-in for GraphSequence replays the steps eagerly; tests/gpu/test_cuda.py runs the real graphs.
+class NoHostSync(TorchDispatchMode):
+    """Fails on any operation that needs a tensor value on the host (.item(), int(t), bool(t), nonzero): on a GPU
+    those synchronise, which a CUDA graph capture refuses."""
+
+    SYNC = (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.nonzero)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SYNC:
+            raise AssertionError(f"{func} synchronises with the host inside a captured step")
+        return func(*args, **(kwargs or {}))
+
+
+class EagerGraphs:
+    """GraphSequence's interface on CPU: warm-up now, 'replay' calls the steps, none of which may synchronise."""
+
+    def __init__(self, steps, warm_up, device) -> None:
+        warm_up()
+        self.steps, self.warm_up_seconds, self.capture_seconds = steps, 0.0, 0.0
+
+    def replay(self) -> None:
+        with NoHostSync():
+            for step in self.steps:
+                step()
+
+
+@pytest.fixture
+def graph_sampler(monkeypatch):
+    """A CachedSampler on the graph path, with the graphs replaced by EagerGraphs."""
+    monkeypatch.setattr(sampler_module, "GraphSequence", EagerGraphs)
+
+    def make(model: PixelCNNPrior, **kwargs) -> CachedSampler:
+        sampler = CachedSampler(model, **kwargs)
+        sampler.cuda_graphs = True  # the constructor only allows it on a CUDA device
+        return sampler
+
+    return make
+
+
+def test_cuda_graphs_need_a_cuda_device() -> None:
+    model = make_model("plain", (4, 2), 3)
+    assert not CachedSampler(model).cuda_graphs  # None: graphs only on CUDA
+    assert not CachedSampler(model, cuda_graphs=False).cuda_graphs
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        CachedSampler(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="max_graphs"):
+        CachedSampler(model, max_graphs=0)
+
+
+@pytest.mark.parametrize(("variant", "attention"), [("all", "sdpa"), ("all", "bmm"), ("spatial", "auto")])
+def test_replays_equal_fresh_eager_calls(graph_sampler, variant: str, attention: str) -> None:
+    model = make_model(variant, (5, 4), 5, dtype=torch.float64)
+    ctx = conditioning(model, batch=3)
+    sampler = graph_sampler(model, attention=attention)
+    first = sampler.sample(3, **ctx, generator=[1, 2, 3], top_k=5)
+    assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], top_k=5))
+    assert torch.equal(first, sample_naive(model, 3, **ctx, generator=[1, 2, 3], top_k=5))
+    # The same configuration replays on the same buffers (no new capture); every cache is reset in between.
+    ctx2 = conditioning(model, batch=3, seed=7)
+    second = sampler.sample(3, **ctx2, generator=[4, 5, 6], top_k=5)
+    assert sampler.captures == 1
+    assert torch.equal(second, sample(model, 3, **ctx2, generator=[4, 5, 6], top_k=5))
+    assert not torch.equal(first, second)
+    assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], top_k=5))  # not overwritten by the replay
+    eager = CachedSampler(model, attention=attention)
+    eager.sample(3, **ctx, generator=[1, 2, 3])
+    assert sampler.cache_bytes == eager.cache_bytes
+
+
+def test_configurations_are_keyed_and_the_least_recent_dropped(graph_sampler) -> None:
+    model = make_model("class", (4, 2), 3, dtype=torch.float64)
+    sampler = graph_sampler(model, max_graphs=2)
+    labels = torch.tensor([0, 1])
+
+    def draw(n: int = 2, **controls) -> torch.Tensor:
+        codes = sampler.sample(n, labels[:n], generator=list(range(n)), **controls)
+        assert torch.equal(codes, sample(model, n, labels[:n], generator=list(range(n)), **controls))
+        return codes
+
+    draw()
+    draw(temperature=0.5)  # a new temperature is new work: captured anew
+    draw(top_p=0.9)  # a third configuration: the first one is dropped
+    assert sampler.captures == 3 and len(sampler._graphs) == 2
+    draw(top_p=0.9)
+    draw(temperature=0.5)
+    assert sampler.captures == 3  # both still held
+    draw()
+    draw(1)  # a new batch size
+    assert sampler.captures == 5
+
+
+def test_a_failed_capture_falls_back_to_eager(monkeypatch) -> None:
+    def fail(*args) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(sampler_module, "GraphSequence", fail)
+    model = make_model("class", (4, 2), 3, dtype=torch.float64)
+    sampler = CachedSampler(model)
+    sampler.cuda_graphs = True
+    labels = torch.tensor([0, 2])
+    with pytest.warns(RuntimeWarning, match="capture failed, sampling eagerly"):
+        codes = sampler.sample(2, labels, generator=[1, 2])
+    assert torch.equal(codes, sample(model, 2, labels, generator=[1, 2]))
+    assert not sampler.cuda_graphs and sampler.captures == 0
+
+
+def test_the_loop_never_synchronises() -> None:
+    # Eager too: every step of the raster loop runs without reading a tensor value on the host.
+    model = make_model("all", (5, 4), 5)
+    ctx = conditioning(model, batch=2)
+    sampler = CachedSampler(model)
+    row = sampler._row
+
+    def guarded(*args) -> None:
+        with NoHostSync():
+            row(*args)
+
+    sampler._row = guarded
+    sampler.sample(2, **ctx, generator=[1, 2], top_k=3, top_p=0.7)
+
+
+@pytest.mark.parametrize(("attention", "per_block"), [("sdpa", 9), ("bmm", 13)])
+def test_operations_per_position(attention: str, per_block: int) -> None:
+    """Kernel budget: with graphs each operation is a replayed kernel (~1-3 us); this guards against regressions.
+
+    The default 32x32 top prior (10 gated layers, attention after every 2nd) costs, per position: 1 lookup; 4 per
+    layer (input product, tanh, glu, residual / skip product); per attention block 9 with the fused kernel (norm,
+    q/k/v product, attention, output product, its bias, norm, feed-forward product, gelu, product) or 13 with
+    batched products (+ caching keys / values, scaling queries, a second product, a softmax); 5 for the head; the draw.
+    """
+    cfg = PixelCNNConfig(
+        num_codes=512, shape=(2, 32), channels=128, layers=10, kernel_size=5, attn_heads=4, attn_every=2
+    )
+    torch.manual_seed(0)
+    sampler = CachedSampler(PixelCNNPrior(cfg).eval(), attention=attention)
+    counts: list[int] = []
+    position = sampler._position
+
+    def counted(*args) -> None:
+        with CountOps() as ops:
+            position(*args)
+        counts.append(ops.count)
+
+    sampler._position = counted
+    sampler.sample(1, generator=[0])
+    draw = 7  # to float64, / temperature, softmax, cumsum, * u, searchsorted, clamp
+    expected = 1 + 4 * 10 + per_block * 5 + 5 + draw + 1  # ... + writing the code
+    assert max(counts[1:]) == expected, (max(counts), expected)  # column 0 skips layer 0's input product
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operations that launch work (views and allocations launch none)."""
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket not in (torch.ops.aten.empty, torch.ops.aten.empty_strided):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------------ drawing

@@ -443,6 +443,9 @@ def section_train(device: torch.device, batch: int, seconds: float, compile_: bo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run with tiny sizes")
+    parser.add_argument(
+        "--quick", action="store_true", help="accepted for bench/run_all.py: the run is minutes already"
+    )
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--batches", default="1,64,512", help="sampler batch sizes (cpu: 1,4)")
     parser.add_argument("--train-batch", type=int, default=32, help="train_vqvae batch size (the ffhq256 recipe's)")

@@ -451,6 +451,7 @@ def main() -> int:
     parser.add_argument("--train-batch", type=int, default=32, help="train_vqvae batch size (the ffhq256 recipe's)")
     parser.add_argument("--train-seconds", type=float, default=5.0, help="timed seconds per training variant")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in the train section")
+    parser.add_argument("--pipeline-timeout", type=float, default=480.0, help="seconds the pipeline section may run")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200 SXM)")
     args = parser.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -471,7 +472,7 @@ def main() -> int:
         "sampler": lambda: section_sampler(device, batches, graphs=device.type == "cuda"),
         "train": lambda: section_train(device, args.train_batch, args.train_seconds, args.compile, args.peak_tflops),
         "encode": lambda: gpu_pipeline.section_encode(device, device.type != "cuda", vqvae(device.type != "cuda")),
-        "pipeline": lambda: gpu_pipeline.section_pipeline(device, tiny=device.type != "cuda"),
+        "pipeline": lambda: gpu_pipeline.section_pipeline(device, device.type != "cuda", args.pipeline_timeout),
     }
     failed = False
     t_all = time.perf_counter()

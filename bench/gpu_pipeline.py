@@ -172,7 +172,7 @@ def pipeline_overrides(tiny: bool, data: str, root: str, cuda: bool, evaluate: b
     return shrink
 
 
-def section_pipeline(device: torch.device, tiny: bool) -> dict[str, Any]:
+def section_pipeline(device: torch.device, tiny: bool, timeout: float = 480.0) -> dict[str, Any]:
     missing = [m for m in ("ray", "mlflow", "hydra") if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"not installed: {missing}"}
@@ -187,13 +187,20 @@ def section_pipeline(device: torch.device, tiny: bool) -> dict[str, Any]:
         root = os.path.join(tmp, "artifacts")
         args = pipeline_overrides(tiny, str(data.parent), root, device.type == "cuda", evaluate)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path[1:]])}
+        # The run's output goes to a file as it comes ($OUT/ on the device machine): a run cut short still tells.
+        log_path = Path(os.environ.get("OUT") or tmp, "gpu_pipeline_run.log")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp, env=env, capture_output=True,
-                              text=True, timeout=480)  # fmt: skip
+        with open(log_path, "w") as log:
+            try:
+                rc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, timeout=timeout).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rc = -1
         result["seconds"] = time.perf_counter() - t0
-        result["rc"] = proc.returncode
-        result["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
-        print(proc.stdout[-2500:], proc.stderr[-4000:] if proc.returncode else "", flush=True)
+        result["rc"] = rc
+        output = log_path.read_text(errors="replace")
+        result["output_tail"] = output[-3000:]
+        print(output[-2500:] if rc == 0 else output[-6000:], flush=True)
         result["steps"] = {}
         for record in sorted(Path(root).glob("*/*/_SUCCESS")):
             r = json.loads(record.read_text())

@@ -44,6 +44,11 @@ class Autoencoder:
         ckpt = CheckpointFile.open(storage.join(uri, MODEL), "autoencoder", WHAT, "run train_vqvae first")
         return cls(uri, ckpt)
 
+    @staticmethod
+    def found_at(uri: str) -> bool:
+        """Whether ``uri`` holds an autoencoder's checkpoint (without reading it)."""
+        return storage.exists(storage.join(uri, MODEL))
+
     @property
     def model_uri(self) -> str:
         return self.checkpoint.uri

@@ -1,0 +1,259 @@
+"""The trained generator as a Python object: load it from the pipeline's outputs or from MLflow, draw images.
+
+    from pipeline import Generator
+
+    gen = Generator.load("outputs/train_prior/<fingerprint>")         # finds its VQ-VAE through the run records
+    gen = Generator.load("models:/vqvae2-generator@current")          # or runs:/<run id>/generator
+    images = gen.generate(16, labels=[3] * 16, temperature=0.9, seed=0)  # uint8 (16, C, S, S)
+    codes = gen.encode(images)                                        # {"top": (16, 4, 4), "bottom": (16, 8, 8)}
+    again = gen.decode(codes)
+
+Image ``i`` of ``generate(n, seed=s)`` is the sample step's image ``i`` for ``sample.seed=s``: the same per-image seed
+(:func:`steps.generation.sample_seed`), the same label cycle, the same models and sampler. One MLflow prediction row
+``{"label": l, "seed": s}`` is ``generate(1, labels=[l], seed=s)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from steps import storage
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.compat import check_compatible
+from steps.artifacts.priors import Priors
+from steps.common import MissingInputError
+from steps.generation import ImageGenerator, sample_seed
+from steps.nn.draw import check_controls
+from steps.pixels import decode_png, encode_png, hwc, to_float, to_uint8_chw
+
+MAX_IMAGES = 65536  # per call: more is a mistake (or a job for the sample step)
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class Generator:
+    """An autoencoder and its priors, checked to belong together and loaded on one device.
+
+    Args:
+        autoencoder: the train_vqvae output.
+        priors: the train_prior output; None for an autoencoder without codes (the VAE).
+        device: where the models run (default: CUDA if available, else the CPU).
+        batch_size: images drawn, encoded or decoded per forward pass.
+    """
+
+    def __init__(
+        self, autoencoder: Autoencoder, priors: Priors | None, device: str | torch.device | None = None,
+        batch_size: int = 64,
+    ) -> None:  # fmt: skip
+        self.autoencoder, self.priors = autoencoder, priors
+        self.num_classes = check_compatible(autoencoder, priors=priors)  # raises before anything is loaded
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        self._images = ImageGenerator(autoencoder, priors, self.device)
+        self.model = self._images.model
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, source: str, device: str | torch.device | None = None, **kwargs: Any) -> Generator:
+        """A generator from a train_prior output folder (or a train_vqvae one, for the VAE), or from an MLflow model
+        URI (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/generator``; the tracking
+        URI comes from ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
+
+        Raises:
+            MissingInputError: nothing usable at ``source``, or a train_prior output whose VQ-VAE is gone.
+            CheckpointError, CodeDatasetMismatch: models that do not belong together.
+        """
+        if source.startswith(MLFLOW_SCHEMES):
+            return cls.from_mlflow(source, device, **kwargs)
+        folder = storage.absolute(source)
+        if not storage.is_dir(folder):
+            raise MissingInputError(f"no generator at {source}: expected a train_prior output or an MLflow model URI")
+        if Autoencoder.found_at(folder):  # a train_vqvae output: a VAE draws on its own
+            return cls(Autoencoder.open(folder), None, device, **kwargs)
+        return cls(Autoencoder.open(_autoencoder_of(folder)), Priors.open(folder), device, **kwargs)
+
+    @classmethod
+    def from_artifacts(
+        cls, autoencoder: str, priors: str | None, device: str | torch.device | None = None, **kwargs: Any
+    ) -> Generator:
+        """A generator from an autoencoder folder and a priors folder (None for a VAE)."""
+        return cls(Autoencoder.open(autoencoder), Priors.open(priors) if priors else None, device, **kwargs)
+
+    @classmethod
+    def from_mlflow(cls, uri: str, device: str | torch.device | None = None, **kwargs: Any) -> Generator:
+        """A generator from a logged generator model (its artifacts: the autoencoder and the priors)."""
+        import mlflow
+
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            mlflow.set_tracking_uri(f"sqlite:///{os.path.abspath('mlflow.db')}")
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except Exception as exc:  # MLflow raises several types for a model, version or run that does not exist
+            raise MissingInputError(f"no MLflow model at {uri}: {exc}") from None
+        artifacts = os.path.join(local, "artifacts")
+        priors = os.path.join(artifacts, "priors")
+        if not os.path.isdir(os.path.join(artifacts, "autoencoder")):
+            raise MissingInputError(f"{uri} is not a generator model of this project (no autoencoder artifact)")
+        return cls.from_artifacts(os.path.join(artifacts, "autoencoder"), priors if os.path.isdir(priors) else None,
+                                  device, **kwargs)  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------- drawing
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, S, S) of the images it makes."""
+        return self.autoencoder.image_shape
+
+    def generate(
+        self,
+        n: int,
+        labels: int | Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        offset: int = 0,
+    ) -> torch.Tensor:
+        """``n`` new images, uint8 (n, C, S, S) on the CPU: image ``i`` is the sample step's image ``offset + i``.
+
+        Args:
+            labels: for class-conditional priors, one class for all images, one per image, or None to cycle through
+                the classes (as the sample step does); must be None for unconditional priors.
+            temperature, top_k, top_p: sampling controls (see ``sample.temperature`` ...).
+            seed: the ``sample.seed`` of the images.
+
+        Raises:
+            ValueError: a bad ``n``, ``seed``, control or label, naming it.
+        """
+        n, offset = _count("n", n, 1, MAX_IMAGES), _count("offset", offset, 0, None)
+        seed = _count("seed", seed, 0, 2**32 - 1)
+        indices = range(offset, offset + n)
+        return self.draw([sample_seed(seed, i) for i in indices], self._labels(labels, n, offset), temperature,
+                         top_k, top_p)[0]  # fmt: skip
+
+    def draw(
+        self,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images (uint8 (n, C, S, S)) and codes per level ((n, H, W)) for generator ``seeds`` (one per image, as
+        :func:`steps.generation.sample_seed` makes them) and ``labels`` (one per image, or None)."""
+        check_controls(temperature, top_k, top_p)
+        if labels is not None:
+            self._check_labels(labels)
+        images, codes = [], {lv: [] for lv in self.autoencoder.levels}
+        for start in range(0, len(seeds), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            x, c = self._images.draw(seeds[part], labels[part] if labels is not None else None,
+                                     temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
+            images.append(torch.from_numpy(to_uint8_chw(x)))
+            for lv, maps in c.items():
+                codes[lv].append(maps.cpu())
+        return torch.cat(images), {lv: torch.cat(maps) for lv, maps in codes.items()}
+
+    def _labels(self, labels: int | Sequence[int] | None, n: int, offset: int) -> list[int] | None:
+        if not self.num_classes:
+            if labels is not None:
+                raise ValueError("labels given, but the priors are not class-conditional")
+            return None
+        if labels is None:
+            return [(offset + i) % self.num_classes for i in range(n)]
+        if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
+            labels = [int(labels)] * n
+        labels = [int(v) for v in labels]
+        if len(labels) != n:
+            raise ValueError(f"labels must be one class for all images or one per image ({n}), got {len(labels)}")
+        return labels
+
+    def _check_labels(self, labels: Sequence[int]) -> None:
+        if not self.num_classes:
+            raise ValueError("labels given, but the priors are not class-conditional")
+        bad = sorted({v for v in labels if not 0 <= v < self.num_classes})
+        if bad:
+            raise ValueError(f"labels must be in [0, {self.num_classes}) (the priors' classes), got {bad}")
+
+    # ----------------------------------------------------------------------------------------------- codes
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor | np.ndarray | Sequence[bytes]) -> dict[str, torch.Tensor]:
+        """Codes per level ((N, H, W) int64) of uint8 images (N, C, S, S), or of PNG files' bytes."""
+        if not self.autoencoder.makes_codes:
+            raise ValueError(f"{self.autoencoder.kind} models make no codes")
+        pixels = self._pixels(images)
+        codes = {lv: [] for lv in self.autoencoder.levels}
+        for start in range(0, len(pixels), self.batch_size):
+            x = to_float(pixels[start : start + self.batch_size]).to(self.device)  # (B, C, S, S)
+            for lv, maps in zip(self.autoencoder.levels, self.model.encode(x).codes, strict=True):
+                codes[lv].append(maps.cpu())
+        return {lv: torch.cat(maps) for lv, maps in codes.items()}
+
+    @torch.no_grad()
+    def decode(self, codes: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:
+        """uint8 images (N, C, S, S) of code maps per level ((N, H, W), every level of the model)."""
+        levels = self.autoencoder.levels
+        if set(codes) != set(levels):
+            raise ValueError(f"codes must have exactly the levels {list(levels)}, got {sorted(codes)}")
+        maps = {lv: torch.as_tensor(np.asarray(codes[lv]), dtype=torch.long) for lv in levels}
+        n = len(maps[levels[0]])
+        out = []
+        for start in range(0, n, self.batch_size):
+            part = [maps[lv][start : start + self.batch_size].to(self.device) for lv in levels]
+            out.append(torch.from_numpy(to_uint8_chw(self.model.decode_codes(*part))))
+        return torch.cat(out) if out else torch.zeros(0, *self.image_shape, dtype=torch.uint8)
+
+    def _pixels(self, images: torch.Tensor | np.ndarray | Sequence[bytes]) -> np.ndarray:
+        """uint8 (N, C, S, S) of the images given, checked against the model's image shape."""
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (bytes, bytearray)):
+            try:
+                pixels = np.stack([decode_png(bytes(b), self.image_shape[0]) for b in images])
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a file that is not an image
+                raise ValueError(f"images must be PNG/JPEG bytes: {exc}") from None
+        else:
+            pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if pixels.dtype != np.uint8 or tuple(pixels.shape[1:]) != self.image_shape:
+            raise ValueError(f"images must be uint8 (N, {', '.join(map(str, self.image_shape))}), got "
+                             f"{pixels.dtype} {tuple(pixels.shape)}")  # fmt: skip
+        return pixels
+
+
+def png_base64(images: torch.Tensor) -> list[str]:
+    """uint8 images (N, C, S, S) as base64-encoded PNGs (what the served models return)."""
+    return [base64.b64encode(encode_png(p)).decode("ascii") for p in hwc(images.numpy())]
+
+
+def pixels_of_base64(pngs: Sequence[str], channels: int) -> np.ndarray:
+    """The inverse of :func:`png_base64`: uint8 (N, C, S, S)."""
+    return np.stack([decode_png(base64.b64decode(p), channels) for p in pngs])
+
+
+def _count(name: str, value: Any, low: int, high: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high and value > high):
+        span = f"in [{low}, {high}]" if high else f">= {low}"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return int(value)
+
+
+def _autoencoder_of(priors: str) -> str:
+    """The train_vqvae output a train_prior output was trained from, through the outputs' run records."""
+    record = _record(priors)
+    encode = record.get("inputs", {}).get("encode") if record else None
+    vq = (_record(encode) or {}).get("inputs", {}).get("train_vqvae") if encode else None
+    if not vq or not Autoencoder.found_at(vq):
+        raise MissingInputError(
+            f"cannot find the VQ-VAE of the priors at {priors}: its run record does not lead to a train_vqvae output "
+            "that still exists; use Generator.from_artifacts(<train_vqvae output>, <train_prior output>)"
+        )
+    return vq
+
+
+def _record(uri: str) -> dict[str, Any] | None:
+    path = storage.join(uri, storage.SUCCESS)
+    return storage.read_json(path) if storage.exists(path) else None

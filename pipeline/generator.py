@@ -214,7 +214,7 @@ class Generator:
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], (bytes, bytearray)):
             try:
                 pixels = np.stack([decode_png(bytes(b), self.image_shape[0]) for b in images])
-            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a file that is not an image
+            except Exception as exc:  # Pillow raises many types for a file that is not an image
                 raise ValueError(f"images must be PNG/JPEG bytes: {exc}") from None
         else:
             pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)

@@ -58,11 +58,13 @@ class Generator:
         self.batch_size = batch_size
         self._images = ImageGenerator(autoencoder, priors, self.device)
         self.model = self._images.model
+        self.can_generate = self._images.drawable
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, source: str, device: str | torch.device | None = None, **kwargs: Any) -> Generator:
-        """A generator from a train_prior output folder (or a train_vqvae one, for the VAE), or from an MLflow model
+        """A generator from a train_prior output folder (or a train_vqvae one: the VAE draws on its own, a VQ-VAE
+        only encodes and decodes), or from an MLflow model
         URI (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/generator``; the tracking
         URI comes from ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
 

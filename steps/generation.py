@@ -37,8 +37,9 @@ class ImageGenerator:
 
     Args:
         autoencoder: the train_vqvae output.
-        priors: the train_prior output (None for a model without codes); checked against ``autoencoder`` by the
-            caller (:func:`steps.artifacts.compat.check_compatible`).
+        priors: the train_prior output, checked against ``autoencoder`` by the caller
+            (:func:`steps.artifacts.compat.check_compatible`); None for a model without codes, or to only encode and
+            decode with a VQ model (then :meth:`draw` refuses).
         device: where the models run; random streams stay on the CPU.
     """
 
@@ -46,10 +47,10 @@ class ImageGenerator:
         self.device = torch.device(device)
         self.model = autoencoder.load(self.device)
         self.levels = autoencoder.levels
-        if self.levels and priors is None:
-            raise ValueError(f"{autoencoder.model_uri} makes codes: drawing images needs its priors")
-        self.samplers = {lv: registry.sampler(priors.load(lv, self.device)) for lv in self.levels}
-        self.num_classes = {lv: priors.num_classes(lv) for lv in self.levels}
+        self.drawable = priors is not None or not self.levels
+        levels = self.levels if priors is not None else ()
+        self.samplers = {lv: registry.sampler(priors.load(lv, self.device)) for lv in levels}
+        self.num_classes = {lv: priors.num_classes(lv) for lv in levels}
         self.cache_bytes = dict.fromkeys(self.levels, 0)  # the largest sampler caches so far, per level
 
     @torch.no_grad()
@@ -64,6 +65,8 @@ class ImageGenerator:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (n, C, S, S) in [-1, 1] and code maps per level (n, H, W) for ``seeds`` (and ``labels``, one per
         image, for class-conditional priors; levels whose prior is unconditional ignore them)."""
+        if not self.drawable:
+            raise ValueError("this generator has no priors: it encodes and decodes only (load a train_prior output)")
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # each level continues these streams
         if not self.levels:
             shape = self.model.config.latent_shape

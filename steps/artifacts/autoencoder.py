@@ -92,6 +92,11 @@ class Autoencoder:
         """The model, in eval mode."""
         return self.checkpoint.load(device)
 
+    def export(self, folder: str) -> str:
+        """Copy what :meth:`open` needs into ``folder`` (a self-contained copy, e.g. to package as a model)."""
+        storage.write_bytes(storage.join(folder, MODEL), self.checkpoint.data)
+        return folder
+
 
 class AutoencoderWriter(TrainedWriter):
     """Writes a train_vqvae output at ``out``."""

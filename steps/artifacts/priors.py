@@ -74,6 +74,13 @@ class Priors:
     def load(self, level: str, device: torch.device | str | None = None) -> torch.nn.Module:
         return self.checkpoint(level).load(device)
 
+    def export(self, folder: str, levels: tuple[str, ...]) -> str:
+        """Copy the priors of ``levels`` (and the summary) into ``folder``, a self-contained copy."""
+        for level in levels:
+            storage.write_bytes(storage.join(folder, _level_file(level)), self.checkpoint(level).data)
+        storage.write_json(storage.join(folder, SUMMARY), self.summary)
+        return folder
+
     @property
     def summary(self) -> dict[str, Any]:
         """``priors.json``: levels, VQ-VAE digest and final metrics per level.

@@ -8,6 +8,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, as_user_dict, load, register
@@ -23,8 +24,11 @@ register()
 def main(dcfg: DictConfig) -> None:
     try:
         cfg = load(dcfg)  # every value validated here, before Ray starts
-        overrides = list(HydraConfig.get().overrides.task)
-        execute(cfg, OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg))), overrides)  # what runs, in full
+        hydra = HydraConfig.get()
+        overrides = list(hydra.overrides.task)
+        # A debug run or one member of a multirun is a trial: by default it does not move the model alias.
+        trial = hydra.runtime.choices.get("debug") not in (None, "null") or hydra.mode == RunMode.MULTIRUN
+        execute(cfg, OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg))), overrides, trial)  # what runs, in full
     except (ConfigError, MissingUpstreamError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

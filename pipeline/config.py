@@ -62,8 +62,10 @@ class ArtifactsConf(ConfigBase):
 class MLflowConf(ConfigBase):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "vqvae2"
-    register_models: bool = True  # register the VQ-VAE and priors in the model registry
-    model_alias: str = "current"  # MLflow reserves "latest"
+    register_models: bool = True  # register the run's generator and encoder (pipeline/models.py)
+    model_alias: str = "current"  # the alias a new model version takes (MLflow reserves "latest")
+    # Move the alias? None: yes, except in debug runs (debug=...) and multirun members; true / false: always / never.
+    move_alias: bool | None = None
     run_name: str | None = None
 
 

@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__, cache, graph
+from pipeline import __version__, cache, graph, models
 from pipeline.config import ConfigError, PipelineConfig, flatten
 from pipeline.tracking import Tracker, redact, redact_overrides, result_record
 from steps.common import MLflowSink
+from steps.nn import registry
 
 log = logging.getLogger("pipeline")
 
@@ -103,7 +104,8 @@ def _quiet_ray_data(level: str) -> None:
     ctx.enable_progress_bars = level in ("DEBUG", "INFO")
 
 
-def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str]) -> list[Planned]:
+def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str], trial: bool = False) -> list[Planned]:
+    """Run the plan. ``trial``: a debug run or a multirun member, which by default does not move the model alias."""
     store = cache.ArtifactStore(cfg.root)
     planned = plan(cfg, store)
     todo = [p.step.name for p in planned if p.action == "run"]
@@ -115,6 +117,9 @@ def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str]) -> li
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:
             _execute_one(p, cfg, store, tracker)
+        if cfg.mlflow.register_models:
+            move = cfg.mlflow.move_alias if cfg.mlflow.move_alias is not None else not trial
+            _register_models(planned, cfg, store, move)
     _print_summary(planned)
     return planned
 
@@ -158,21 +163,26 @@ def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tr
             store.publish(step.name, fp, record)
         p.record = record
         tracker.log_result(run_id, {**result.metrics, "seconds": p.seconds}, out["artifacts"])
-        if cfg.mlflow.register_models:
-            _register(tracker, run_id, step.name, out["artifacts"], cfg)
 
 
-def _register(tracker: Tracker, run_id: str, step: str, artifacts: dict[str, str], cfg: PipelineConfig) -> None:
-    exp = cfg.mlflow.experiment
-    wanted = {
-        "train_vqvae": {"model": f"{exp}-{cfg.model_kind}"},
-        "train_prior": {"prior_top": f"{exp}-prior-top", "prior_bottom": f"{exp}-prior-bottom"},
-    }
-    for key, name in wanted.get(step, {}).items():
-        if key in artifacts:
-            uri = tracker.register(run_id, name, artifacts[key], cfg.mlflow.model_alias)
-            if uri:
-                log.info("%s: registered %s", step, uri)
+def _register_models(planned: list[Planned], cfg: PipelineConfig, store: cache.ArtifactStore, move: bool) -> None:
+    """Register the run's generator and encoder (pipeline/models.py) when its outputs include a whole generator."""
+    done = {p.step.name: p for p in planned if p.record is not None}
+    vq, priors = done.get("train_vqvae"), done.get("train_prior")
+    if vq is None or (registry.makes_codes(cfg.model_kind) and priors is None):
+        return  # a run of some steps only: nothing new to register
+    import mlflow
+
+    fingerprints = "/".join(p.fingerprint for p in (vq, priors) if p is not None)
+    evaluation = done["evaluate"].record.get("metrics", {}) if "evaluate" in done else {}
+    tags = {"pipeline_run_id": mlflow.active_run().info.run_id, "model_kind": cfg.model_kind}
+    tags |= {f"metric.{k}": f"{v:.6g}" for k, v in models.headline(evaluation).items()}
+    try:
+        models.register(cfg.mlflow.experiment, store.final("train_vqvae", vq.fingerprint),
+                        store.final("train_prior", priors.fingerprint) if priors else None, fingerprints,
+                        cfg.mlflow.model_alias, move, tags)  # fmt: skip
+    except Exception as exc:  # registration is a convenience: never fail a finished pipeline over it
+        log.warning("could not register the generator in MLflow: %s", exc)
 
 
 def _print_summary(planned: list[Planned]) -> None:

@@ -1,52 +1,120 @@
-"""An MLflow pyfunc wrapper around our checkpoints, logged as "model from code" (no pickled Python objects).
+"""The trained models as MLflow models that predict: one generator per pipeline run, and an encoder.
 
-The logged model carries the checkpoint file as an artifact and loads it with ``torch.load(weights_only=True)``:
+Both are logged "from code" (``pipeline/mlflow_generator.py``, ``pipeline/mlflow_encoder.py``: no pickled Python
+objects) with the artifact folders they need, copied from the pipeline's outputs, and load them with
+``torch.load(weights_only=True)`` through :class:`pipeline.generator.Generator`:
 
-* a VQ-VAE / VQ-VAE-2: ``predict(DataFrame{"image": PNG bytes})`` -> one column of codes per level (flat lists);
-* a Gaussian VAE: the same input -> ``{"recon": PNG bytes}``;
-* a prior: ``predict(DataFrame{"n": [count]}, params={"seed": 0, "temperature": 1.0})`` -> flat code lists
-  (unconditional top priors only; the sample step is the full sampler).
+* **generator** (``<experiment>-generator``): rows ``{"label": int (optional for unconditional priors), "seed": int}``
+  and params ``temperature``, ``top_k``, ``top_p`` -> rows ``{"png": base64 PNG, "label", "seed", <level>: codes}``.
+  Row ``{"label": l, "seed": s}`` is ``Generator.generate(1, labels=[l], seed=s)``: the same image every time.
+* **encoder** (``<experiment>-encoder``): rows ``{"png": image bytes}`` -> rows of codes per level (flat, raster).
+
+A bad request (a label the priors do not know, a missing seed, a temperature <= 0...) raises an MlflowException
+with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and the message.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import mlflow.pyfunc
 import pandas as pd
-import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from steps.generation import sample_seed
+
+MAX_ROWS = 4096  # per request
 
 
-class CheckpointModel(mlflow.pyfunc.PythonModel):
+def _bad(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def generator_signature(levels: tuple[str, ...]) -> ModelSignature:
+    inputs = Schema([ColSpec(DataType.long, "label", required=False), ColSpec(DataType.long, "seed")])
+    outputs = [ColSpec(DataType.string, "png"), ColSpec(DataType.long, "label", required=False)]
+    outputs += [ColSpec(DataType.long, "seed")] + [ColSpec(Array(DataType.long), lv) for lv in levels]
+    params = ParamSchema(
+        [ParamSpec("temperature", DataType.double, 1.0), ParamSpec("top_k", DataType.long, 0),
+         ParamSpec("top_p", DataType.double, 1.0)]
+    )  # fmt: skip
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
+
+
+def encoder_signature(levels: tuple[str, ...]) -> ModelSignature:
+    outputs = Schema([ColSpec(Array(DataType.long), lv) for lv in levels])
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "png")]), outputs=outputs)
+
+
+def _int(value: Any, name: str, row: int) -> int | None:
+    """An int cell (JSON and pandas hand over ints, floats and NaN for a missing value), or None if missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise _bad(f"row {row}: {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+class GeneratorModel(mlflow.pyfunc.PythonModel):
+    """Draws one image per input row (see the module docstring)."""
+
     def load_context(self, context) -> None:
-        from steps.artifacts.checkpoints import CheckpointFile
+        from pipeline.generator import Generator
 
-        what, hint = "a checkpoint of this project", "log the model again"
-        self.model = CheckpointFile.open(context.artifacts["checkpoint"], None, what, hint).load()
+        priors = context.artifacts.get("priors")
+        self.generator = Generator.from_artifacts(context.artifacts["autoencoder"], priors, device="cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from steps.nn import registry
-        from steps.nn.prior import Prior
-        from steps.pixels import decode_batch, encode_png, to_uint8
+        from pipeline.generator import png_base64
 
-        params = params or {}
-        with torch.inference_mode():
-            if isinstance(self.model, Prior):
-                n = int(model_input["n"].iloc[0])
-                gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
-                temperature = float(params.get("temperature", 1.0))
-                codes = registry.sampler(self.model).sample(n, temperature=temperature, generator=gen)
-                return pd.DataFrame({"codes": [c.flatten().tolist() for c in codes]})
-            channels = self.model.config.in_channels
-            x = torch.from_numpy(decode_batch(list(model_input["image"]), channels))
-            if not getattr(self.model, "levels", ()):
-                recon = to_uint8(self.model(x).recon)
-                return pd.DataFrame({"recon": [encode_png(img) for img in recon]})
-            enc = self.model.encode(x)
-            return pd.DataFrame(
-                {
-                    lvl: [c.flatten().tolist() for c in codes]
-                    for lvl, codes in zip(self.model.levels, enc.codes, strict=True)
-                }
+        gen, params = self.generator, params or {}
+        if not 1 <= len(model_input) <= MAX_ROWS:
+            raise _bad(f"a request holds 1 to {MAX_ROWS} rows, got {len(model_input)}")
+        if "seed" not in model_input:
+            raise _bad("every row needs a seed (an integer >= 0)")
+        rows = model_input.to_dict("records")
+        seeds = [_int(r.get("seed"), "seed", i) for i, r in enumerate(rows)]
+        if any(s is None or s < 0 for s in seeds):
+            raise _bad("every row needs a seed (an integer >= 0)")
+        labels = [_int(r.get("label"), "label", i) for i, r in enumerate(rows)]
+        if gen.num_classes and None in labels:
+            raise _bad(f"every row needs a label: the priors are conditioned on {gen.num_classes} classes")
+        if not gen.num_classes and any(v is not None for v in labels):
+            raise _bad("labels given, but the priors are not class-conditional")
+        controls = {k: params.get(k, d) for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))}
+        try:
+            images, codes = gen.draw(
+                [sample_seed(s, 0) for s in seeds],
+                labels if gen.num_classes else None,
+                float(controls["temperature"]),
+                int(controls["top_k"]),
+                float(controls["top_p"]),
             )
+        except ValueError as exc:  # fmt: skip
+            raise _bad(str(exc)) from None
+        out = pd.DataFrame({"png": png_base64(images), "label": labels, "seed": seeds})
+        for lv, maps in codes.items():
+            out[lv] = [m.flatten().tolist() for m in maps]
+        return out
 
 
-mlflow.models.set_model(CheckpointModel())
+class EncoderModel(mlflow.pyfunc.PythonModel):
+    """Codes of the images of the input rows (see the module docstring)."""
+
+    def load_context(self, context) -> None:
+        from pipeline.generator import Generator
+
+        self.generator = Generator.from_artifacts(context.artifacts["autoencoder"], None, device="cpu")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if "png" not in model_input or not 1 <= len(model_input) <= MAX_ROWS:
+            raise _bad(f"send 1 to {MAX_ROWS} rows with a png column (the image file's bytes)")
+        try:
+            codes = self.generator.encode([bytes(b) for b in model_input["png"]])
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+        return pd.DataFrame({lv: [m.flatten().tolist() for m in maps] for lv, maps in codes.items()})

@@ -193,28 +193,6 @@ class Tracker:
                         f.write(storage.read_bytes(uri))
                     client.log_artifact(run_id, local)
 
-    def register(self, run_id: str, name: str, checkpoint_uri: str, alias: str) -> str | None:
-        """Log a checkpoint as an MLflow pyfunc model in ``run_id`` and register it with ``alias``."""
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                local = os.path.join(d, os.path.basename(checkpoint_uri))
-                with open(local, "wb") as f:
-                    f.write(storage.read_bytes(checkpoint_uri))
-                with self.mlflow.start_run(run_id=run_id, nested=True):
-                    info = self.mlflow.pyfunc.log_model(
-                        name=name,
-                        python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving.py"),
-                        artifacts={"checkpoint": local},
-                        code_paths=[os.path.dirname(os.path.abspath(storage.__file__))],  # the steps package
-                        pip_requirements=["torch", "numpy", "pillow", "pandas", "pyarrow"],
-                    )
-            version = self.mlflow.register_model(info.model_uri, name)
-            self.mlflow.tracking.MlflowClient().set_registered_model_alias(name, alias, version.version)
-            return f"models:/{name}@{alias}"
-        except Exception as exc:  # registration is a convenience: never fail a finished step over it
-            log.warning("could not register %s in MLflow: %s", name, exc)
-            return None
-
 
 def result_record(result: StepResult) -> dict[str, Any]:
     return {"metrics": dict(result.metrics), "artifacts": dict(result.artifacts), "info": result.info}

@@ -124,13 +124,18 @@ def test_mlflow_run_tree(workdir):
     assert {f"final/{name}" for name in EVALUATE_METRICS} <= set(evaluation.data.metrics)
     assert evaluation.data.params["knn_k"] == "3"
     assert {"metrics.json", "real_vs_samples.png"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
-    version = client.get_model_version_by_alias("vqvae2-vqvae2", "current")
-    assert version.run_id == tv.info.run_id
+    # One generator and one encoder per run, logged in the parent run; a debug run does not move the alias.
+    (generator,) = client.search_model_versions("name='vqvae2-generator'")
+    assert generator.run_id == parents[0].info.run_id and generator.tags["pipeline_run_id"] == generator.run_id
+    assert float(generator.tags["metric.fd_effnet"]) > 0 and "metric.nll_bits_top" in generator.tags
+    assert len(client.search_model_versions("name='vqvae2-encoder'")) == 1
+    assert not generator.aliases, "debug=tiny is a trial: it leaves mlflow.model_alias where it was"
+    assert not [m for m in client.search_registered_models() if "prior" in m.name], "priors alone do not predict"
 
 
 def test_second_invocation_is_fully_cached(workdir):
     before = {step: finished(workdir / "artifacts", step) for step in STEPS}
-    output = pipeline(workdir)
+    output = pipeline(workdir, "mlflow.move_alias=true")  # asked: even a debug run moves the alias
     assert output.count("cached") >= len(STEPS)
     assert {step: finished(workdir / "artifacts", step) for step in STEPS} == before
     _, parents, children = mlflow_runs(workdir)
@@ -139,6 +144,9 @@ def test_second_invocation_is_fully_cached(workdir):
     for run in children[second.info.run_id]:
         assert run.data.tags["cached"] == "true"
         assert run.data.tags["produced_by"] == produced[run.data.tags["mlflow.runName"]]
+    client, _, _ = mlflow_runs(workdir)
+    (version,) = client.search_model_versions("name='vqvae2-generator'")  # the same outputs: no second version
+    assert str(client.get_model_version_by_alias("vqvae2-generator", "current").version) == str(version.version)
 
 
 def test_sample_only_rerun_reuses_the_priors(workdir):

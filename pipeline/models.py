@@ -1,0 +1,114 @@
+"""The registered MLflow models of a pipeline run: ``<experiment>-generator`` and ``<experiment>-encoder``.
+
+After the steps, a run that has both a train_vqvae and a train_prior output (a train_vqvae output alone for the VAE)
+logs the generator (and, for models with codes, the encoder) in its parent MLflow run and registers them
+(:mod:`pipeline.serving` says what they predict). A version is tagged with the parent run's id, the fingerprints of
+the outputs it bundles and the evaluate step's headline metrics; another run over the same outputs (a cached run)
+reuses that version instead of logging a copy.
+
+Alias policy: ``mlflow.model_alias`` ("current") is moved to the new version unless ``mlflow.move_alias`` says no;
+by default it is not moved by debug runs (``debug=...``) or members of a multirun, so trying a change never
+replaces the model other people load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.serving import encoder_signature, generator_signature
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.priors import Priors
+from steps.pixels import encode_png
+
+log = logging.getLogger("pipeline")
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = [HERE, os.path.join(os.path.dirname(HERE), "steps")]  # the code the models run: pipeline/ and steps/
+REQUIREMENTS = ["torch", "numpy", "pillow", "pandas", "pyarrow", "mlflow"]
+# The evaluate step's figures a model version carries as tags (and the parent run as metrics): what to compare.
+HEADLINE = ("fd_effnet", "kid_effnet", "precision", "recall", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real")
+HEADLINE_PREFIXES = ("nll_bits_", "usage_")
+
+
+def headline(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k in HEADLINE or k.startswith(HEADLINE_PREFIXES)}
+
+
+def register(
+    experiment: str,
+    autoencoder_uri: str,
+    priors_uri: str | None,
+    fingerprints: str,
+    alias: str,
+    move_alias: bool,
+    tags: Mapping[str, Any],
+) -> dict[str, str]:
+    """Log and register the run's generator (and encoder); returns ``{"generator": "models:/<name>/<version>", ...}``.
+
+    Must run inside the parent MLflow run (the models are logged there). ``fingerprints`` identifies the outputs
+    bundled: a version already registered for them is reused.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    autoencoder = Autoencoder.open(autoencoder_uri)
+    priors = Priors.open(priors_uri) if priors_uri else None
+    roles = [("generator", "mlflow_generator.py")]
+    if autoencoder.makes_codes:
+        roles.append(("encoder", "mlflow_encoder.py"))
+    registered = {}
+    for role, entry in roles:
+        name = f"{experiment}-{role}"
+        found = _version_of(client, name, fingerprints)
+        if found is None:
+            info = _log(mlflow, role, entry, autoencoder, priors if role == "generator" else None)
+            found = mlflow.register_model(info.model_uri, name, tags={"fingerprints": fingerprints}).version
+            log.info("registered %s version %s", name, found)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, found, key, str(value))
+        if move_alias:
+            client.set_registered_model_alias(name, alias, found)
+            log.info("%s@%s -> version %s", name, alias, found)
+        registered[role] = f"models:/{name}/{found}"
+    return registered
+
+
+def _version_of(client, name: str, fingerprints: str) -> str | None:
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.fingerprints='{fingerprints}'")
+    except Exception:
+        return None
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def _log(mlflow, role: str, entry: str, autoencoder: Autoencoder, priors: Priors | None):
+    """Log one model in the active run: its artifact folders copied from the outputs, its code, signature, example."""
+    levels = autoencoder.levels
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"autoencoder": autoencoder.export(os.path.join(tmp, "autoencoder"))}
+        if priors is not None:
+            artifacts["priors"] = priors.export(os.path.join(tmp, "priors"), levels)
+        if role == "generator":
+            conditional = priors is not None and any(priors.num_classes(lv) for lv in levels)
+            example = pd.DataFrame({"label": [0], "seed": [0]} if conditional else {"seed": [0]})
+            signature = generator_signature(levels)
+        else:
+            c, s, _ = autoencoder.image_shape
+            blank = encode_png(np.zeros((s, s) if c == 1 else (s, s, c), np.uint8))
+            example, signature = pd.DataFrame({"png": [blank]}), encoder_signature(levels)
+        return mlflow.pyfunc.log_model(
+            name=role,
+            python_model=os.path.join(HERE, entry),
+            artifacts=artifacts,
+            code_paths=PACKAGES,
+            signature=signature,
+            input_example=example,
+            pip_requirements=REQUIREMENTS,
+        )

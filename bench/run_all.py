@@ -34,7 +34,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-BENCHES = ("codebook", "encode", "train", "sample", "sample_cuda", "gpu", "faults", "quality_fashion_mnist")
+BENCHES = ("codebook", "encode", "train", "sample", "sample_cuda", "gpu", "serve", "faults", "quality_fashion_mnist")
 # Benchmarks that run another one's script with extra arguments.
 VARIANTS = {"sample_cuda": ("sample", ["--device", "cuda"])}
 WHAT = {
@@ -45,6 +45,7 @@ WHAT = {
     "sample_cuda": "the sampler benchmark on a CUDA GPU (skipped on a machine without one; a GPU figure is kept)",
     "gpu": "one GPU: CUDA-graph vs eager sampler, train_vqvae step (bf16, channels_last, fused AdamW), encode step "
     "vs plain loop, the ffhq256 recipe shrunk through the pipeline (skipped without a GPU; a GPU figure is kept)",
+    "serve": "the Ray Serve app, 1 and 16 concurrent clients: batched vs unbatched (batched_speedup_16: images/s)",
     "faults": "fault scenarios run through the pipeline: injected, survived, rows lost (pipeline.verify)",
     "quality_fashion_mnist": "the Fashion-MNIST 32x32 quality recipe: recon, codes, bits, fd/kid against the floor",
 }

@@ -1,0 +1,142 @@
+"""Serve the generator over HTTP with Ray Serve, batching concurrent requests into one sampler batch.
+
+    pip install -e '.[serve]'
+    serve run pipeline.serve:app model=models:/vqvae2-generator@current        # or a train_prior output folder
+    curl -X POST http://127.0.0.1:8000/ -d '{"label": 3, "seed": 0, "temperature": 0.9}'
+
+Options after the import path (``key=value``): ``model`` (required), ``max_batch_size`` (16),
+``batch_wait_timeout_s`` (0.02), ``device`` (default: CUDA if available), ``num_replicas`` (1).
+
+A request is one image: ``{"seed": int, "label": int (class-conditional priors only), "temperature", "top_k",
+"top_p"}``; the answer ``{"png": base64 PNG, "label", "seed"}`` is the same image as ``Generator.generate(1,
+labels=[label], seed=seed, ...)`` and the MLflow model's row (pipeline/serving.py). Concurrent requests wait up to
+``batch_wait_timeout_s`` to be drawn together (``@serve.batch``): the cached sampler's cost per position barely grows
+with the batch, so a batch of 16 costs little more than one image. Requests with different sampling controls are
+drawn in separate batches; the ``X-Batch-Size`` response header says how many images the request's batch drew.
+A bad request gets HTTP 400 with the reason; the server stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+CONTROLS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with HTTP 400."""
+
+
+def parse(body: Any, num_classes: int) -> dict[str, Any]:
+    """A request's fields, checked: ``seed``, ``label`` (None for unconditional priors) and the controls."""
+    if not isinstance(body, Mapping):
+        raise BadRequest('send a JSON object such as {"seed": 0, "label": 3}')
+    unknown = sorted(set(body) - {"seed", "label", *CONTROLS})
+    if unknown:
+        raise BadRequest(f"unknown field(s) {unknown}; fields are seed, label, temperature, top_k, top_p")
+    seed, label = body.get("seed"), body.get("label")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise BadRequest(f"seed must be an integer >= 0, got {seed!r}")
+    if num_classes:
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+            raise BadRequest(f"label must be an integer in [0, {num_classes}) (the priors' classes), got {label!r}")
+    elif label is not None:
+        raise BadRequest("label given, but the priors are not class-conditional")
+    controls = {k: body.get(k, d) for k, d in CONTROLS.items()}
+    from steps.nn.draw import check_controls
+
+    try:
+        check_controls(float(controls["temperature"]), controls["top_k"], float(controls["top_p"]))
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(str(exc)) from None
+    return {"seed": seed, "label": label, **controls}
+
+
+@serve.deployment
+class GeneratorServer:
+    """One replica: a :class:`pipeline.generator.Generator` and the batching queue in front of it."""
+
+    def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float, device: str | None) -> None:
+        from pipeline.generator import Generator
+
+        self.generator = Generator.load(model, device=device)
+        self.draw_batch.set_max_batch_size(max_batch_size)
+        self.draw_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def draw_batch(self, requests: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, int]]:
+        """Draw the images of concurrent requests, one sampler batch per set of sampling controls.
+
+        Each answer comes with the size of the sampler batch that drew it (the ``X-Batch-Size`` response header).
+        """
+        from pipeline.generator import png_base64
+        from steps.generation import sample_seed
+
+        answers: list[dict[str, Any] | None] = [None] * len(requests)
+        sizes = [0] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(r[k] for k in CONTROLS), []).append(i)
+        for (temperature, top_k, top_p), members in groups.items():
+            seeds = [sample_seed(requests[i]["seed"], 0) for i in members]
+            labels = [requests[i]["label"] for i in members] if self.generator.num_classes else None
+            # Off the event loop, so that requests arriving meanwhile queue up for the next batch.
+            images, _ = await asyncio.to_thread(
+                self.generator.draw, seeds, labels, float(temperature), int(top_k), float(top_p)
+            )
+            for i, png in zip(members, png_base64(images), strict=True):
+                answers[i] = {"png": png, "label": requests[i]["label"], "seed": requests[i]["seed"]}
+                sizes[i] = len(members)
+        return list(zip(answers, sizes, strict=True))
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body() or b"null")
+            answer, size = await self.draw_batch(parse(body, self.generator.num_classes))
+            return JSONResponse(answer, headers={"X-Batch-Size": str(size)})
+        except (BadRequest, json.JSONDecodeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+def server(
+    model: str,
+    max_batch_size: int = 16,
+    batch_wait_timeout_s: float = 0.02,
+    device: str | None = None,
+    num_replicas: int = 1,
+) -> serve.Application:
+    """The generator behind one batching deployment.
+
+    A replica admits twice ``max_batch_size`` requests at once (Serve's default admits 5, which would cap every
+    batch at 5): one batch draws while the next fills.
+    """
+    if max_batch_size < 1 or batch_wait_timeout_s < 0 or num_replicas < 1:
+        raise ValueError(
+            "max_batch_size and num_replicas must be >= 1 and batch_wait_timeout_s >= 0, got "
+            f"{max_batch_size}, {num_replicas}, {batch_wait_timeout_s}"
+        )
+    deployment = GeneratorServer.options(num_replicas=num_replicas, max_ongoing_requests=2 * max_batch_size)
+    return deployment.bind(model, max_batch_size, batch_wait_timeout_s, device)
+
+
+def app(args: dict[str, str]) -> serve.Application:
+    """The application ``serve run pipeline.serve:app model=<uri> [key=value ...]`` builds (module docstring)."""
+    if "model" not in args:
+        raise ValueError("serve run pipeline.serve:app needs model=<models:/... | runs:/... | a train_prior output>")
+    unknown = sorted(set(args) - {"model", "max_batch_size", "batch_wait_timeout_s", "device", "num_replicas"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for pipeline.serve:app (see its docstring)")
+    return server(
+        args["model"],
+        max_batch_size=int(args.get("max_batch_size", 16)),
+        batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.02)),
+        device=args.get("device"),
+        num_replicas=int(args.get("num_replicas", 1)),
+    )

@@ -121,6 +121,7 @@ class Generator:
         top_p: float = 1.0,
         seed: int = 0,
         offset: int = 0,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """``n`` new images, uint8 (n, C, S, S) on the CPU: image ``i`` is the sample step's image ``offset + i``.
 
@@ -129,6 +130,8 @@ class Generator:
                 the classes (as the sample step does); must be None for unconditional priors.
             temperature, top_k, top_p: sampling controls (see ``sample.temperature`` ...).
             seed: the ``sample.seed`` of the images.
+            guidance_scale: classifier-free guidance (1: off; ``sample.guidance_scale``), for priors trained with
+                ``class_dropout``.
 
         Raises:
             ValueError: a bad ``n``, ``seed``, control or label, naming it.
@@ -137,7 +140,7 @@ class Generator:
         seed = _count("seed", seed, 0, 2**32 - 1)
         indices = range(offset, offset + n)
         return self.draw([sample_seed(seed, i) for i in indices], self._labels(labels, n, offset), temperature,
-                         top_k, top_p)[0]  # fmt: skip
+                         top_k, top_p, guidance_scale)[0]  # fmt: skip
 
     def draw(
         self,
@@ -146,17 +149,24 @@ class Generator:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        guidance_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (uint8 (n, C, S, S)) and codes per level ((n, H, W)) for generator ``seeds`` (one per image, as
         :func:`steps.generation.sample_seed` makes them) and ``labels`` (one per image, or None)."""
-        check_controls(temperature, top_k, top_p)
+        check_controls(temperature, top_k, top_p, guidance_scale)
+        if guidance_scale != 1 and not self._images.guidable:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs priors trained with class_dropout > 0 "
+                "(train_prior: prior.<level>.class_dropout); these priors have none"
+            )
         if labels is not None:
             self._check_labels(labels)
         images, codes = [], {lv: [] for lv in self.autoencoder.levels}
         for start in range(0, len(seeds), self.batch_size):
             part = slice(start, start + self.batch_size)
             x, c = self._images.draw(seeds[part], labels[part] if labels is not None else None,
-                                     temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
+                                     temperature=temperature, top_k=top_k, top_p=top_p,
+                                     guidance_scale=guidance_scale)  # fmt: skip
             images.append(torch.from_numpy(to_uint8_chw(x)))
             for lv, maps in c.items():
                 codes[lv].append(maps.cpu())

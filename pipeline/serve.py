@@ -8,12 +8,12 @@ Options after the import path (``key=value``): ``model`` (required), ``max_batch
 ``batch_wait_timeout_s`` (0.02), ``device`` (default: CUDA if available), ``num_replicas`` (1).
 
 A request is one image: ``{"seed": int, "label": int (class-conditional priors only), "temperature", "top_k",
-"top_p"}``; the answer ``{"png": base64 PNG, "label", "seed"}`` is the same image as ``Generator.generate(1,
-labels=[label], seed=seed, ...)`` and the MLflow model's row (pipeline/serving.py). Concurrent requests wait up to
-``batch_wait_timeout_s`` to be drawn together (``@serve.batch``): the cached sampler's cost per position barely grows
-with the batch, so a batch of 16 costs little more than one image. Requests with different sampling controls are
-drawn in separate batches; the ``X-Batch-Size`` response header says how many images the request's batch drew.
-A bad request gets HTTP 400 with the reason; the server stays up.
+"top_p", "guidance_scale"}``; the answer ``{"png": base64 PNG, "label", "seed"}`` is the same image as
+``Generator.generate(1, labels=[label], seed=seed, ...)`` and the MLflow model's row (pipeline/serving.py).
+Concurrent requests wait up to ``batch_wait_timeout_s`` to be drawn together (``@serve.batch``): the cached sampler's
+cost per position barely grows with the batch, so a batch of 16 costs little more than one image. Requests with
+different sampling controls are drawn in separate batches; the ``X-Batch-Size`` response header says how many images
+the request's batch drew. A bad request gets HTTP 400 with the reason; the server stays up.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-CONTROLS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+from steps.nn.draw import CONTROLS, check_controls
 
 
 class BadRequest(ValueError):
@@ -40,7 +40,7 @@ def parse(body: Any, num_classes: int) -> dict[str, Any]:
         raise BadRequest('send a JSON object such as {"seed": 0, "label": 3}')
     unknown = sorted(set(body) - {"seed", "label", *CONTROLS})
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; fields are seed, label, temperature, top_k, top_p")
+        raise BadRequest(f"unknown field(s) {unknown}; fields are seed, label, {', '.join(CONTROLS)}")
     seed, label = body.get("seed"), body.get("label")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise BadRequest(f"seed must be an integer >= 0, got {seed!r}")
@@ -50,10 +50,9 @@ def parse(body: Any, num_classes: int) -> dict[str, Any]:
     elif label is not None:
         raise BadRequest("label given, but the priors are not class-conditional")
     controls = {k: body.get(k, d) for k, d in CONTROLS.items()}
-    from steps.nn.draw import check_controls
-
     try:
-        check_controls(float(controls["temperature"]), controls["top_k"], float(controls["top_p"]))
+        floats = {k: float(v) for k, v in controls.items() if k != "top_k"}
+        check_controls(top_k=controls["top_k"], **floats)
     except (TypeError, ValueError) as exc:
         raise BadRequest(str(exc)) from None
     return {"seed": seed, "label": label, **controls}
@@ -84,13 +83,12 @@ class GeneratorServer:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(tuple(r[k] for k in CONTROLS), []).append(i)
-        for (temperature, top_k, top_p), members in groups.items():
+        for values, members in groups.items():
+            controls = dict(zip(CONTROLS, values, strict=True))
             seeds = [sample_seed(requests[i]["seed"], 0) for i in members]
             labels = [requests[i]["label"] for i in members] if self.generator.num_classes else None
             # Off the event loop, so that requests arriving meanwhile queue up for the next batch.
-            images, _ = await asyncio.to_thread(
-                self.generator.draw, seeds, labels, float(temperature), int(top_k), float(top_p)
-            )
+            images, _ = await asyncio.to_thread(self.generator.draw, seeds, labels, **controls)
             for i, png in zip(members, png_base64(images), strict=True):
                 answers[i] = {"png": png, "label": requests[i]["label"], "seed": requests[i]["seed"]}
                 sizes[i] = len(members)

@@ -5,7 +5,8 @@ objects) with the artifact folders they need, copied from the pipeline's outputs
 ``torch.load(weights_only=True)`` through :class:`pipeline.generator.Generator`:
 
 * **generator** (``<experiment>-generator``): rows ``{"label": int (optional for unconditional priors), "seed": int}``
-  and params ``temperature``, ``top_k``, ``top_p`` -> rows ``{"png": base64 PNG, "label", "seed", <level>: codes}``.
+  and params ``temperature``, ``top_k``, ``top_p``, ``guidance_scale`` -> rows ``{"png": base64 PNG, "label", "seed",
+  <level>: codes}``.
   Row ``{"label": l, "seed": s}`` is ``Generator.generate(1, labels=[l], seed=s)``: the same image every time.
 * **encoder** (``<experiment>-encoder``): rows ``{"png": image bytes}`` -> rows of codes per level (flat, raster).
 
@@ -26,6 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from steps.generation import sample_seed
+from steps.nn.draw import CONTROLS
 
 MAX_ROWS = 4096  # per request
 
@@ -38,10 +40,8 @@ def generator_signature(levels: tuple[str, ...]) -> ModelSignature:
     inputs = Schema([ColSpec(DataType.long, "label", required=False), ColSpec(DataType.long, "seed")])
     outputs = [ColSpec(DataType.string, "png"), ColSpec(DataType.long, "label", required=False)]
     outputs += [ColSpec(DataType.long, "seed")] + [ColSpec(Array(DataType.long), lv) for lv in levels]
-    params = ParamSchema(
-        [ParamSpec("temperature", DataType.double, 1.0), ParamSpec("top_k", DataType.long, 0),
-         ParamSpec("top_p", DataType.double, 1.0)]
-    )  # fmt: skip
+    kinds = {int: DataType.long, float: DataType.double}
+    params = ParamSchema([ParamSpec(name, kinds[type(default)], default) for name, default in CONTROLS.items()])
     return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
 
 
@@ -85,16 +85,12 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise _bad(f"every row needs a label: the priors are conditioned on {gen.num_classes} classes")
         if not gen.num_classes and any(v is not None for v in labels):
             raise _bad("labels given, but the priors are not class-conditional")
-        controls = {k: params.get(k, d) for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))}
+        controls = {k: type(d)(params.get(k, d)) for k, d in CONTROLS.items()}
         try:
             images, codes = gen.draw(
-                [sample_seed(s, 0) for s in seeds],
-                labels if gen.num_classes else None,
-                float(controls["temperature"]),
-                int(controls["top_k"]),
-                float(controls["top_p"]),
+                [sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, **controls
             )
-        except ValueError as exc:  # fmt: skip
+        except ValueError as exc:
             raise _bad(str(exc)) from None
         out = pd.DataFrame({"png": png_base64(images), "label": labels, "seed": seeds})
         for lv, maps in codes.items():

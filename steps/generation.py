@@ -3,7 +3,8 @@
 For a VQ-VAE-2 each image draws a top code map from the top prior, then a bottom code map from the bottom prior
 conditioned on those top codes, then decodes both to pixels (Razavi et al. 2019, section 3.2); a one-level VQ-VAE has
 only the top prior, and the VAE baseline decodes N(0, temperature^2 I) draws with no prior at all. Codes come from
-each prior's sampler in the registry (the cached sampler for the PixelCNN), with temperature, top-k and top-p.
+each prior's sampler in the registry (the cached samplers of the PixelCNN and the transformer), with temperature,
+top-k, top-p and classifier-free guidance.
 
 Seeds. Each image draws all its randomness (top codes, then bottom codes, or the VAE latent) from its own CPU
 generator seeded with its seed, so an image depends only on its seed and label: not on the batch it is drawn in, the
@@ -49,8 +50,10 @@ class ImageGenerator:
         self.levels = autoencoder.levels
         self.drawable = priors is not None or not self.levels
         levels = self.levels if priors is not None else ()
-        self.samplers = {lv: registry.sampler(priors.load(lv, self.device)) for lv in levels}
+        models = {lv: priors.load(lv, self.device) for lv in levels}
+        self.samplers = {lv: registry.sampler(model) for lv, model in models.items()}
         self.num_classes = {lv: priors.num_classes(lv) for lv in levels}
+        self.guidable = [lv for lv, model in models.items() if model.config.guidable]  # trained with class_dropout
         self.cache_bytes = dict.fromkeys(self.levels, 0)  # the largest sampler caches so far, per level
 
     @torch.no_grad()
@@ -62,11 +65,20 @@ class ImageGenerator:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        guidance_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (n, C, S, S) in [-1, 1] and code maps per level (n, H, W) for ``seeds`` (and ``labels``, one per
-        image, for class-conditional priors; levels whose prior is unconditional ignore them)."""
+        image, for class-conditional priors; levels whose prior is unconditional ignore them).
+
+        ``guidance_scale`` (1: off) applies classifier-free guidance at the levels whose prior was trained with
+        ``class_dropout``; a scale other than 1 with no such level is an error."""
         if not self.drawable:
             raise ValueError("this generator has no priors: it encodes and decodes only (load a train_prior output)")
+        if guidance_scale != 1 and not self.guidable:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs class-conditional priors trained with class_dropout > 0 "
+                f"(train_prior: prior.<level>.class_dropout, e.g. 0.1); these priors have none"
+            )
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # each level continues these streams
         if not self.levels:
             shape = self.model.config.latent_shape
@@ -78,7 +90,8 @@ class ImageGenerator:
         for lv in self.levels:
             sampler = self.samplers[lv]
             lab = labels_t if self.num_classes[lv] else None
-            controls = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+            guidance = guidance_scale if lv in self.guidable else 1.0
+            controls = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance)
             codes[lv] = sampler.sample(len(gens), lab, cond, generator=gens, **controls)  # (n, H, W)
             self.cache_bytes[lv] = max(self.cache_bytes[lv], sampler.cache_bytes)
             cond = codes[lv]

@@ -61,6 +61,8 @@ class SampleConfig(ConfigBase):
         temperature: divides the priors' logits (scales the VAE's latent draws); < 1 gives safer samples.
         top_k: keep only the ``top_k`` most likely codes at each position (0: off).
         top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1.0: off).
+        guidance_scale: classifier-free guidance (1.0: off; > 1 follows the class more closely, at some cost in
+            diversity); needs class-conditional priors trained with ``prior.<level>.class_dropout > 0``.
         labels: class label per sample, cycled over the samples; only for class-conditional priors. None with
             class-conditional priors cycles ``0 .. num_classes - 1``.
         classifier: URI of a classifier checkpoint (``python -m steps.train_classifier``) for classifier-based
@@ -73,7 +75,8 @@ class SampleConfig(ConfigBase):
         use_gpu: give each actor one GPU and sample on it (random streams stay on the CPU, so the codes match
             CPU ones up to float rounding).
         write_pngs: write one PNG per sample under ``images/``.
-        grid_size: the first ``grid_size`` samples are tiled into ``grid.png``.
+        grid_size: the first ``grid_size`` samples are tiled into ``grid.png``; for class-conditional priors with one
+            column per label of the cycle (so each column shows one class), in whole rows.
     """
 
     num_samples: int = 64
@@ -82,6 +85,7 @@ class SampleConfig(ConfigBase):
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    guidance_scale: float = 1.0
     labels: Optional[list[int]] = None  # noqa: UP045 - OmegaConf structured configs need typing.Optional
     classifier: Optional[str] = None  # noqa: UP045
     reject_threshold: float = 0.0
@@ -98,6 +102,7 @@ class SampleConfig(ConfigBase):
         self.require("top_k", self.top_k >= 0, "an int >= 0")
         self.require("temperature", self.temperature > 0, "a number > 0")
         self.require("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1: off)")
+        self.require("guidance_scale", 0 <= self.guidance_scale < float("inf"), "a number >= 0 (1: off)")
         self.require("reject_threshold", 0 <= self.reject_threshold < 1, "a number in [0, 1)")
         self.require("classifier", self.classifier is None or bool(self.classifier), "None or a checkpoint URI")
         if self.reject_threshold > 0 and self.classifier is None:
@@ -108,7 +113,8 @@ class SampleConfig(ConfigBase):
 
     @property
     def controls(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "guidance_scale": self.guidance_scale}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ plan (driver)
@@ -164,6 +170,11 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
     priors = Priors.open(require_input(inputs, STEP, "train_prior"))
     num_classes = check_compatible(autoencoder, priors=priors)
     cycle = _label_cycle(cfg, num_classes)
+    if cfg.guidance_scale != 1 and not any(priors.guidable(lv) for lv in autoencoder.levels):
+        raise ValueError(
+            f"sample.guidance_scale={cfg.guidance_scale} needs class-conditional priors trained with class_dropout > 0 "
+            f"(train_prior: prior.<level>.class_dropout); the priors at {priors.uri} have none"
+        )
     classifier = None
     if cfg.classifier is not None:
         uri = storage.absolute(cfg.classifier)  # actors may run elsewhere
@@ -339,7 +350,14 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
         "samples_per_s": samples_per_s,
         "config": cfg.to_dict(),
     }
-    grid = grid_png(chw(np.concatenate([grid_parts[s] for s in sorted(grid_parts)])))  # exact: uint8 tiled as is
+    pixels = np.concatenate([grid_parts[s] for s in sorted(grid_parts)])
+    cycle = plan.label_cycle
+    # Class-conditional samples: one column per label of the cycle (column j: label cycle[j]), whole rows only.
+    columns = len(cycle) if cycle and 1 < len(cycle) <= 16 and len(pixels) >= len(cycle) else None
+    if columns:
+        pixels = pixels[: len(pixels) // columns * columns]
+    meta["grid_columns"] = cycle if columns else None
+    grid = grid_png(chw(pixels), nrow=columns)  # exact: uint8 tiled as is
     artifacts = writer.finish(grid, meta, pngs=cfg.write_pngs, codes=bool(plan.levels))
     log.info("sample: %d samples in %.1f s (%.2f samples/s)", cfg.num_samples, seconds, samples_per_s)
     info = {"num_shards": num_shards, "resumed_shards": kept, "vqvae": ae.digest}

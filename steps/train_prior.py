@@ -27,7 +27,7 @@ from steps.common import MetricsSink, MissingInputError, PrefixSink, StepResult,
 from steps.nn import registry
 from steps.nn.config import ConfigBase, FieldError
 from steps.nn.pixelcnn import PixelCNNConfig
-from steps.nn.prior import PriorConfig
+from steps.nn.prior import PriorConfig, drop_labels
 from steps.training import TrainConfig, TrainTask, final_payload, fit
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ class PriorTask(TrainTask):
         }
 
     def loss(self, model, batch):
-        logits = model(batch["codes"], batch["labels"], batch["cond"])  # (B, K, H, W); may be bf16 under autocast
+        labels = drop_labels(self.config, batch["labels"])  # training only: evaluate scores the true labels
+        logits = model(batch["codes"], labels, batch["cond"])  # (B, K, H, W); may be bf16 under autocast
         nll = torch.nn.functional.cross_entropy(logits.float(), batch["codes"]) / math.log(2.0)
         return nll, {"nll_bits": nll.detach()}
 

@@ -3,8 +3,10 @@
 A :class:`TrainTask` says what differs between training an autoencoder and a prior (how to build the model, turn a
 batch into a loss, evaluate, and what to write at the end); :func:`fit` owns everything else: DDP through
 ``prepare_model`` (gloo on CPU, NCCL on GPU), the optimiser and learning-rate schedule, bf16 autocast on GPU,
-gradient clipping, periodic checkpoints carrying model, optimiser, scheduler, step and RNG state, resuming from
-``ray.train.get_checkpoint()`` after a worker failure or a restarted driver, and rank-0 metrics to the sink.
+gradient clipping, an optional moving average of the weights (``ema_decay``: validation and the checkpoints' ``model``
+then use the average, and ``live`` keeps the optimiser's weights), periodic checkpoints carrying model, optimiser,
+scheduler, step and RNG state, resuming from ``ray.train.get_checkpoint()`` after a worker failure or a restarted
+driver, and rank-0 metrics to the sink.
 
 Training counts optimiser steps, not epochs: every worker runs exactly ``steps`` updates, cycling over its data
 shard as often as needed, so ranks never disagree about how many collectives remain.
@@ -12,6 +14,7 @@ shard as often as needed, so ranks never disagree about how many collectives rem
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -51,6 +54,10 @@ class TrainConfig(ConfigBase):
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    # Exponential moving average of the weights (Polyak averaging): validation, the final checkpoint and so every
+    # later step use the average, which samples better than the last iterate of a short, noisy run. 0: off.
+    # Warms up as min(ema_decay, (1 + step) / (10 + step)), so early weights fade fast.
+    ema_decay: float = 0.0
     checkpoint_every: int = 500
     log_every: int = 25
     val_batches: int = 4  # batches of val data scored at every checkpoint
@@ -70,6 +77,7 @@ class TrainConfig(ConfigBase):
         self.require_min(0, "warmup_steps", "weight_decay", "grad_clip", "val_batches", "max_failures")
         self.require("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number")
         self.require("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
+        self.require("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: off)")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` after ``step`` updates: linear warm-up, then the schedule's decay to zero."""
@@ -139,14 +147,53 @@ def _batches(dataset, batch_size: int) -> Iterator[Mapping[str, Any]]:
             raise ValueError(f"a worker's data shard holds fewer rows than one batch ({batch_size})")
 
 
-def _save(path: str, model: nn.Module, opt, sched, step: int, metrics: dict) -> None:
+class WeightAverage:
+    """The exponential moving average of a model's floating-point parameters (``TrainConfig.ema_decay``).
+
+    Buffers (batch-norm statistics, EMA codebooks) are not averaged: :meth:`model` takes them from the live model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = {k: p.detach().clone() for k, p in model.named_parameters() if p.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in the weights after update ``step`` (1-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        live = dict(model.named_parameters())
+        torch._foreach_lerp_(list(self.params.values()), [live[k].detach() for k in self.params], 1 - decay)
+
+    def model(self, live: nn.Module) -> nn.Module:
+        """A copy of ``live`` holding the averaged weights (and ``live``'s buffers)."""
+        averaged = copy.deepcopy(live)
+        with torch.no_grad():
+            for k, p in averaged.named_parameters():
+                if k in self.params:
+                    p.copy_(self.params[k])
+        return averaged
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for k, v in self.params.items():
+            v.copy_(state[k])
+
+
+def _save(path: str, model: nn.Module, opt, sched, step: int, metrics: dict, average: WeightAverage | None) -> None:
+    """The training state; ``model`` holds the weights to use (the average, with ``ema_decay``), ``live`` the
+    optimiser's own weights when they differ."""
+    extra = {"live": unwrap(model).state_dict(), "average": average.state_dict()} if average is not None else {}
+    used = average.model(unwrap(model)) if average is not None else model
     payload = checkpoint_dict(
-        model,
+        used,
         optimizer=opt.state_dict(),
         scheduler=sched.state_dict(),
         step=step,
         rng=torch.get_rng_state(),
         metrics={k: float(v) for k, v in metrics.items()},
+        **extra,
     )
     torch.save(payload, path)
 
@@ -242,8 +289,11 @@ def _worker_loop(config: dict) -> None:
     step = 0
     run_dir: str = config["run_dir"]
     state = _resume_state(ray.train.get_checkpoint(), run_dir)
+    average = WeightAverage(unwrap(model), tc.ema_decay) if tc.ema_decay else None
     if state is not None:
-        unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state.get("live", state["model"]))
+        if average is not None:
+            average.load_state_dict(state.get("average") or state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
@@ -290,6 +340,8 @@ def _worker_loop(config: dict) -> None:
         opt.step()
         sched.step()
         step += 1
+        if average is not None:
+            average.update(unwrap(model), step)
         seen += 1
         for k, v in {"loss": loss.detach(), **stats}.items():
             window[k] = window.get(k, 0.0) + float(v)
@@ -318,18 +370,20 @@ def _worker_loop(config: dict) -> None:
                         strict=False,
                     )
                 ]
-                model.eval()
+                scored = average.model(unwrap(model)) if average is not None else unwrap(model)
+                scored.eval()
                 with torch.no_grad(), autocast:
-                    report.update({f"val/{k}": v for k, v in task.evaluate(unwrap(model), val).items()})
+                    report.update({f"val/{k}": v for k, v in task.evaluate(scored, val).items()})
                 if step > logged_until:
                     sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
-                    _save(os.path.join(d, STATE_FILE), model, opt, sched, step, report)
+                    _save(os.path.join(d, STATE_FILE), model, opt, sched, step, report, average)
                     if last:
-                        model.eval()
+                        final = average.model(unwrap(model)) if average is not None else unwrap(model)
+                        final.eval()
                         with torch.no_grad(), autocast:
-                            task.finalize(unwrap(model), val, d)
+                            task.finalize(final, val, d)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
         task.end_step(step, rank, run_dir)
 

@@ -71,6 +71,10 @@ class Priors:
         """Classes the prior of ``level`` is conditioned on (0: unconditional)."""
         return int(self.checkpoint(level).config.num_classes)
 
+    def guidable(self, level: str) -> bool:
+        """Whether the prior of ``level`` learned a "no class" label (``class_dropout``): classifier-free guidance."""
+        return bool(self.checkpoint(level).config.guidable)
+
     def load(self, level: str, device: torch.device | str | None = None) -> torch.nn.Module:
         return self.checkpoint(level).load(device)
 

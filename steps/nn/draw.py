@@ -27,10 +27,16 @@ from torch import Tensor
 RandomSource = Union[torch.Generator, Sequence[Union[torch.Generator, int]], None]  # noqa: UP007
 
 
-def check_controls(temperature: float, top_k: int, top_p: float) -> None:
+# The sampling controls every sampler takes, with the values that leave the model's distribution as it is.
+CONTROLS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance_scale": 1.0}
+
+
+def check_controls(temperature: float, top_k: int, top_p: float, guidance_scale: float = 1.0) -> None:
     """Raise ValueError naming the first control that is out of range."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= guidance_scale < float("inf"):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: off), got {guidance_scale!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
     if not 0 < top_p <= 1:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steps.nn.prior import Prior, PriorConfig
+from steps.nn.prior import ConditionNet, Prior, PriorConfig
 
 
 @dataclass(frozen=True)
@@ -189,38 +189,6 @@ class CausalSelfAttention(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, height, width)  # (B, C, H, W)
 
 
-class _ResBlock(nn.Module):
-    """ReLU, 3x3 conv, ReLU, 1x1 conv, plus identity (the VQ-VAE residual block)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        conv3, conv1 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1)
-        self.net = nn.Sequential(nn.ReLU(), conv3, nn.ReLU(), conv1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.net(x)
-
-
-class ConditionNet(nn.Module):
-    """Turns a conditioning code map (B, h, w) into features (B, cond_channels, H, W) at the prior's size.
-
-    The conditioning map is fully known before sampling starts, so this network is not causal.
-    """
-
-    def __init__(self, config: PixelCNNConfig):
-        super().__init__()
-        c = config.cond_channels
-        self.embed = nn.Embedding(config.cond_num_codes, c)
-        self.blocks = nn.Sequential(*[_ResBlock(c) for _ in range(config.cond_res_blocks)])
-        factor = tuple(s // t for s, t in zip(config.shape, config.cond_shape, strict=True))
-        # A transposed conv with kernel == stride is a learned upsampling by an integer factor.
-        self.upsample = nn.ConvTranspose2d(c, c, factor, stride=factor) if factor != (1, 1) else nn.Identity()
-
-    def forward(self, cond: Tensor) -> Tensor:
-        x = self.embed(cond).permute(0, 3, 1, 2)  # (B, c, h, w)
-        return self.upsample(self.blocks(x))  # (B, c, H, W)
-
-
 class PixelCNNPrior(Prior):
     """Gated PixelCNN prior without blind spot, with optional attention, class and spatial conditioning."""
 
@@ -234,7 +202,7 @@ class PixelCNNPrior(Prior):
         self.cond_net = ConditionNet(config) if config.cond_num_codes > 0 else None
         cond_channels = config.cond_channels if self.cond_net is not None else 0
         self.blocks = nn.ModuleList(
-            GatedBlock(c, config.kernel_size, config.dropout, config.num_classes, cond_channels)
+            GatedBlock(c, config.kernel_size, config.dropout, config.label_slots, cond_channels)
             for _ in range(config.layers)
         )
         # Keyed by the index of the gated block each attention block follows.

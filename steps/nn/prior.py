@@ -37,6 +37,9 @@ class PriorConfig(ConfigBase):
         num_classes: number of class labels; 0 means no class conditioning.
         cond_num_codes: codebook size of the conditioning code map (the level above); 0: no spatial conditioning.
         cond_shape: (h, w) of the conditioning map; each must divide the matching side of ``shape``.
+        class_dropout: for a class-conditional prior, the fraction of training examples whose label is replaced
+            by a learned "no class" label (index ``num_classes``), so that the prior also learns the unconditional
+            distribution: what classifier-free guidance (Ho & Salimans 2022) needs at sampling time. 0: off.
     """
 
     role: ClassVar[str] = "prior"
@@ -46,6 +49,17 @@ class PriorConfig(ConfigBase):
     num_classes: int = derived(0, "train_prior.class_conditional and the classes of " + CODE_DATASET)
     cond_num_codes: int = derived(0, CODE_DATASET + " (the level above)")
     cond_shape: tuple[int, int] = derived((0, 0), CODE_DATASET + " (the level above)")
+    class_dropout: float = 0.0
+
+    @property
+    def guidable(self) -> bool:
+        """Whether the prior knows the "no class" label, so classifier-free guidance can sample it."""
+        return self.num_classes > 0 and self.class_dropout > 0
+
+    @property
+    def label_slots(self) -> int:
+        """Rows of a class embedding: the classes, plus the "no class" label of a guidable prior."""
+        return self.num_classes + int(self.guidable)
 
     def validate(self) -> None:
         self.require("num_codes", self.num_codes >= 1, ">= 1")
@@ -53,6 +67,7 @@ class PriorConfig(ConfigBase):
         self.require("num_classes", self.num_classes >= 0, ">= 0")
         self.require("cond_num_codes", self.cond_num_codes >= 0, ">= 0")
         self.require("cond_shape", min(self.cond_shape) >= 0, "a pair of ints >= 0")
+        self.require("class_dropout", 0 <= self.class_dropout < 1, "in [0, 1)")
         if self.cond_num_codes > 0:
             divides = all(c > 0 and s % c == 0 for s, c in zip(self.shape, self.cond_shape, strict=True))
             self.require("cond_shape", divides, f"a divisor of shape={list(self.shape)}")
@@ -88,7 +103,7 @@ class Prior(nn.Module):
         if cfg.num_classes > 0:
             if labels is None:
                 raise ValueError(f"labels are required: the prior has num_classes={cfg.num_classes}")
-            _check_codes("labels", labels, (b,), cfg.num_classes)
+            _check_codes("labels", labels, (b,), cfg.label_slots)  # the "no class" label is an input too
         elif labels is not None:
             raise ValueError("labels given, but the prior is not class-conditional (num_classes=0)")
         if cfg.cond_num_codes > 0:
@@ -102,6 +117,82 @@ class Prior(nn.Module):
         """Mean negative log-likelihood of ``codes`` in bits per code (a scalar)."""
         logits = self(codes, labels, cond)  # (B, K, H, W)
         return F.cross_entropy(logits.float(), codes.long()) / math.log(2)
+
+
+class _ResBlock(nn.Module):
+    """ReLU, 3x3 conv, ReLU, 1x1 conv, plus identity (the VQ-VAE residual block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        conv3, conv1 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1)
+        self.net = nn.Sequential(nn.ReLU(), conv3, nn.ReLU(), conv1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+class ConditionNet(nn.Module):
+    """Turns a conditioning code map (B, h, w) into features (B, channels, H, W) at the prior's size.
+
+    The conditioning map is fully known before sampling starts, so this network is not causal. Its width and depth
+    are the config's ``cond_channels`` and ``cond_res_blocks`` (an architecture that conditions on the level above
+    has both).
+    """
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        c = config.cond_channels
+        self.embed = nn.Embedding(config.cond_num_codes, c)
+        self.blocks = nn.Sequential(*[_ResBlock(c) for _ in range(config.cond_res_blocks)])
+        factor = tuple(s // t for s, t in zip(config.shape, config.cond_shape, strict=True))
+        # A transposed conv with kernel == stride is a learned upsampling by an integer factor.
+        self.upsample = nn.ConvTranspose2d(c, c, factor, stride=factor) if factor != (1, 1) else nn.Identity()
+
+    def forward(self, cond: Tensor) -> Tensor:
+        x = self.embed(cond).permute(0, 3, 1, 2)  # (B, c, h, w)
+        return self.upsample(self.blocks(x))  # (B, c, H, W)
+
+
+# ------------------------------------------------------------------------------------------------ guidance
+def drop_labels(config: PriorConfig, labels: Tensor | None) -> Tensor | None:
+    """Training: each label replaced by the "no class" label with probability ``config.class_dropout``."""
+    if labels is None or not config.guidable:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device) < config.class_dropout
+    return labels.masked_fill(drop, config.num_classes)
+
+
+def guided_inputs(
+    config: PriorConfig, labels: Tensor | None, cond: Tensor | None, guidance_scale: float
+) -> tuple[Tensor | None, Tensor | None]:
+    """The inputs of a guided batch: the conditional stream, then the same samples with the "no class" label.
+
+    With ``guidance_scale == 1`` (plain conditional sampling) the inputs are returned as they are.
+
+    Raises:
+        ValueError: guidance asked of a prior that has no "no class" label, or without labels.
+    """
+    if guidance_scale == 1:
+        return labels, cond
+    if not config.guidable:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a class-conditional prior trained with class_dropout > 0 "
+            f"(prior.<level>.class_dropout); this one has num_classes={config.num_classes}, "
+            f"class_dropout={config.class_dropout}"
+        )
+    if labels is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs labels")
+    null = torch.full_like(labels, config.num_classes)
+    return torch.cat([labels, null]), (torch.cat([cond, cond]) if cond is not None else None)
+
+
+def guided_logits(logits: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: (2n, K) logits of the conditional then the unconditional stream -> (n, K) logits
+    ``uncond + s * (cond - uncond)``; ``s = 1`` is the conditional model, ``s = 0`` the unconditional one, ``s > 1``
+    trades diversity for class fidelity. (Logits and log-probabilities differ by a constant per row, which the
+    softmax removes, so mixing raw logits is mixing log-probabilities.)"""
+    cond, uncond = logits.float().chunk(2)
+    return torch.lerp(uncond, cond, guidance_scale)
 
 
 class NaiveSampler:
@@ -121,8 +212,9 @@ class NaiveSampler:
         generator: RandomSource = None,
         top_k: int = 0,
         top_p: float = 1.0,
+        guidance_scale: float = 1.0,
     ) -> Tensor:
-        return sample_naive(self.model, n, labels, cond, temperature, generator, top_k, top_p)
+        return sample_naive(self.model, n, labels, cond, temperature, generator, top_k, top_p, guidance_scale)
 
 
 @torch.no_grad()
@@ -135,6 +227,7 @@ def sample_naive(
     generator: RandomSource = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    guidance_scale: float = 1.0,
 ) -> Tensor:
     """Draw ``n`` code maps in raster order, rerunning the full forward pass for every position.
 
@@ -151,24 +244,31 @@ def sample_naive(
             generator or int seed per sample, or None.
         top_k: keep only the ``top_k`` most likely codes (0: off).
         top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1: off).
+        guidance_scale: classifier-free guidance (:func:`guided_logits`; 1: off), for priors trained with
+            ``class_dropout > 0``.
 
     Returns:
         (n, H, W) int64 codes.
     """
     if not is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    check_controls(temperature, top_k, top_p)
+    check_controls(temperature, top_k, top_p, guidance_scale)
     height, width = model.config.shape
     device = next(model.parameters()).device
     u = uniforms(n, height * width, generator, device)  # (n, H*W)
-    codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
+    labels, cond = guided_inputs(model.config, labels, cond, guidance_scale)
+    streams = 1 if guidance_scale == 1 else 2
+    codes = torch.zeros(streams * n, height, width, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
         for r in range(height):
             for c in range(width):
-                logits = model(codes, labels, cond)[:, :, r, c]  # (n, K)
-                codes[:, r, c] = draw_codes(logits, u[:, r * width + c], temperature, top_k, top_p)
+                logits = model(codes, labels, cond)[:, :, r, c]  # (streams * n, K)
+                if streams == 2:
+                    logits = guided_logits(logits, guidance_scale)
+                drawn = draw_codes(logits, u[:, r * width + c], temperature, top_k, top_p)  # (n,)
+                codes[:, r, c] = drawn.repeat(streams)
     finally:
         model.train(was_training)
-    return codes
+    return codes[:n]

@@ -55,6 +55,12 @@ KINDS: dict[str, Kind] = {
         Kind("vqvae", "autoencoder", "steps.nn.vqvae:VQVAE"),
         Kind("vae", "autoencoder", "steps.nn.vae:VAE"),
         Kind("pixelcnn", "prior", "steps.nn.pixelcnn:PixelCNNPrior", sampler="steps.nn.sampler:CachedSampler"),
+        Kind(
+            "transformer",
+            "prior",
+            "steps.nn.transformer:TransformerPrior",
+            sampler="steps.nn.transformer:TransformerSampler",
+        ),
         Kind("ema", "quantizer", "steps.nn.quantize:VectorQuantizerEMA"),
         Kind("classifier", "classifier", "steps.nn.classifier:ImageClassifier"),
     )
@@ -113,6 +119,7 @@ def makes_codes(kind: str) -> bool:
 def sampler(prior: Any) -> Any:
     """A sampler of ``prior`` (a built prior model): its kind's fast sampler, else the naive one. Build it once per
     model and reuse it: a sampler reads the weights when it is built. ``.sample(n, labels, cond, *, temperature,
-    generator, top_k, top_p)`` -> codes (n, H, W); ``.cache_bytes`` -> the memory of its caches in the last batch."""
+    generator, top_k, top_p, guidance_scale)`` -> codes (n, H, W); ``.cache_bytes`` -> the memory of its caches in
+    the last batch."""
     entry = get(kind_of(prior), "prior")
     return _load(entry.sampler or "steps.nn.prior:NaiveSampler")(prior)

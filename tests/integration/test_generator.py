@@ -82,6 +82,8 @@ def test_encode_and_decode(gen):
         ({"n": 1, "top_p": 1.5}, "top_p must be in"),
         ({"n": 1, "top_k": -1}, "top_k must be an int"),
         ({"n": 1, "seed": -1}, "seed must be an int"),
+        ({"n": 1, "guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+        ({"n": 1, "guidance_scale": 2.0}, r"needs priors trained with class_dropout > 0 \(train_prior: prior"),
     ],
 )
 def test_bad_requests_name_the_field(gen, kwargs, message):
@@ -110,6 +112,27 @@ def test_bad_sources_and_mismatched_models(outputs, artifacts, tmp_path):
     )
     with pytest.raises(ValueError, match="not class-conditional"):
         Generator.from_artifacts(outputs["train_vqvae"], unconditional).generate(1, labels=[0])
+
+
+def test_guidance_with_transformer_priors(outputs, artifacts, tmp_path):
+    """Transformer priors trained with class_dropout: guided images differ from plain ones, scale 1 is plain, and the
+    generator is deterministic per seed either way."""
+    from steps.nn.transformer import TransformerConfig
+
+    shared = dict(num_codes=16, channels=16, layers=2, heads=2, dropout=0.0, num_classes=3, class_dropout=0.1)
+    priors = artifacts.priors(
+        tmp_path / "transformer",
+        Autoencoder.open(outputs["train_vqvae"]).digest,
+        top=TransformerConfig(shape=(4, 4), **shared),
+        bottom=TransformerConfig(shape=(8, 8), cond_num_codes=16, cond_shape=(4, 4), cond_channels=8, **shared),
+    )
+    gen = Generator.from_artifacts(outputs["train_vqvae"], priors)
+    for level in ("top", "bottom"):  # classes that matter, so that guidance visibly changes the draws
+        torch.nn.init.normal_(gen._images.samplers[level].model.start.weight)
+    plain = gen.generate(4, labels=1, seed=3)
+    assert torch.equal(gen.generate(4, labels=1, seed=3, guidance_scale=1.0), plain)
+    guided = gen.generate(4, labels=1, seed=3, guidance_scale=3.0)
+    assert not torch.equal(guided, plain) and torch.equal(gen.generate(4, labels=1, seed=3, guidance_scale=3.0), guided)
 
 
 # ------------------------------------------------------------------------------------------------ MLflow models

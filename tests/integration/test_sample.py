@@ -227,7 +227,9 @@ def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_p
     )
     assert pq.read_table(tmp_path / "default" / "codes").sort_by("id").column("label").to_pylist() == [0, 1, 2, 0]
     assert not (tmp_path / "default" / "images").exists() and "images" not in result.artifacts
-    assert image(tmp_path / "default" / "grid.png").size == grid_side(4, 32)
+    # The grid has one column per class (whole rows only: 4 samples of 3 classes make one row of 3).
+    assert image(tmp_path / "default" / "grid.png").size == (3 * 34 + 2, 34 + 2)
+    assert json.loads((tmp_path / "default" / "samples.json").read_text())["grid_columns"] == [0, 1, 2]
 
 
 def test_one_level_vqvae(ray_local, tmp_path, tiny, artifacts):

@@ -11,6 +11,7 @@ from steps import train_prior
 from steps.artifacts.codes import CodeMeta
 from steps.artifacts.priors import Priors
 from steps.common import JsonlSink, MissingInputError
+from steps.nn import registry
 
 TRAIN = dict(steps=12, lr=3e-3, checkpoint_every=6, log_every=6, val_batches=2, max_failures=0)
 
@@ -51,7 +52,7 @@ def test_two_levels_in_parallel(ray_local, tmp_path, artifacts, cfg):
     top, bottom = priors.load("top"), priors.load("bottom")
     assert priors.checkpoint("top").extra("level") == "top"
     assert priors.checkpoint("top").extra("vqvae") == "feedbeefcafe0001"
-    assert top.config.shape == (4, 4) and top.config.attn_heads == 2 and top.config.cond_num_codes == 0
+    assert top.config.shape == (4, 4) and top.config.attn_heads == 4 and top.config.cond_num_codes == 0
     assert bottom.config.shape == (8, 8) and bottom.config.cond_shape == (4, 4) and bottom.config.cond_num_codes == 16
     assert priors.checkpoint("top").extra("step") == priors.checkpoint("bottom").extra("step") == 12
     assert 0 < result.metrics["top_val_nll_bits"] < 5 and 0 < result.metrics["bottom_val_nll_bits"] < 5
@@ -89,3 +90,25 @@ def test_clear_errors(tmp_path, artifacts, cfg):
     odd = write_codes(tmp_path / "odd", artifacts, labels=False, top=(3, 3))
     with pytest.raises(ValueError, match=r"prior\.bottom\.cond_shape must be a divisor of shape=\[8, 8\]"):
         train_prior.run(cfg, {"encode": odd}, str(tmp_path / "o"))
+
+
+def test_transformer_priors_with_class_dropout_and_weight_averaging(ray_local, tmp_path, artifacts, tiny):
+    # prior=transformer for both levels, trained to sample with classifier-free guidance, with averaged weights.
+    cfg = tiny.train_prior("prior=transformer", "train_prior.class_conditional=true", "prior.top.class_dropout=0.2",
+                           "prior.bottom.class_dropout=0.2", ema_decay=0.9, **TRAIN)  # fmt: skip
+    codes = write_codes(tmp_path / "codes", artifacts, labels=True)
+    result = train_prior.run(cfg, {"encode": codes}, str(tmp_path / "out"))
+    priors = Priors.open(str(tmp_path / "out"))
+    for level in ("top", "bottom"):
+        model = priors.load(level)
+        assert type(model).__name__ == "TransformerPrior" and priors.guidable(level)
+        assert model.start.num_embeddings == 11  # ten classes and "no class"
+    assert 0 < result.metrics["top_val_nll_bits"] < 5
+    # The published weights are the average: they differ from the optimiser's last weights kept for resuming.
+    state = torch.load(next((tmp_path / "out" / "ray").rglob("model.pt")), weights_only=True)
+    assert set(state) >= {"live", "average"}
+    assert any(not torch.equal(state["model"][k], state["live"][k]) for k in state["average"])
+    labels = torch.arange(4)
+    top = registry.sampler(priors.load("top")).sample(4, labels, generator=[0, 1, 2, 3], guidance_scale=3.0)
+    bottom = registry.sampler(priors.load("bottom")).sample(4, labels, top, generator=[0, 1, 2, 3], guidance_scale=3.0)
+    assert top.shape == (4, 4, 4) and bottom.shape == (4, 8, 8)

@@ -398,3 +398,23 @@ def test_uniform_streams() -> None:
     b = uniforms(3, 5, torch.Generator().manual_seed(1), "cpu")
     assert torch.equal(b, uniforms(3, 5, torch.Generator().manual_seed(1), "cpu"))
     assert ((a >= 0) & (a < 1)).all()
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.5])
+def test_guided_cached_and_naive_draw_the_same_codes(scale: float) -> None:
+    # Classifier-free guidance doubles the batch (each sample with its class and with "no class"); both samplers mix
+    # the two streams' logits the same way, and scale 0 is sampling the "no class" label plainly.
+    model = make_model("all", dtype=torch.float64, class_dropout=0.1)
+    torch.nn.init.normal_(model.blocks[0].class_bias.weight)  # classes that matter
+    ctx = conditioning(model, batch=3)
+    seeds = [1, 2, 3]
+    cached = CachedSampler(model).sample(3, **ctx, generator=seeds, guidance_scale=scale)
+    assert torch.equal(cached, sample_naive(model, 3, **ctx, generator=seeds, guidance_scale=scale))
+    plain = CachedSampler(model).sample(3, **ctx, generator=seeds)
+    if scale == 0:
+        null = torch.full((3,), model.config.num_classes)
+        assert torch.equal(cached, CachedSampler(model).sample(3, null, ctx["cond"], generator=seeds))
+    else:
+        assert not torch.equal(cached, plain)
+    with pytest.raises(ValueError, match="class_dropout"):
+        CachedSampler(make_model("all")).sample(3, **ctx, guidance_scale=2.0)

@@ -81,7 +81,7 @@ def test_every_artifact_and_schema(workdir):
 
     priors = Priors.open(str(outs["train_prior"][0]))
     assert priors.checkpoint("top").extra("vqvae") == meta.vqvae == autoencoder.digest
-    assert priors.load("top").config.attn_heads == 2 and priors.load("bottom").config.cond_shape == (4, 4)
+    assert priors.load("top").config.attn_heads == 4 and priors.load("bottom").config.cond_shape == (4, 4)
 
     sample = outs["sample"][0]
     assert len(list((sample / "images").glob("*.png"))) == 8 and (sample / "grid.png").exists()

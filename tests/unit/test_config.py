@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from pipeline import cache, graph
 from pipeline.config import ConfigError, load, register
@@ -33,6 +34,25 @@ def test_every_experiment_composes_with_every_model(experiment, model):
     cfg = make(f"experiment={experiment}", f"model={model}", *path)
     assert cfg.model_kind == model
     assert cfg.train_vqvae.model.image_size == cfg.shard.image_size
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("prior", options("prior"))
+def test_every_experiment_composes_with_every_prior(experiment, prior):
+    # An experiment sets the keys every prior kind has; prior_recipe/<experiment>_<prior>.yaml adds its own.
+    path = ["data.path=/data"] if experiment in NEEDS_PATH else []
+    cfg = make(f"experiment={experiment}", f"prior={prior}", *path)
+    top = cfg.train_prior.prior.top
+    recipe = CONF / "prior_recipe" / f"{experiment}_{prior}.yaml"
+    if recipe.exists():
+        for key, value in OmegaConf.load(recipe).top.items():
+            assert getattr(top, key) == value, (recipe.name, key)
+    assert top.channels == OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").prior.top.channels
+
+
+def test_prior_recipes_name_an_experiment_and_a_prior():
+    pairs = {f"{e}_{p}" for e in options("experiment") for p in options("prior")}
+    assert set(options("prior_recipe")) <= pairs
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ What it measures, from the upstream outputs it finds (a Gaussian VAE has no code
 The real images are the val split of the shard step (the train split if val is empty), at most ``max_val_images``,
 shuffled with ``seed`` and cut into halves A and B. Samples are compared with A. B against A gives the floor, the
 value a perfect generator would get with as many images (``fd_effnet_real``, ``kid_effnet_real``,
-``precision_real``, ``recall_real``); the reconstructions of B against A give the autoencoder's share
-(``*_recon``). FD is biased upwards for small sets, so the samples and B are cut to the same count
-(``n_samples``; A holds ``n_real``), and only numbers computed with the same counts compare. With
+``precision_real``, ``recall_real``), and its spread over other random splits of the real images
+(``fd_effnet_real_std``...: differences between runs below it are noise); the reconstructions of B against A give
+the autoencoder's share (``*_recon``). FD is biased upwards for small sets, so the samples and B are cut to the same
+count (``n_samples``; A holds ``n_real``), and only numbers computed with the same counts compare. With
 ``inception_fid=true`` (extra ``[fid]``: torch-fidelity, which downloads the Inception weights on first use) the
 standard ``fid_inception`` of samples against A is added.
 
@@ -53,7 +54,15 @@ from steps.artifacts.samples import Samples
 from steps.common import MetricsSink, StepResult, require_input
 from steps.nn.config import ConfigBase
 from steps.pixels import grid_png
-from steps.quality import code_metrics, decode_codes, distances, features, inception_fid, reconstruction
+from steps.quality import (
+    code_metrics,
+    decode_codes,
+    distances,
+    features,
+    floor_spread,
+    inception_fid,
+    reconstruction,
+)
 
 log = logging.getLogger(__name__)
 STEP = "evaluate"
@@ -73,6 +82,8 @@ class EvaluateConfig(ConfigBase):
         knn_k: k of the k-NN precision / recall.
         seed: shuffles the real images before the split, and draws the KID subsets.
         recon_fd: also score the reconstructions of half B in feature space (``*_recon``).
+        floor_resamples: other random splits of the real images over which the floor is recomputed, for its spread
+            (``fd_effnet_real_std`` / ``_min`` / ``_max``, ``precision_real_std``, ``recall_real_std``); 0: off.
         inception_fid: also compute the standard Inception FID (needs the ``fid`` extra and internet once).
         num_cpus: CPUs of the evaluation task, and its torch thread count.
         use_gpu: run the evaluation task on a GPU.
@@ -86,6 +97,7 @@ class EvaluateConfig(ConfigBase):
     knn_k: int = 3
     seed: int = 0
     recon_fd: bool = True
+    floor_resamples: int = 5
     inception_fid: bool = False
     num_cpus: int = 1
     use_gpu: bool = False
@@ -94,7 +106,7 @@ class EvaluateConfig(ConfigBase):
         self.require_min(4, "max_val_images")
         self.require_min(2, "max_samples", "kid_subset_size")
         self.require_min(1, "batch_size", "num_kid_subsets", "knn_k", "num_cpus")
-        self.require_min(0, "seed")
+        self.require_min(0, "seed", "floor_resamples")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -191,6 +203,8 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
         metrics.update(distances(feats["b"], feats["a"], *settings, suffix="_real"))
         if cfg.recon_fd:
             metrics.update(distances(feats["recon"], feats["a"], *settings, suffix="_recon"))
+        if cfg.floor_resamples and len(real) >= len(half_a) + n:
+            metrics.update(floor_spread(feats["a"], feats["b"], n, cfg.floor_resamples, cfg.knn_k, cfg.seed))
         if n <= cfg.knn_k:
             notes.append(f"precision/recall need more than knn_k={cfg.knn_k} images per set: skipped")
     if cfg.inception_fid:

@@ -7,6 +7,7 @@
 - :func:`features` / :func:`distances`: sample quality in the pooled 1280-d feature space of ImageNet
   EfficientNet-Lite0 (:mod:`steps.nn.features`): Frechet distance, KID, k-NN precision / recall. Named ``*_effnet``,
   never FID: not comparable with Inception FID from papers, only between runs evaluated the same way;
+- :func:`floor_spread`: how much the real-vs-real floor moves over other random splits of the real images;
 - :func:`inception_fid`: the standard Inception FID through torch-fidelity (the ``fid`` extra);
 - :func:`decode_codes`: images from sampled codes, when the sample step wrote no PNGs.
 """
@@ -106,6 +107,31 @@ def distances(
     out[f"kid_effnet{suffix}_std"] = kid_std
     if min(len(fake), len(real)) > knn_k:
         out[f"precision{suffix}"], out[f"recall{suffix}"] = precision_recall(real, fake, k=knn_k)
+    return out
+
+
+def floor_spread(a: np.ndarray, b: np.ndarray, n: int, resamples: int, knn_k: int, seed: int) -> dict[str, float]:
+    """How much the real-vs-real floor moves with the choice of images: FD and precision / recall of ``n`` real
+    images against ``len(a)`` others, over ``resamples`` random splits of the pooled real features ``a`` and ``b``.
+
+    Returns ``fd_effnet_real_std``, ``fd_effnet_real_min``, ``fd_effnet_real_max`` and, with enough images,
+    ``precision_real_std`` / ``recall_real_std``: a difference between two runs smaller than these is not a real
+    difference.
+    """
+    pool = np.concatenate([a, b])
+    rng = np.random.default_rng(seed + 1)
+    fds, precisions, recalls = [], [], []
+    for _ in range(resamples):
+        perm = rng.permutation(len(pool))
+        half_a, half_b = pool[perm[: len(a)]], pool[perm[len(a) : len(a) + n]]
+        fds.append(frechet_distance_features(half_b, half_a))
+        if min(len(half_a), len(half_b)) > knn_k:
+            p, r = precision_recall(half_a, half_b, k=knn_k)
+            precisions.append(p)
+            recalls.append(r)
+    out = {"fd_effnet_real_std": float(np.std(fds)), "fd_effnet_real_min": min(fds), "fd_effnet_real_max": max(fds)}
+    if precisions:
+        out.update(precision_real_std=float(np.std(precisions)), recall_real_std=float(np.std(recalls)))
     return out
 
 

@@ -105,6 +105,11 @@ def test_every_metric_is_reported_and_written(vq2_run):
         assert 0 <= m[k] <= 1
     # Decoded random codes of an untrained model are far from digits; two halves of the digits are close.
     assert m["fd_effnet"] > 2 * m["fd_effnet_real"] > 0
+    # The floor's spread over other splits of the real images: how far apart two runs must be to differ.
+    assert 0 < m["fd_effnet_real_min"] <= m["fd_effnet_real_max"] and m["fd_effnet_real_std"] > 0
+    assert m["fd_effnet_real_max"] - m["fd_effnet_real_min"] >= m["fd_effnet_real_std"]
+    assert m["fd_effnet"] - m["fd_effnet_real"] > 3 * m["fd_effnet_real_std"]
+    assert {"precision_real_std", "recall_real_std"} <= set(m)
     assert m["kid_effnet"] > m["kid_effnet_real"]
 
     report = json.loads((out / "metrics.json").read_text())

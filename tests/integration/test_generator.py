@@ -169,7 +169,12 @@ def test_registered_generator_predicts_the_api_images(store, gen):
     version = MlflowClient().get_model_version_by_alias("vqvae2-generator", "current")
     assert version.tags["metric.fd_effnet"] == "12.5" and version.tags["fingerprints"] == "v1/p1"
     model = mlflow.pyfunc.load_model("models:/vqvae2-generator@current")
-    assert {s.name for s in model.metadata.get_params_schema().params} == {"temperature", "top_k", "top_p"}
+    assert {s.name for s in model.metadata.get_params_schema().params} == {
+        "temperature",
+        "top_k",
+        "top_p",
+        "guidance_scale",
+    }
     out = model.predict(pd.DataFrame([{"label": 2, "seed": 7}, {"label": 0, "seed": 8}]), params={"temperature": 0.9})
     assert list(out.columns) == ["png", "label", "seed", "top", "bottom"] and out["label"].tolist() == [2, 0]
     pixels = pixels_of_base64(out["png"].tolist(), 1)
@@ -182,6 +187,8 @@ def test_registered_generator_predicts_the_api_images(store, gen):
         model.predict(pd.DataFrame([{"label": 5, "seed": 1}]))
     with pytest.raises(Exception, match="temperature must be > 0"):
         model.predict(pd.DataFrame([{"label": 1, "seed": 1}]), params={"temperature": 0.0})
+    with pytest.raises(Exception, match="needs priors trained with class_dropout > 0"):
+        model.predict(pd.DataFrame([{"label": 1, "seed": 1}]), params={"guidance_scale": 2.0})
     loaded = Generator.load("models:/vqvae2-generator@current")  # the Python API over the same model
     assert torch.equal(loaded.generate(2, seed=3), gen.generate(2, seed=3))
     with pytest.raises(MissingInputError, match="no MLflow model at models:/vqvae2-nothing@current"):

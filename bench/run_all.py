@@ -6,7 +6,8 @@ line, ``{"bench": name, <figure>: value, ...}``; a benchmark that cannot run her
 
 Curves: a JSON key ``"curves": {series: [{x: ..., y1: ..., y2: ...}, ...]}`` (the first key of a point is the x axis)
 becomes one PNG per y quantity under ``bench/plots/``, a line per series, drawn with matplotlib when it is installed
-(it is not a dependency of this project; without it the plots are skipped).
+(it is not a dependency of this project; without it the plots are skipped). ``"images": ["plots/<name>.png", ...]``
+lists pictures a benchmark wrote under ``bench/plots/`` itself (a sample grid); they are shown with the plots.
 
 Results accumulate in ``bench/results.json``: a run with ``--only`` replaces the entries of the benchmarks it ran and
 keeps the others, so RESULTS.md always shows the latest figure of every benchmark with the machine and date of that
@@ -151,10 +152,10 @@ def _fmt(value: Any) -> str:
 
 
 def figures(result: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """(figure, value) rows of a bench's JSON: everything but its name and curves, nested keys dotted."""
+    """(figure, value) rows of a bench's JSON: everything but its name, curves and images, nested keys dotted."""
     rows = []
     for key, value in result.items():
-        if key in ("bench", "curves") and not prefix:
+        if key in ("bench", "curves", "images") and not prefix:
             continue
         if isinstance(value, dict):
             rows += figures(value, f"{prefix}{key}.")
@@ -305,6 +306,8 @@ def main() -> None:
         if entry.get("status") == "ok" and entry["result"].get("curves"):
             paths = plot_curves(name, entry["result"]["curves"], out.parent / "plots")
             entry["plots"] = [str(p.relative_to(out.parent)) for p in paths]
+        if entry.get("status") == "ok":  # images a bench wrote itself (e.g. a sample grid), shown with the plots
+            entry["plots"] = entry.get("plots", []) + list(entry["result"].get("images", []))
         entries[name] = entry
         print(f"=== {name}: {entry['status']} in {entry.get('seconds', 0)} s {entry.get('note', '')}", flush=True)
         store.write_text(json.dumps(entries, indent=1) + "\n")  # after every bench: a crash keeps what is done

@@ -12,10 +12,11 @@ the cache, as a table. The per-class sample grid is copied to bench/plots/. A fi
 
 or ``{"bench": "quality_fashion_mnist", "skipped": "..."}`` when the data is not installed. ``--quick`` is a
 smoke run (4k images, 150 steps, 100 samples, one ablation, about 5 minutes) that checks the recipe end to end; its
-numbers are not the recipe's. The fd/kid values compare only with runs scored with the same counts (see
-steps/evaluate.py).
+numbers are not the recipe's. ``--long`` gives the same recipe about an hour (twice the VQ-VAE steps, 8000 prior
+steps), the figure for the quality-against-minutes curve. The fd/kid values compare only with runs scored with the
+same counts (see steps/evaluate.py).
 
-Usage: python bench/quality_fashion_mnist.py [--quick] [--no-ablations] [--workdir DIR] [-- extra hydra overrides]
+Usage: python bench/quality_fashion_mnist.py [--quick | --long] [--no-ablations] [--workdir DIR] [-- overrides]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "/usr/share/datasets/fashion-mnist"
 IDX = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 PLOTS = ROOT / "bench" / "plots"
-GRID_NAME = "quality_fashion_mnist_samples.png"
+GRID_NAME = {"full": "quality_fashion_mnist_samples.png", "long": "quality_fashion_mnist_60_samples.png", "quick": ""}
 # A row of the pipeline's closing summary: step, status, seconds, output folder.
 SUMMARY = re.compile(r"^(?P<step>[a-z_]+)\s+(?P<status>[a-z]+)\s+(?P<seconds>\d+\.\d)\s+(?P<out>/\S*)$")
 
@@ -56,6 +57,15 @@ ABLATIONS = {
     "top_p=0.9": ["sample.top_p=0.9"],
 }
 QUICK_ABLATIONS = {"temperature=1.0": ["sample.temperature=1.0"]}
+# --long: the same recipe given about an hour on a 2-core CPU (twice the VQ-VAE steps, the rest to the priors), for
+# the quality-against-minutes curve; its one ablation combines the two sample-time settings that helped at 30 minutes.
+LONG = [
+    *FULL,
+    "train_vqvae.train.steps=6000",
+    "train_prior.train.steps=8000",
+    "train_prior.train.checkpoint_every=2000",
+]
+LONG_ABLATIONS = {"guidance_scale=2.0,top_p=0.9": ["sample.guidance_scale=2.0", "sample.top_p=0.9"]}
 QUICK = [  # an end-to-end smoke run of the recipe (about 5 minutes); its numbers are not the recipe's
     "data.limit=4000",
     "train_vqvae.train.steps=150",
@@ -179,6 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="an end-to-end smoke run (about 5 minutes)")
     parser.add_argument("--workdir", default=None, help="keep artifacts and MLflow here (a rerun reuses the cache)")
+    parser.add_argument(
+        "--long", action="store_true", help="the recipe given about an hour (VQ-VAE 6000, priors 8000 steps)"
+    )
     parser.add_argument("--no-ablations", action="store_true", help="run the recipe only, not its sample-time variants")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, after --")
     args = parser.parse_args()
@@ -191,7 +204,10 @@ def main() -> None:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench-quality-")
     work = Path(args.workdir or tmp.name).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    recipe = QUICK if args.quick else FULL
+    mode = "quick" if args.quick else "long" if args.long else "full"
+    recipe, ablations = {"quick": (QUICK, QUICK_ABLATIONS), "long": (LONG, LONG_ABLATIONS), "full": (FULL, ABLATIONS)}[
+        mode
+    ]
     cmd = [
         sys.executable,
         "-m",
@@ -212,7 +228,7 @@ def main() -> None:
     print("minutes per step: " + ", ".join(f"{k} {v['seconds'] / 60:.1f}" for k, v in steps.items()))
     result: dict[str, Any] = {
         "bench": "quality_fashion_mnist",
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "minutes": round(minutes, 1),
         **{k: round(v, 5) for k, v in sorted(m.items())},
         "samples_scored": counts["samples"],
@@ -221,7 +237,7 @@ def main() -> None:
     }
 
     rows = {"recipe": headline(m)}
-    for name, extra in ({} if args.no_ablations else QUICK_ABLATIONS if args.quick else ABLATIONS).items():
+    for name, extra in ({} if args.no_ablations else ablations).items():
         print(f"\n--- ablation {name}: sample and evaluate again, the rest from the cache", flush=True)
         variant_steps, variant_minutes = run_pipeline([*cmd, *extra], work)
         rows[name] = {**headline(evaluation(variant_steps)["metrics"]), "minutes": round(variant_minutes, 1)}
@@ -235,12 +251,12 @@ def main() -> None:
             )
         result["ablation"] = rows
 
-    grid = Path(steps["sample"]["out"]) / "grid.png"
-    if not args.quick and grid.exists():  # the per-class grid, for README and bench/RESULTS.md
+    grid, name = Path(steps["sample"]["out"]) / "grid.png", GRID_NAME[mode]
+    if name and grid.exists():  # the per-class grid, for README and bench/RESULTS.md
         PLOTS.mkdir(exist_ok=True)
-        shutil.copyfile(grid, PLOTS / GRID_NAME)
-        result["images"] = [f"plots/{GRID_NAME}"]
-        print(f"per-class sample grid (one column per class): {PLOTS / GRID_NAME}")
+        shutil.copyfile(grid, PLOTS / name)
+        result["images"] = [f"plots/{name}"]
+        print(f"per-class sample grid (one column per class): {PLOTS / name}")
     result["curves"] = curves(work / "mlflow.db")
     print(json.dumps(result))
     if tmp is not None:

@@ -14,7 +14,6 @@ shard as often as needed, so ranks never disagree about how many collectives rem
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import math
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from steps.common import MetricsSink
+from steps.nn.averaging import WeightAverage
 from steps.nn.checkpoint import checkpoint_dict, read_checkpoint, unwrap
 from steps.nn.config import ConfigBase, no_effect
 from steps.storage import delete, exists, filesystem, join, read_bytes, read_json, write_json
@@ -145,40 +145,6 @@ def _batches(dataset, batch_size: int) -> Iterator[Mapping[str, Any]]:
             yield batch
         if empty:
             raise ValueError(f"a worker's data shard holds fewer rows than one batch ({batch_size})")
-
-
-class WeightAverage:
-    """The exponential moving average of a model's floating-point parameters (``TrainConfig.ema_decay``).
-
-    Buffers (batch-norm statistics, EMA codebooks) are not averaged: :meth:`model` takes them from the live model.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.params = {k: p.detach().clone() for k, p in model.named_parameters() if p.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Fold in the weights after update ``step`` (1-based)."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        live = dict(model.named_parameters())
-        torch._foreach_lerp_(list(self.params.values()), [live[k].detach() for k in self.params], 1 - decay)
-
-    def model(self, live: nn.Module) -> nn.Module:
-        """A copy of ``live`` holding the averaged weights (and ``live``'s buffers)."""
-        averaged = copy.deepcopy(live)
-        with torch.no_grad():
-            for k, p in averaged.named_parameters():
-                if k in self.params:
-                    p.copy_(self.params[k])
-        return averaged
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self.params.items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        for k, v in self.params.items():
-            v.copy_(state[k])
 
 
 def _save(path: str, model: nn.Module, opt, sched, step: int, metrics: dict, average: WeightAverage | None) -> None:

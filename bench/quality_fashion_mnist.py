@@ -1,7 +1,7 @@
 """Quality recipe: the whole pipeline on Fashion-MNIST 32x32, ending in the evaluate step's numbers.
 
 Runs ``python -m pipeline experiment=fashion_mnist32`` (Debian's ``dataset-fashion-mnist`` idx files under
-/usr/share/datasets/fashion-mnist; ``apt-get install dataset-fashion-mnist``), the experiment's recipe of about 30
+/usr/share/datasets/fashion-mnist; ``apt-get install dataset-fashion-mnist``), the experiment's recipe of about 20
 minutes on a 2-core CPU, then reads the evaluate step's metrics.json and the training curves from MLflow. Prints the
 reconstruction error, codebook usage, prior bits per code, and fd/kid/precision/recall of the samples next to the
 real-vs-real floor (two halves of the val images) and its spread over other splits, and the minutes per step. Then
@@ -41,7 +41,7 @@ GRID_NAME = {"full": "quality_fashion_mnist_samples.png", "long": "quality_fashi
 # A row of the pipeline's closing summary: step, status, seconds, output folder.
 SUMMARY = re.compile(r"^(?P<step>[a-z_]+)\s+(?P<status>[a-z]+)\s+(?P<seconds>\d+\.\d)\s+(?P<out>/\S*)$")
 
-# The experiment's recipe as it stands (conf/experiment/fashion_mnist32.yaml, about 30 minutes on a 2-core CPU), scored
+# The experiment's recipe as it stands (conf/experiment/fashion_mnist32.yaml, about 20 minutes on a 2-core CPU), scored
 # with 500 samples against 500 + 500 held-out images and the floor's spread over 5 other splits.
 FULL = [
     "sample.num_samples=500",
@@ -216,9 +216,7 @@ def main() -> None:
     steps, minutes = run_pipeline(cmd, work)
     report = evaluation(steps)
     m, counts = report["metrics"], report["counts"]
-    print_report(
-        m, counts, report["config"]["knn_k"], minutes, f"Fashion-MNIST 32x32{' (quick)' if args.quick else ''}"
-    )
+    print_report(m, counts, report["config"]["knn_k"], minutes, f"Fashion-MNIST 32x32 ({mode})")
     print("minutes per step: " + ", ".join(f"{k} {v['seconds'] / 60:.1f}" for k, v in steps.items()))
     result: dict[str, Any] = {
         "bench": "quality_fashion_mnist",

@@ -317,7 +317,7 @@ def main() -> None:
     print(f"machine: {info}", flush=True)
     start = time.perf_counter()
     for name in names:
-        entry = run_one(name, args.quick, args.timeout or (timeout if args.quick else TIMEOUTS.get(name, timeout)))
+        entry = run_one(name, args.quick, timeout if args.timeout or args.quick else TIMEOUTS.get(name, timeout))
         entry["machine"] = info
         if entry["status"] == "skipped" and entries.get(name, {}).get("status") == "ok":
             print(f"=== {name}: skipped here ({entry.get('note')}); keeping the figure of {entries[name]['date']}")

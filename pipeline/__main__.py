@@ -28,7 +28,8 @@ def main(dcfg: DictConfig) -> None:
         overrides = list(hydra.overrides.task)
         # A debug run or one member of a multirun is a trial: by default it does not move the model alias.
         trial = hydra.runtime.choices.get("debug") not in (None, "null") or hydra.mode == RunMode.MULTIRUN
-        execute(cfg, OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg))), overrides, trial)  # what runs, in full
+        resolved = OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg)))  # what runs, in full
+        execute(cfg, resolved, overrides, trial, dict(hydra.runtime.choices))
     except (ConfigError, MissingUpstreamError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -66,7 +66,9 @@ class MLflowConf(ConfigBase):
     model_alias: str = "current"  # the alias a new model version takes (MLflow reserves "latest")
     # Move the alias? None: yes, except in debug runs (debug=...) and multirun members; true / false: always / never.
     move_alias: bool | None = None
-    run_name: str | None = None
+    run_name: str | None = None  # None: built from the experiment and the overrides ("digits32 model=vqvae")
+    # Log CPU, memory, disk, network (and GPU where there is one) of the driver as system/* metrics of the parent run.
+    system_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,31 @@ def load(cfg: DictConfig) -> PipelineConfig:
             node[path[-1]] = data.pop(alias)
     data.pop("hydra", None)
     cfg_ = build(PipelineConfig, data)
+    check_store_reach(cfg_)
     root = cfg_.artifacts.root
     return dataclasses.replace(
         cfg_,
         mlflow=dataclasses.replace(cfg_.mlflow, tracking_uri=absolute_tracking_uri(cfg_.mlflow.tracking_uri)),
         artifacts=ArtifactsConf(root=root if "://" in root else os.path.abspath(os.path.expanduser(root))),
     )
+
+
+LOCAL_STORES = ("sqlite:", "file:")  # tracking stores that live on the driver's disk
+
+
+def check_store_reach(cfg: PipelineConfig) -> None:
+    """Refuse a cluster run whose MLflow store is a file on the driver's machine, before Ray starts.
+
+    Training workers on other nodes log their curves into the store; a SQLite file (or a path) there is out of their
+    reach, and the curves would be lost without an error. ``ray.address`` set (``ray=cluster``) means other nodes.
+    """
+    uri = cfg.mlflow.tracking_uri
+    if cfg.ray.address and (uri.startswith(LOCAL_STORES) or "://" not in uri):
+        raise ConfigError(
+            f"mlflow.tracking_uri={uri} is a file on this machine, which the cluster's workers cannot reach "
+            f"(ray.address={cfg.ray.address}): use mlflow=server, or set MLFLOW_TRACKING_URI to a tracking server "
+            "every node reaches (cluster.yaml starts one on the head node)"
+        )
 
 
 def absolute_tracking_uri(uri: str) -> str:

@@ -49,6 +49,7 @@ GRAPH: tuple[Step, ...] = (
     Step("evaluate", evaluate.run, ("shard", "train_vqvae", "encode", "train_prior", "sample")),
 )
 NAMES = tuple(s.name for s in GRAPH)
+DATASETS = ("shard", "encode")  # steps whose output is a Parquet dataset (logged as MLflow inputs where read)
 
 
 def active(cfg: PipelineConfig) -> list[Step]:

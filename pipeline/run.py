@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__, cache, graph, models
 from pipeline.config import ConfigError, PipelineConfig, flatten
-from pipeline.tracking import Tracker, redact, redact_overrides, result_record
+from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
 from steps.common import MLflowSink
 from steps.nn import registry
 
@@ -26,6 +27,7 @@ class Planned:
     step: graph.Step
     fingerprint: str
     inputs: dict[str, str]  # upstream name -> final URI
+    input_fps: dict[str, str]  # upstream name -> fingerprint
     action: str  # "run" | "cached"
     record: dict | None = None
     seconds: float = 0.0
@@ -54,7 +56,7 @@ def plan(cfg: PipelineConfig, store: cache.ArtifactStore) -> list[Planned]:
         record = store.record(step.name, fps[step.name])
         action = "run" if record is None or step.name in forced else "cached"
         inputs = {u: store.final(u, fps[u]) for u in ups}
-        planned.append(Planned(step, fps[step.name], inputs, action, record))
+        planned.append(Planned(step, fps[step.name], inputs, {u: fps[u] for u in ups}, action, record))
     will_run = {p.step.name for p in planned if p.action == "run"}
     for p in planned:
         if p.action != "run":
@@ -104,8 +106,15 @@ def _quiet_ray_data(level: str) -> None:
     ctx.enable_progress_bars = level in ("DEBUG", "INFO")
 
 
-def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str], trial: bool = False) -> list[Planned]:
-    """Run the plan. ``trial``: a debug run or a multirun member, which by default does not move the model alias."""
+def execute(
+    cfg: PipelineConfig,
+    resolved_yaml: str,
+    overrides: list[str],
+    trial: bool = False,
+    choices: Mapping[str, str | None] | None = None,
+) -> list[Planned]:
+    """Run the plan. ``trial``: a debug run or a multirun member, which by default does not move the model alias.
+    ``choices``: Hydra's chosen option per config group (experiment, model, ...), recorded on the parent run."""
     store = cache.ArtifactStore(cfg.root)
     planned = plan(cfg, store)
     todo = [p.step.name for p in planned if p.action == "run"]
@@ -113,10 +122,13 @@ def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str], trial
     if todo:
         _start_ray(cfg)
     tags = {"overrides": redact_overrides(overrides)[:5000], "version": __version__, "artifacts_root": redact(cfg.root)}
-    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, tags) as tracker:
+    choices = dict(choices or {})
+    name = cfg.mlflow.run_name or run_name(overrides, choices)
+    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, name, tags, cfg.mlflow.system_metrics) as tracker:
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:
             _execute_one(p, cfg, store, tracker)
+        tracker.log_run(run_params(overrides, choices), _run_metrics(planned))
         if cfg.mlflow.register_models:
             move = cfg.mlflow.move_alias if cfg.mlflow.move_alias is not None else not trial
             _register_models(planned, cfg, store, move)
@@ -127,7 +139,8 @@ def execute(cfg: PipelineConfig, resolved_yaml: str, overrides: list[str], trial
 def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tracker: Tracker) -> None:
     step, fp = p.step, p.fingerprint
     step_cfg = step.config(cfg)
-    with tracker.step(step.name, fp, p.inputs, flatten(step_cfg)) as run_id:
+    datasets = {u: (uri, p.input_fps[u]) for u, uri in p.inputs.items() if u in graph.DATASETS}
+    with tracker.step(step.name, fp, p.inputs, flatten(step_cfg), datasets) as run_id:
         if p.action == "cached":
             log.info("%s: cached (%s)", step.name, store.final(step.name, fp))
             tracker.cached(run_id, p.record)
@@ -163,6 +176,15 @@ def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tr
             store.publish(step.name, fp, record)
         p.record = record
         tracker.log_result(run_id, {**result.metrics, "seconds": p.seconds}, out["artifacts"])
+
+
+def _run_metrics(planned: list[Planned]) -> dict[str, float]:
+    """The parent run's metrics: the evaluate step's headline figures (run or cached) and the seconds spent."""
+    evaluate = next((p for p in planned if p.step.name == "evaluate" and p.record), None)
+    metrics = models.headline(evaluate.record.get("metrics", {})) if evaluate else {}
+    metrics["seconds"] = sum(p.seconds for p in planned)
+    metrics["steps_run"] = sum(p.action == "run" for p in planned)
+    return metrics
 
 
 def _register_models(planned: list[Planned], cfg: PipelineConfig, store: cache.ArtifactStore, move: bool) -> None:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,6 +27,13 @@ from steps.common import StepResult
 log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000  # MLflow 3 limit for param values
 SECRET_HINTS = ("token", "password", "secret", "key_id", "access_key")
+# The UI opens an experiment in its GenAI view unless this tag says it holds model-training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The Hydra groups whose choice every parent run records (so Compare shows them even when not overridden).
+CHOICE_GROUPS = ("experiment", "data", "model", "prior", "debug")
+# Overrides that say where things go, not what was run: left out of the parent run's name.
+NOT_IN_NAME = ("hydra.", "artifacts.", "mlflow.", "ray.", "steps", "force")
+MAX_NAME_LEN = 120
 
 
 def git_sha() -> str:
@@ -64,6 +72,41 @@ def _param_value(key: str, value: Any) -> str:
     if any(h in key.lower() for h in SECRET_HINTS):
         return "***"
     return redact(str(value))[:MAX_PARAM_LEN]
+
+
+def _split_override(override: str) -> tuple[str, str] | None:
+    """``key=value`` (also ``+key=value``, ``++key=value``) -> (key, value); a deletion ``~key`` -> None."""
+    if override.startswith("~") or "=" not in override:
+        return None
+    key, value = override.lstrip("+").split("=", 1)
+    return key.strip(), value.strip()
+
+
+def run_params(overrides: list[str], choices: Mapping[str, str | None]) -> dict[str, str]:
+    """The parent run's params: the chosen option of each main group, then every override (``hydra.*`` left out).
+
+    These are what two pipeline runs differ in, so MLflow's Compare on two parent runs shows exactly that.
+    """
+    params = {g: str(choices[g]) for g in CHOICE_GROUPS if choices.get(g) not in (None, "null")}
+    for override in overrides:
+        pair = _split_override(override)
+        if pair is not None and not pair[0].startswith("hydra."):
+            params[pair[0]] = pair[1]
+    return {k: _param_value(k, v) for k, v in params.items()}
+
+
+def run_name(overrides: list[str], choices: Mapping[str, str | None]) -> str:
+    """A readable parent-run name: the experiment, then the overrides that change what is run.
+
+    ``digits32 model=vqvae train_prior.train.steps=400``; a run with no such override is ``digits32 defaults``.
+    """
+    parts = []
+    for override in overrides:
+        pair = _split_override(override)
+        if pair is not None and not pair[0].startswith(NOT_IN_NAME) and pair[0] != "experiment":
+            parts.append(f"{pair[0]}={_param_value(pair[0], pair[1])}")
+    name = " ".join([str(choices.get("experiment") or "run"), *(parts or ["defaults"])])
+    return name if len(name) <= MAX_NAME_LEN else name[: MAX_NAME_LEN - 3] + "..."
 
 
 def _alive(pid: int) -> bool:
@@ -125,7 +168,14 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
 class Tracker:
     """Opens the parent run on enter; :meth:`step` opens child runs."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, tags: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None,
+        tags: Mapping[str, str],
+        system_metrics: bool = False,
+    ) -> None:
         import mlflow
 
         self.mlflow = mlflow
@@ -133,6 +183,7 @@ class Tracker:
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags)
+        self.system_metrics = system_metrics
         self.parent = None
 
     def __enter__(self) -> Tracker:
@@ -140,8 +191,14 @@ class Tracker:
         with store_lock(self.tracking_uri):  # the first access of a new SQLite store creates its tables
             experiment = self.mlflow.set_experiment(self.experiment)
             close_orphaned_runs(self.mlflow.tracking.MlflowClient(), experiment.experiment_id)
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user set by hand is theirs
+            self.mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
-        self.parent = self.mlflow.start_run(run_name=self.run_name, tags={"git_sha": git_sha(), **driver, **self.tags})
+        self.parent = self.mlflow.start_run(
+            run_name=self.run_name,
+            tags={"git_sha": git_sha(), **driver, **self.tags},
+            log_system_metrics=self.system_metrics,
+        )
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -154,14 +211,37 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self.mlflow.log_text(redact(text), name)
 
+    def log_run(self, params: Mapping[str, str], metrics: Mapping[str, float]) -> None:
+        """Params and metrics of the parent run (what Compare on two pipeline runs shows)."""
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        client = self.mlflow.tracking.MlflowClient()
+        items = [Param(k, _param_value(k, v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
+            client.log_batch(self.run_id, params=items[i : i + 100])
+        if metrics:
+            client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
     @contextlib.contextmanager
-    def step(self, name: str, fp: str, inputs: Mapping[str, str], params: Mapping[str, Any]) -> Iterator[str]:
+    def step(
+        self,
+        name: str,
+        fp: str,
+        inputs: Mapping[str, str],
+        params: Mapping[str, Any],
+        datasets: Mapping[str, tuple[str, str]] | None = None,
+    ) -> Iterator[str]:
+        """A child run for step ``name``; ``datasets`` (upstream name -> (URI, fingerprint)) are logged as its
+        inputs, so the UI's dataset column shows which shards or code dataset the step read."""
         tags = {"step": name, "fingerprint": fp, "git_sha": git_sha()}
         tags.update({f"input.{k}": v for k, v in inputs.items()})
         with self.mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
             items = [(k, _param_value(k, v)) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
                 self.mlflow.log_params(dict(items[i : i + 100]))
+            for dataset_name, (uri, digest) in (datasets or {}).items():
+                log_dataset(self.mlflow, dataset_name, uri, digest)
             yield run.info.run_id
 
     def cached(self, run_id: str, record: Mapping[str, Any]) -> None:
@@ -192,6 +272,57 @@ class Tracker:
                     with open(local, "wb") as f:
                         f.write(storage.read_bytes(uri))
                     client.log_artifact(run_id, local)
+
+
+def parquet_schema(uri: str):
+    """The MLflow schema of the Parquet dataset folder at ``uri`` (hive partitions, e.g. ``split``, included)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    def spec(t: pa.DataType):
+        if pa.types.is_dictionary(t):
+            return spec(t.value_type)
+        if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+            return Array(spec(t.value_type))
+        for check, dtype in (
+            (pa.types.is_boolean, DataType.boolean),
+            (lambda x: pa.types.is_integer(x) and x.bit_width <= 32, DataType.integer),
+            (pa.types.is_integer, DataType.long),
+            (pa.types.is_float32, DataType.float),
+            (pa.types.is_floating, DataType.double),
+            (lambda x: pa.types.is_binary(x) or pa.types.is_large_binary(x), DataType.binary),
+        ):
+            if check(t):
+                return dtype
+        return DataType.string
+
+    filesystem, path = storage.filesystem(uri)
+    schema = ds.dataset(path, format="parquet", partitioning="hive", filesystem=filesystem).schema
+    return Schema([ColSpec(spec(f.type), f.name, required=not f.nullable) for f in schema])
+
+
+def log_dataset(mlflow, name: str, uri: str, digest: str) -> None:
+    """Log the dataset at ``uri`` as an input of the active run (name, digest, source, schema). Lineage is a
+    convenience: a dataset MLflow cannot describe is logged without a schema, or skipped, with a warning."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two registered local sources
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+    except Exception as exc:
+        log.warning("dataset %s (%s) not logged to MLflow: %s", name, uri, exc)
+        return
+    try:
+        schema = parquet_schema(uri)
+    except Exception as exc:
+        log.warning("schema of dataset %s (%s) not read: %s", name, uri, exc)
+        schema = None
+    dataset = MetaDataset(source, name=name, digest=digest[:16], schema=schema)
+    mlflow.log_input(dataset, context="input")
 
 
 def result_record(result: StepResult) -> dict[str, Any]:

@@ -101,6 +101,20 @@ def test_mlflow_run_tree(workdir):
     assert len(parents) == 1
     kids = {r.data.tags["mlflow.runName"]: r for r in children[parents[0].info.run_id]}
     assert sorted(kids) == sorted(STEPS)
+    # The parent run is what users compare: its name and params say what was chosen, its metrics what it did.
+    parent = parents[0]
+    assert parent.info.run_name == "digits32 debug=tiny"
+    assert parent.data.params["debug"] == "tiny" and parent.data.params["model"] == "vqvae2"
+    assert {"fd_effnet", "precision", "recall", "psnr", "nll_bits_top", "usage_bottom"} <= set(parent.data.metrics)
+    assert parent.data.metrics["fd_effnet"] == kids["evaluate"].data.metrics["final/fd_effnet"]
+    assert client.get_experiment_by_name("vqvae2").tags["mlflow.experimentKind"] == "custom_model_development"
+    for step, upstream in (("train_vqvae", "shard"), ("encode", "shard"), ("train_prior", "encode")):
+        (read,) = client.get_run(kids[step].info.run_id).inputs.dataset_inputs
+        assert (
+            read.dataset.name == upstream
+            and read.dataset.digest == finished(workdir / "artifacts", upstream)[0].name[:16]
+        )
+        assert "split" in read.dataset.schema, "the split is a column of the dataset"
     tv = kids["train_vqvae"]
     assert tv.data.params["model.quantizer.codebook_size"] == "512" and tv.data.params["train.steps"] == "10"
     assert tv.data.params["model.kind"] == "vqvae2" and tv.data.params["model.quantizer.kind"] == "ema"

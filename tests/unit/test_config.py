@@ -59,11 +59,14 @@ def test_prior_recipes_name_an_experiment_and_a_prior():
     "group,option", [(g, o) for g in ("data", "prior", "ray", "mlflow", "debug") for o in options(g)]
 )
 def test_every_group_option_composes(group, option):
-    cfg = make(f"{group}={option}", *(["data.path=/data"] if option in NEEDS_PATH else []))
+    extra = ["data.path=/data"] if option in NEEDS_PATH else []
+    extra += ["mlflow=server"] if (group, option) == ("ray", "cluster") else []  # a cluster needs a server
+    cfg = make(f"{group}={option}", *extra)
     assert cfg.root.startswith("/")
 
 
-def test_defaults_are_the_digits_recipe():
+def test_defaults_are_the_digits_recipe(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make()
     assert cfg.shard.source == "digits" and cfg.shard.image_size == 32 and cfg.model_kind == "vqvae2"
     assert cfg.mlflow.tracking_uri == "sqlite:///" + os.path.abspath("mlflow.db")
@@ -196,3 +199,17 @@ def test_the_logged_config_is_the_whole_run_and_builds_back():
     back["train_vqvae"]["model"] = data["model"]
     back["train_prior"]["prior"] = data["prior"]
     assert build(PipelineConfig, back) == cfg
+
+
+def test_tracking_uri_comes_from_the_environment_when_set(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.internal:5000")
+    assert make().mlflow.tracking_uri == "http://tracking.internal:5000"
+    assert make("mlflow.tracking_uri=sqlite:////tmp/x.db").mlflow.tracking_uri == "sqlite:////tmp/x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert make().mlflow.tracking_uri == "sqlite:///" + os.path.abspath("mlflow.db")
+
+
+def test_cluster_run_with_a_store_on_the_driver_is_refused():
+    with pytest.raises(ConfigError, match=r"mlflow.tracking_uri=sqlite:///.*ray.address=auto"):
+        make("ray=cluster")
+    assert make("ray=cluster", "mlflow=server").mlflow.tracking_uri.startswith("http://")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,58 @@ def test_pipelines_starting_together_on_a_new_store_take_turns(tmp_path):
     outcomes = [p.communicate(timeout=300) for p in procs]
     assert [out.strip() for out, _ in outcomes] == ["opened"] * 4, [err[-2000:] for _, err in outcomes]
     assert (tmp_path / "mlflow.db.lock").exists()
+
+
+def test_parent_run_params_and_name_come_from_choices_and_overrides():
+    from pipeline.tracking import run_name, run_params
+
+    choices = {"experiment": "digits32", "model": "vqvae", "prior": "pixelsnail", "debug": None, "hydra/job": "x"}
+    overrides = ["model=vqvae", "train_prior.train.steps=400", "+sample.top_p=0.9", "~evaluate.knn_k"]
+    overrides += ["artifacts.root=/tmp/a", "hydra.run.dir=/tmp/h", f"mlflow.tracking_uri=http://u:{SECRET}@h:5000"]
+    params = run_params(overrides, choices)
+    assert params == {
+        "experiment": "digits32",
+        "model": "vqvae",
+        "prior": "pixelsnail",
+        "train_prior.train.steps": "400",
+        "sample.top_p": "0.9",
+        "artifacts.root": "/tmp/a",
+        "mlflow.tracking_uri": "http://u:***@h:5000",
+    }
+    assert run_name(overrides, choices) == "digits32 model=vqvae train_prior.train.steps=400 sample.top_p=0.9"
+    assert run_name(["artifacts.root=/x"], {"experiment": "fashion_mnist32"}) == "fashion_mnist32 defaults"
+    long = run_name([f"train_vqvae.train.lr={i}e-4" for i in range(40)], choices)
+    assert len(long) == 120 and long.endswith("...")
+
+
+def test_parent_run_experiment_kind_and_dataset_inputs(tmp_path, monkeypatch):
+    """The experiment opens on its training runs in the UI; a step's child run lists the datasets it read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "shards"
+    for split, n in (("train", 3), ("val", 1)):
+        (data / f"split={split}").mkdir(parents=True)
+        table = pa.table({"id": [str(i) for i in range(n)], "label": pa.array([1] * n, pa.int32()),
+                          "image": pa.array([b"x"] * n, pa.binary())})  # fmt: skip
+        pq.write_table(table, data / f"split={split}" / "part-00000.parquet")
+    (data / "_manifest.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with Tracker(uri, "lineage", "digits32 defaults", {}) as tracker:
+        with tracker.step("train_vqvae", "fp", {"shard": str(data)}, {}, {"shard": (str(data), "ab" * 32)}) as rid:
+            child = rid
+        tracker.log_run({"experiment": "digits32"}, {"fd_effnet": 12.5})
+        parent = tracker.run_id
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lineage")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(parent)
+    assert run.info.run_name == "digits32 defaults"
+    assert run.data.params == {"experiment": "digits32"} and run.data.metrics == {"fd_effnet": 12.5}
+    (dataset_input,) = client.get_run(child).inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.name == "shard" and dataset.digest == "ab" * 8 and str(data) in dataset.source
+    columns = {c["name"]: c["type"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
+    assert columns == {"id": "string", "label": "integer", "image": "binary", "split": "string"}

@@ -14,7 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, as_user_dict, load, register
 from pipeline.run import MissingUpstreamError, execute
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# An installed wheel carries the configs as pipeline/conf; a checkout (editable install, `ray job submit
+# --working-dir .`) has them at its top, beside pipeline/.
+CONF_DIR = next(
+    d for d in (os.path.join(HERE, "conf"), os.path.join(os.path.dirname(HERE), "conf")) if os.path.isdir(d)
+)
 log = logging.getLogger("pipeline")
 
 register()

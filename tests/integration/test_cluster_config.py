@@ -9,6 +9,7 @@ The MLflow start commands are also run for real, on localhost, to prove their sh
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 import re
@@ -84,8 +85,31 @@ def test_images_pinned_to_installed_ray(cfg):
     assert {m["ray"] for m in parsed.values()} == {ray.__version__}, "cluster.yaml images and installed Ray differ"
     assert parsed["head"]["py"] == parsed["worker"]["py"], "head and workers must run the same Python"
     assert parsed["worker"]["platform"] != "cpu", "GPU workers need a CUDA image"
-    for node_type in _worker_types(cfg).values():  # no node type swaps in an unpinned image
-        assert "worker_image" not in node_type.get("docker", {})
+    for name, node_type in _worker_types(cfg).items():  # a node type's own image is pinned the same way
+        own = IMAGE.match(node_type.get("docker", {}).get("worker_image", docker["worker_image"]))
+        assert own and own["ray"] == ray.__version__ and own["py"] == parsed["head"]["py"], name
+        if node_type["resources"].get("GPU", 0):
+            assert own["platform"] != "cpu", f"{name}: GPU workers need a CUDA image"
+
+
+@pytest.mark.parametrize(
+    "demand,expected",
+    [
+        ([{"CPU": 1}] * 24, "cpu_worker"),  # shard: Ray Data read/resize/write tasks
+        ([{"CPU": 1}], "cpu_worker"),  # evaluate: one task (evaluate.use_gpu=false)
+        ([{"CPU": 4, "GPU": 1}] * 4, "gpu_worker"),  # train_vqvae under ray=cluster
+    ],
+)
+def test_cpu_only_steps_do_not_start_gpu_nodes(cfg, demand, expected):
+    """Ray's own autoscaler planning, from an idle cluster (the head has CPU: 0), for each kind of step's demand."""
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    types = {name: dict(t) for name, t in cfg["available_node_types"].items()}
+    summary = NodeAvailabilitySummary(node_availabilities={})
+    scorer = functools.partial(_default_utilization_scorer, node_availability_summary=summary)
+    launch, unfulfilled = get_nodes_for(types, {}, cfg["head_node_type"], cfg["max_workers"], demand, scorer)
+    assert not unfulfilled and set(launch) == {expected}, launch
 
 
 def test_gpu_workers_autoscale_from_zero(cfg):

@@ -3,6 +3,7 @@
 Test settings come from the real conf/ composed with ``debug=tiny`` plus overrides (:func:`tiny`), never from a
 parallel hand-written config. Upstream outputs a test needs without running their step are written through the same
 artifact writers the steps use (:class:`Artifacts`), so a test never spells a file name either.
+:func:`read_four_ways` opens a dataset folder with each reader it must open in (pyarrow, pandas, duckdb, Ray Data).
 """
 
 from __future__ import annotations
@@ -206,6 +207,46 @@ def digit_shards(ray_local, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shards")
     run(cfg, {}, str(out))
     return str(out)
+
+
+def _read_four_ways(folder: str) -> dict[str, dict]:
+    """The Parquet dataset at ``folder`` as pyarrow.dataset, pandas, duckdb and Ray Data each open it (the folder as
+    one dataset, hive partitions on): per reader ``{"columns": [...], "rows": {split: n}}``, rows counted by the
+    ``split`` column (``{None: n}`` without one)."""
+    from collections import Counter
+
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import ray
+
+    def seen(columns, split_column, rows: int) -> dict:
+        splits = [str(s) for s in split_column()] if "split" in columns else [None] * rows
+        return {"columns": list(columns), "rows": dict(Counter(splits))}
+
+    table = pads.dataset(folder, format="parquet", partitioning="hive").to_table()
+    frame = pd.read_parquet(folder)
+    sql = f"select * from read_parquet('{folder}/**/*.parquet', hive_partitioning=true)"
+    columns = duckdb.sql(sql).columns
+    ds = ray.data.read_parquet(folder)
+    names = ds.schema().names
+    return {
+        "pyarrow": seen(table.column_names, lambda: table.column("split").to_pylist(), table.num_rows),
+        "pandas": seen(frame.columns, lambda: frame["split"].tolist(), len(frame)),
+        "duckdb": seen(
+            columns,
+            lambda: [r[0] for r in duckdb.sql(f"select split from ({sql})").fetchall()],
+            duckdb.sql(f"select count(*) from ({sql})").fetchall()[0][0],
+        ),
+        "ray": seen(names, lambda: [r["split"] for r in ds.select_columns(["split"]).take_all()], ds.count()),
+    }
+
+
+@pytest.fixture(scope="session")
+def read_four_ways(ray_local):
+    """``read_four_ways(folder)``: how each of the four readers a dataset folder must open in sees it (Ray: the
+    session's local instance)."""
+    return _read_four_ways
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -11,6 +11,8 @@ module             written by                 handle (open a URI) / writer
 ``evaluation``     evaluate                   :class:`Evaluation` / :class:`EvaluationWriter`
 ``checkpoints``    (shared)                   :class:`CheckpointFile`: one checkpoint, its digest, its model
 ``compat``         (shared)                   :func:`check_compatible`: do priors / codes belong to a model
+``splits``         (shared)                   the Parquet datasets' layout: hive ``split=<split>/`` folders, ``_``
+                                              sidecars, and the layout before them (still read)
 =================  =========================  ===========================================================
 
 Steps, ``pipeline.verify``, the MLflow models and the generator open upstream outputs through these handles and

@@ -1,16 +1,19 @@
 """The code-dataset contract: what the encode step writes and what train_prior, evaluate and verify read.
 
-A code dataset is Parquet files under ``<out>/train/`` and ``<out>/val/``, one row per image::
+A code dataset is Parquet files under ``<out>/split=train/`` and ``<out>/split=val/`` (hive split folders,
+:mod:`steps.artifacts.splits`: ``<out>`` opens as one dataset with a ``split`` column), one row per image::
 
     id: string    label: int32 (nullable)    top: fixed_size_list<int16>[Ht*Wt]    bottom: fixed_size_list<int16>[Hb*Wb]
 
 with one code column per level of the VQ model, top first (a one-level VQ-VAE has only ``top``), each a code map
 flattened row-major. Every file's schema metadata key ``vqvae2.codes`` holds the JSON of :class:`CodeMeta`, so a
 reader can check what it got (which levels, shapes, codebook sizes, and *which* VQ-VAE made the codes) without
-reading a row. ``<out>/codes.json`` repeats that metadata plus the row count per split; it is written last.
+reading a row. ``<out>/_codes.json`` repeats that metadata plus the row count per split; it is written last. An
+empty split still gets a file without rows (``part-empty.parquet``), so every reader sees the schema.
 
-The files are plain Parquet: pyarrow, pandas and duckdb read them as they are. :class:`CodeDataset` is the handle
-readers open; :class:`CodeWriter` is what the encode step writes through.
+The files are plain Parquet: pyarrow, pandas, duckdb and Ray Data read them as they are. :class:`CodeDataset` is the
+handle readers open (code datasets of the old layout, ``<out>/<split>/`` and ``<out>/codes.json``, too);
+:class:`CodeWriter` is what the encode step writes through.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import pyarrow.parquet as pq
 import torch
 
 from steps import storage
-from steps.artifacts.images import SPLITS
+from steps.artifacts.splits import SPLITS, is_legacy, split_folder
 from steps.common import MissingInputError
 
 CODES_META_KEY = b"vqvae2.codes"
-METADATA_FILE = "codes.json"
+METADATA_FILE = "_codes.json"
+LEGACY_METADATA_FILE = "codes.json"  # the old layout's name, still read
 MAX_CODEBOOK = 1 << 15  # codes are stored as int16
 
 
@@ -150,20 +154,29 @@ def schema_code_meta(schema: pa.Schema, where: str = "") -> CodeMeta:
 
 
 def read_code_meta(uri: str) -> CodeMeta:
-    """The metadata of the code dataset at ``uri``: from ``codes.json``, else from a Parquet file's schema.
+    """The metadata of the code dataset at ``uri`` (a folder of either layout, or one file): from ``_codes.json``,
+    else from a Parquet file's schema.
 
     Raises:
         MissingInputError: nothing at ``uri`` looks like a code dataset.
-        ValueError: Parquet files without the code metadata, or an unreadable ``codes.json``.
+        ValueError: Parquet files without the code metadata, or an unreadable ``_codes.json``.
     """
-    meta_uri = storage.join(uri, METADATA_FILE)
+    return _read_code_meta(uri, _is_legacy(uri))
+
+
+def _is_legacy(uri: str) -> bool:
+    return is_legacy(uri, METADATA_FILE, LEGACY_METADATA_FILE)
+
+
+def _read_code_meta(uri: str, legacy: bool) -> CodeMeta:
+    meta_uri = storage.join(uri, LEGACY_METADATA_FILE if legacy else METADATA_FILE)
     if storage.exists(meta_uri):
         try:
             return CodeMeta.from_json(storage.read_bytes(meta_uri))
         except ValueError as exc:
             raise ValueError(f"{meta_uri}: not valid code metadata ({exc}); rerun the encode step") from None
     for split in (*SPLITS, ""):
-        files = storage.parquet_files(storage.join(uri, split) if split else uri)
+        files = storage.parquet_files(storage.join(uri, split_folder(split, legacy)) if split else uri)
         if files:
             fs, path = storage.filesystem(files[0])
             return schema_code_meta(pq.read_schema(path, filesystem=fs), where=f"code dataset {uri} ({files[0]})")
@@ -175,16 +188,18 @@ def read_code_meta(uri: str) -> CodeMeta:
 class CodeDataset:
     """An encode output, opened for reading: its metadata, files per split, ids and batches."""
 
-    def __init__(self, uri: str, meta: CodeMeta) -> None:
-        self.uri, self.meta = uri, meta
+    def __init__(self, uri: str, meta: CodeMeta, legacy: bool = False) -> None:
+        self.uri, self.meta, self.legacy = uri, meta, legacy
 
     @classmethod
     def open(cls, uri: str) -> CodeDataset:
-        """The code dataset at ``uri`` (see :func:`read_code_meta` for the errors)."""
-        return cls(uri, read_code_meta(uri))
+        """The code dataset at ``uri``, of either layout (see :func:`read_code_meta` for the errors)."""
+        legacy = _is_legacy(uri)
+        return cls(uri, _read_code_meta(uri, legacy), legacy)
 
     def split_uri(self, split: str) -> str:
-        return storage.join(self.uri, split)
+        """The folder of one split's files."""
+        return storage.join(self.uri, split_folder(split, self.legacy))
 
     def files(self, split: str) -> list[str]:
         return storage.parquet_files(self.split_uri(split))
@@ -223,11 +238,14 @@ class CodeDataset:
 
 
 class CodeWriter:
-    """Writes a code dataset at ``out``: Parquet parts per split (each whole or absent), then ``codes.json``."""
+    """Writes a code dataset at ``out``: Parquet parts per split (each whole or absent), then ``_codes.json``."""
 
     def __init__(self, out: str, meta: CodeMeta) -> None:
         self.out, self.meta = out, meta
         self.schema = code_schema(meta)
+
+    def split_uri(self, split: str) -> str:
+        return storage.join(self.out, split_folder(split))
 
     def clear(self, keep_clear_of: Sequence[str] = ()) -> None:
         """Empty ``out`` (a crashed attempt may have left files), refusing to touch an input directory in it."""
@@ -238,8 +256,8 @@ class CodeWriter:
         storage.clear_dir(self.out)
 
     def write_part(self, table: pa.Table, split: str, name: str) -> str:
-        """Write ``table`` (code schema) as ``<out>/<split>/<name>.parquet``; returns its URI."""
-        uri = storage.join(self.out, split, f"{name}.parquet")
+        """Write ``table`` (code schema) as ``<out>/split=<split>/<name>.parquet``; returns its URI."""
+        uri = storage.join(self.split_uri(split), f"{name}.parquet")
         storage.write_parquet(table.cast(self.schema).replace_schema_metadata(self.schema.metadata), uri)
         return uri
 
@@ -248,10 +266,10 @@ class CodeWriter:
         self.write_part(self.schema.empty_table(), split, "part-empty")
 
     def finish(self, rows: Mapping[str, int]) -> dict[str, str]:
-        """Write ``codes.json`` (last: its presence means the data is complete); returns the artifact URIs."""
+        """Write ``_codes.json`` (last: its presence means the data is complete); returns the artifact URIs."""
         metadata = storage.join(self.out, METADATA_FILE)
         storage.write_json(metadata, {**self.meta.to_dict(), "rows": dict(rows)})
-        return {split: storage.join(self.out, split) for split in SPLITS} | {"metadata": metadata}
+        return {split: self.split_uri(split) for split in SPLITS} | {"metadata": metadata}
 
 
 def check_code_meta(

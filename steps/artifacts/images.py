@@ -1,10 +1,13 @@
 """The image-shard contract: what the shard step writes and what train_vqvae, encode, evaluate and verify read.
 
-Image shards are Parquet files under ``<out>/<split>/part-NNNNN.parquet`` with columns ``id: string``,
+Image shards are Parquet files ``<out>/split=<split>/part-NNNNN.parquet`` (hive split folders,
+:mod:`steps.artifacts.splits`: ``<out>`` opens as one dataset with a ``split`` column) with columns ``id: string``,
 ``label: int32`` (nullable) and ``image: binary`` (PNG bytes, already ``image_size`` square with ``channels``
 channels). The schema metadata key ``vqvae2.images`` holds ``{"image_size": S, "channels": C, ...}`` so a reader can
-check what it got without decoding an image. ``<out>/manifest.json`` lists the files and rows per split, the classes
-and the files that were skipped (with reasons); it is written last, so shards without it are incomplete.
+check what it got without decoding an image. ``<out>/_manifest.json`` lists the files and rows per split, the classes
+and the files that were skipped (with reasons); it is written last, so shards without it are incomplete. An empty
+split is an empty folder (no folder on an object store). Shards of the old layout (``<out>/<split>/``,
+``<out>/manifest.json``) open too.
 
 :class:`ImageShards` is the handle readers open; :class:`ShardWriter` is what the shard step writes through.
 """
@@ -20,11 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from steps import storage
+from steps.artifacts.splits import SPLITS, check_split, is_legacy, split_folder, split_folders
 from steps.pixels import decode_png
 
 IMAGE_META_KEY = b"vqvae2.images"
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # the old layout's name, still read
+FORMAT = 2  # the manifest's format: 2 since the hive split folders (1: <out>/<split>/)
 MAX_SKIPPED_LISTED = 1000  # the manifest lists at most this many skipped files; the count stays exact
 
 
@@ -44,26 +49,23 @@ def image_meta(schema: pa.Schema, where: str = "image shards") -> dict:
     return json.loads(raw)
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
 class ImageShards:
     """A finished shard output, opened for reading."""
 
-    def __init__(self, uri: str, manifest: dict[str, Any]) -> None:
-        self.uri, self.manifest = uri, manifest
+    def __init__(self, uri: str, manifest: dict[str, Any], legacy: bool = False) -> None:
+        self.uri, self.manifest, self.legacy = uri, manifest, legacy
 
     @classmethod
     def open(cls, uri: str) -> ImageShards:
-        """The shards at ``uri``.
+        """The shards at ``uri`` (either layout).
 
         Raises:
             MissingInputError: no manifest: the shard output is missing or incomplete (a crash never writes one).
         """
-        missing = f"no shard manifest at {storage.join(uri, MANIFEST)}: the shard output is missing or incomplete; "
-        return cls(uri, storage.read_record(uri, MANIFEST, missing + "run the shard step first"))
+        legacy = is_legacy(uri, MANIFEST, LEGACY_MANIFEST)
+        name = LEGACY_MANIFEST if legacy else MANIFEST
+        missing = f"no shard manifest at {storage.join(uri, name)}: the shard output is missing or incomplete; "
+        return cls(uri, storage.read_record(uri, name, missing + "run the shard step first"), legacy)
 
     @property
     def image_size(self) -> int:
@@ -87,11 +89,12 @@ class ImageShards:
 
     def files(self, split: str) -> list[str]:
         """URIs of one split's Parquet files (may be empty, e.g. val with val_fraction=0)."""
-        check_split(split)
-        return [storage.join(self.uri, split, name) for name in self.manifest["files"][split]]
+        folder = self.split_uri(split)
+        return [storage.join(folder, name) for name in self.manifest["files"][split]]
 
     def split_uri(self, split: str) -> str:
-        return storage.join(self.uri, split)
+        """The folder of one split's files."""
+        return storage.join(self.uri, split_folder(split, self.legacy))
 
     def ids(self, split: str) -> pa.ChunkedArray:
         return storage.read_column(self.files(split), "id")
@@ -148,19 +151,22 @@ class ShardWriter:
         self.out = out
         self.schema = image_schema(image_size, channels, extra)
 
+    def split_uri(self, split: str) -> str:
+        return storage.join(self.out, split_folder(split))
+
     def clear(self) -> None:
         """Remove what an earlier attempt may have left in ``out``, and nothing else (``out`` may be a folder the
         caller also uses); a stale ``_SUCCESS`` goes too, since it vouches for the old contents."""
         for info in storage.listdir(self.out):
-            if info.base_name in (*SPLITS, MANIFEST, storage.SUCCESS) or info.base_name.startswith(".tmp-"):
+            ours = (*split_folders(), MANIFEST, LEGACY_MANIFEST, storage.SUCCESS)
+            if info.base_name in ours or info.base_name.startswith(".tmp-"):
                 storage.delete(storage.join(self.out, info.base_name))
 
     def write_part(self, split: str, part: int, ids: list[str], labels: list[int | None], pngs: list[bytes]) -> str:
         """Write one shard file; returns its name (as the manifest lists it)."""
-        check_split(split)
         name = f"part-{part:05d}.parquet"
         columns = [pa.array(ids, pa.string()), pa.array(labels, pa.int32()), pa.array(pngs, pa.binary())]
-        storage.write_parquet(pa.table(columns, schema=self.schema), storage.join(self.out, split, name))
+        storage.write_parquet(pa.table(columns, schema=self.schema), storage.join(self.split_uri(split), name))
         return name
 
     def finish(
@@ -175,7 +181,7 @@ class ShardWriter:
         """Write the manifest (last: its presence means the shards are complete); returns the artifact URIs."""
         meta = image_meta(self.schema)
         manifest = {
-            "format": 1,
+            "format": FORMAT,
             "image_size": meta["image_size"],
             "channels": meta["channels"],
             "rows": rows,
@@ -187,7 +193,7 @@ class ShardWriter:
             **extra,
         }
         for split in SPLITS:  # an empty split is an empty folder
-            storage.makedirs(storage.join(self.out, split))
+            storage.makedirs(self.split_uri(split))
         path = storage.join(self.out, MANIFEST)
         storage.write_json(path, manifest)
-        return {split: storage.join(self.out, split) for split in SPLITS} | {"manifest": path}
+        return {split: self.split_uri(split) for split in SPLITS} | {"manifest": path}

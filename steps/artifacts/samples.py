@@ -2,7 +2,9 @@
 
     <out>/images/{index:06d}.png          one PNG per sample (unless sample.write_pngs=false)
     <out>/codes/part-{shard:05d}.parquet  the sampled codes: id, label, seed, [attempt, class_prob, accepted,] one
-                                          int16 fixed-size list per level (none for the VAE)
+                                          int16 fixed-size list per level (none for the VAE). Only Parquet files
+                                          live in ``codes/``: it opens as one dataset in pyarrow.dataset, pandas,
+                                          duckdb and Ray Data (``<out>`` itself does not: PNGs and JSON beside)
     <out>/grid.png                        the first samples tiled
     <out>/shards/part-{shard:05d}.json    one record per finished shard (written last for that shard)
     <out>/shards/settings.json            what the samples depend on: an interrupted run resumes only with these
@@ -76,8 +78,13 @@ class Samples:
     def num_samples(self) -> int:
         return int(self.meta["num_samples"])
 
+    @property
+    def codes_uri(self) -> str:
+        """The folder of the sampled codes: a Parquet dataset on its own (no split; absent without codes)."""
+        return storage.join(self.uri, CODES)
+
     def code_files(self) -> list[str]:
-        return storage.parquet_files(storage.join(self.uri, CODES))
+        return storage.parquet_files(self.codes_uri)
 
     def ids(self) -> pa.ChunkedArray:
         return storage.read_column(self.code_files(), "id")

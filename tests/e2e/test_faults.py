@@ -13,6 +13,8 @@ import pytest
 
 from pipeline import faults
 from pipeline.verify import verify
+from steps.artifacts.codes import CodeDataset
+from steps.artifacts.images import SPLITS, ImageShards
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +37,9 @@ def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
     assert encode["rerun_rc"] == 0 and encode["finished_after_rerun"], encode
     (codes,) = ws.finished("encode")
     (shards,) = ws.finished("shard")
-    for split in ("train", "val"):
-        ids = pq.read_table(Path(codes) / split, columns=["id"]).column("id").to_pylist()
-        expected = pq.read_table(Path(shards) / split, columns=["id"]).column("id").to_pylist()
+    for split in SPLITS:
+        ids = pq.read_table(CodeDataset.open(codes).split_uri(split), columns=["id"]).column("id").to_pylist()
+        expected = pq.read_table(ImageShards.open(shards).split_uri(split), columns=["id"]).column("id").to_pylist()
         assert sorted(ids) == sorted(expected), f"{split}: each id exactly once"
 
     sample = faults.driver_kill_sample(ws)

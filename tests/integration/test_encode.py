@@ -9,13 +9,15 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from steps import encode
+from steps import encode, storage
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors, read_code_meta
+from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors, read_code_meta, schema_code_meta
+from steps.artifacts.splits import SPLITS
 from steps.common import MissingInputError
 from steps.encode import run
 from steps.nn import registry
@@ -56,7 +58,7 @@ def expected_codes(model, table: pa.Table) -> dict[str, dict[str, np.ndarray]]:
 
 
 def check_against_model(out, split, model, table, meta):
-    got = pq.read_table(os.path.join(out, split))
+    got = pq.read_table(CodeDataset.open(str(out)).split_uri(split))
     assert got.num_rows == table.num_rows
     assert len(set(got.column("id").to_pylist())) == got.num_rows
     assert sorted(got.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
@@ -74,13 +76,13 @@ def model_of(tiny, *overrides: str, seed: int = 0) -> torch.nn.Module:
     return registry.build(tiny(*SMALL, *overrides).train_vqvae.model).eval()
 
 
-def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts):
+def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts, read_four_ways):
     tables = write_shards(tmp_path / "shard", artifacts)
     model = model_of(tiny)
     vq_dir = artifacts.autoencoder(tmp_path / "train_vqvae", model)
     out = tmp_path / "encode"
-    (out / "train").mkdir(parents=True)
-    (out / "train" / "stale.parquet").write_bytes(b"left by a crashed attempt")
+    (out / "split=train").mkdir(parents=True)
+    (out / "split=train" / "stale.parquet").write_bytes(b"left by a crashed attempt")
 
     cfg = tiny.encode(batch_size=16, rows_per_file=30)
     result = run(cfg, {"shard": str(tmp_path / "shard"), "train_vqvae": vq_dir}, str(out))
@@ -90,11 +92,11 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts
     assert result.metrics["images_per_s"] > 0
     assert result.info["vqvae"] == digest and result.info["shapes"] == {"top": [4, 4], "bottom": [8, 8]}
     assert result.artifacts == {
-        "train": str(out / "train"),
-        "val": str(out / "val"),
-        "metadata": str(out / "codes.json"),
+        "train": str(out / "split=train"),
+        "val": str(out / "split=val"),
+        "metadata": str(out / "_codes.json"),
     }
-    assert not (out / "train" / "stale.parquet").exists()
+    assert not (out / "split=train" / "stale.parquet").exists()
 
     codes = CodeDataset.open(str(out))
     meta = codes.meta
@@ -106,9 +108,9 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts
         image_size=32,
         num_classes=10,
     )
-    doc = json.loads((out / "codes.json").read_text())
+    doc = json.loads((out / "_codes.json").read_text())
     assert doc["rows"] == {"train": 80, "val": 20} and doc["top_shape"] == [4, 4] and doc["bottom_shape"] == [8, 8]
-    assert codes.check_files() == {"train": 80, "val": 20}  # every file carries the metadata, not only codes.json
+    assert codes.check_files() == {"train": 80, "val": 20}  # every file carries the metadata, not only _codes.json
     for f in codes.files("train"):
         assert read_code_meta(f) == meta
     assert len(codes.files("train")) >= 2  # rows_per_file=30 < 80 rows
@@ -116,9 +118,30 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts
     assert schema.field("top").type.list_size == 16 and schema.field("bottom").type.list_size == 64
     for split, table in tables.items():
         check_against_model(out, split, model, table, meta)
+    check_readers(out, codes, read_four_ways)
 
 
-def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path, tiny, artifacts):
+def check_readers(out, codes: CodeDataset, read_four_ways) -> None:
+    """pyarrow.dataset, pandas, duckdb and Ray Data open the output folder as one dataset: the split a column from
+    the hive folders, _codes.json and the pipeline's _SUCCESS skipped; the code metadata survives."""
+    (out / storage.SUCCESS).write_text("{}")  # as the pipeline publishes a finished output
+    assert sorted(p.name for p in out.glob("_*")) == ["_SUCCESS", "_codes.json"]
+    rows = codes.check_files()
+    for reader, seen in read_four_ways(str(out)).items():
+        assert seen == {"columns": ["id", "label", "top", "bottom", "split"], "rows": rows}, reader
+    dataset = pads.dataset(out, format="parquet", partitioning="hive")
+    assert schema_code_meta(dataset.schema) == codes.meta
+    for split in SPLITS:
+        ids = dataset.to_table(columns=["id"], filter=pads.field("split") == split).column("id").to_pylist()
+        assert sorted(ids) == sorted(codes.ids(split).to_pylist())
+        assert all("split" not in pq.read_schema(f).names for f in codes.files(split))
+    table = pq.read_table(out)  # pyarrow.parquet (and so pandas): the split as a dictionary (categorical) column
+    assert pa.types.is_dictionary(table.schema.field("split").type)
+    assert schema_code_meta(table.schema) == codes.meta
+    assert batch_to_tensors(table, codes.meta)["bottom"].shape == (sum(rows.values()), 8, 8)
+
+
+def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path, tiny, artifacts, read_four_ways):
     tables = write_shards(tmp_path / "shard", artifacts, splits=(("train", 40, 1),))  # no val files at all
     model = model_of(tiny, "model=vqvae", "model.downsample=4", seed=1)
     vq_dir = artifacts.autoencoder(tmp_path / "train_vqvae", model)
@@ -127,9 +150,14 @@ def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path, tiny, artif
     assert result.metrics["rows_train"] == 40 and result.metrics["rows_val"] == 0
     meta = read_code_meta(str(out))
     assert meta.levels == ("top",) and meta.shapes == {"top": (8, 8)}
-    assert pq.read_table(out / "val").num_rows == 0
-    assert pq.read_table(out / "val").schema.names == ["id", "label", "top"]
+    val = CodeDataset.open(str(out)).split_uri("val")
+    assert pq.read_table(val).num_rows == 0
+    assert pq.read_table(val).schema.names == ["id", "label", "top"]
     check_against_model(out, "train", model, tables["train"], meta)
+    # The empty split's file gives every reader the schema; it adds no rows.
+    (out / storage.SUCCESS).write_text("{}")
+    for reader, seen in read_four_ways(str(out)).items():
+        assert seen == {"columns": ["id", "label", "top", "split"], "rows": {"train": 40}}, reader
 
 
 def test_encode_input_errors(tmp_path, tiny, artifacts):

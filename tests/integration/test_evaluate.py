@@ -17,7 +17,7 @@ from PIL import Image
 
 from steps import evaluate
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import CodeDataset, CodeDatasetMismatch, CodeMeta, batch_to_tensors
+from steps.artifacts.codes import METADATA_FILE, CodeDataset, CodeDatasetMismatch, CodeMeta, batch_to_tensors
 from steps.artifacts.images import ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
@@ -165,10 +165,10 @@ def test_samples_without_pngs_are_decoded_from_their_codes(upstream, tiny):
 
 
 def foreign_codes(up: dict[str, str], folder: Path, **changes) -> str:
-    """A code dataset like the upstream one whose metadata (what evaluate checks: codes.json) has ``changes``."""
+    """A code dataset like the upstream one whose metadata (what evaluate checks: its record) has ``changes``."""
     meta = CodeDataset.open(up["encode"]).meta
     folder.mkdir(parents=True)
-    write_json(str(folder / "codes.json"), CodeMeta.from_json({**meta.to_dict(), **changes}).to_dict())
+    write_json(str(folder / METADATA_FILE), CodeMeta.from_json({**meta.to_dict(), **changes}).to_dict())
     return str(folder)
 
 

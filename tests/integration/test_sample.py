@@ -20,6 +20,7 @@ from PIL import Image
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import META_KEY as SAMPLES_META_KEY
+from steps.artifacts.samples import Samples
 from steps.common import MissingInputError
 from steps.generation import sample_seed
 from steps.nn import registry
@@ -84,7 +85,7 @@ def image(path: Path) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------ two levels
-def test_writes_images_codes_grid_and_metadata(base_run, vq2):
+def test_writes_images_codes_grid_and_metadata(base_run, vq2, read_four_ways):
     _, out, result = base_run
     assert sorted(pngs(out)) == [f"{i:06d}.png" for i in range(10)]
     first = image(out / "images" / "000000.png")
@@ -107,8 +108,10 @@ def test_writes_images_codes_grid_and_metadata(base_run, vq2):
         assert pa.types.is_fixed_size_list(kind) and kind.list_size == size and kind.value_type == pa.int16()
         codes = np.array(table.column(level).to_pylist())
         assert codes.min() >= 0 and codes.max() < 16
-    duckdb = pytest.importorskip("duckdb")
-    assert duckdb.sql(f"select count(*) from '{out}/codes/*.parquet'").fetchall() == [(10,)]
+    # The codes folder alone is the dataset (PNGs and JSON live beside it, never in it); it has no split.
+    assert Samples.open(str(out)).codes_uri == str(out / "codes")
+    for reader, seen in read_four_ways(str(out / "codes")).items():
+        assert seen == {"columns": table.column_names, "rows": {None: 10}}, reader
     meta = json.loads(table.schema.metadata[SAMPLES_META_KEY])
     assert meta["vqvae"] == vq2["digest"]
     assert meta["top_shape"] == [4, 4] and meta["bottom_shape"] == [8, 8]

@@ -7,15 +7,18 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from steps.artifacts.images import IMAGE_META_KEY, ImageShards, image_schema
+from steps import storage
+from steps.artifacts.images import IMAGE_META_KEY, SPLITS, ImageShards, image_meta, image_schema
 from steps.common import MissingInputError
 from steps.shard import run
 
@@ -59,8 +62,11 @@ def assert_image(data: bytes, size: int, channels: int) -> None:
 @pytest.fixture(scope="module")
 def digits_out(ray_local, tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("digits")
-    (out / "train").mkdir()
-    (out / "train" / "part-00099.parquet").write_bytes(b"leftover of a crashed attempt")
+    (out / "split=train").mkdir()
+    (out / "split=train" / "part-00099.parquet").write_bytes(b"leftover of a crashed attempt")
+    (out / "train").mkdir()  # the layout before hive split folders: cleared too
+    (out / "train" / "part-00000.parquet").write_bytes(b"an older layout's shard")
+    (out / "manifest.json").write_text("{}")
     (out / "_SUCCESS").write_text("{}")
     (out / "notes.txt").write_text("not ours: kept")
     result = run(tiny.shard(limit=200, rows_per_shard=64, val_fraction=0.1), {}, str(out))
@@ -72,7 +78,11 @@ def test_digits_shards_follow_the_contract(digits_out):
     assert result.metrics["rows_train"] + result.metrics["rows_val"] == 200
     assert 5 <= result.metrics["rows_val"] <= 40  # val_fraction 0.1 of 200, by hash
     assert result.metrics["files_skipped"] == 0
-    assert result.artifacts == {"train": f"{out}/train", "val": f"{out}/val", "manifest": f"{out}/manifest.json"}
+    assert result.artifacts == {
+        "train": f"{out}/split=train",
+        "val": f"{out}/split=val",
+        "manifest": f"{out}/_manifest.json",
+    }
     assert result.info["num_classes"] == 10
     expected = image_schema(32, 1, extra={"source": "digits"})
     for split in ("train", "val"):
@@ -80,7 +90,7 @@ def test_digits_shards_follow_the_contract(digits_out):
             schema = pq.read_schema(f)
             assert schema.equals(expected, check_metadata=True)
             assert json.loads(schema.metadata[IMAGE_META_KEY]) == {"image_size": 32, "channels": 1, "source": "digits"}
-    assert sorted(p.name for p in (out / "train").iterdir()) == [
+    assert sorted(p.name for p in (out / "split=train").iterdir()) == [
         "part-00000.parquet",
         "part-00001.parquet",
         "part-00002.parquet",
@@ -92,6 +102,7 @@ def test_digits_shards_follow_the_contract(digits_out):
     for row in list(rows.values())[:10]:
         assert_image(row["image"], 32, 1)
     assert not (out / "_SUCCESS").exists() and (out / "notes.txt").exists()
+    assert not (out / "train").exists() and not (out / "manifest.json").exists()
     manifest = read_manifest(str(out))
     assert manifest["rows"] == {"train": result.metrics["rows_train"], "val": result.metrics["rows_val"]}
     assert manifest["files"]["train"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -109,6 +120,29 @@ def test_digits_split_is_deterministic_and_rgb_works(digits_out, tmp_path, tiny)
     schema = pq.read_schema(shard_files(str(tmp_path), "train")[0])
     assert schema.equals(image_schema(32, 3, extra={"source": "digits"}), check_metadata=True)
     assert_image(read_split(tmp_path, "val")["image"][0].as_py(), 32, 3)
+
+
+def test_shards_open_as_one_dataset_in_every_reader(digit_shards, read_four_ways, tmp_path):
+    """pyarrow.dataset, pandas, duckdb and Ray Data open the output folder as one dataset: the split a column from the
+    hive folders, the manifest and the pipeline's _SUCCESS skipped, no file holding a split column of its own."""
+    out = tmp_path / "shard"
+    shutil.copytree(digit_shards, out)
+    (out / storage.SUCCESS).write_text("{}")  # as the pipeline publishes a finished output
+    shards = ImageShards.open(str(out))
+    rows = {s: shards.rows(s) for s in SPLITS}
+    assert min(rows.values()) > 0 and sorted(p.name for p in out.glob("_*")) == ["_SUCCESS", "_manifest.json"]
+    for reader, seen in read_four_ways(str(out)).items():
+        assert seen == {"columns": ["id", "label", "image", "split"], "rows": rows}, reader
+
+    dataset = pads.dataset(out, format="parquet", partitioning="hive")
+    assert image_meta(dataset.schema) == {"image_size": 32, "channels": 1, "source": "digits"}
+    for split in SPLITS:
+        ids = dataset.to_table(columns=["id"], filter=pads.field("split") == split).column("id")
+        assert ids.to_pylist() == shards.ids(split).to_pylist()
+        assert all("split" not in pq.read_schema(f).names for f in shards.files(split))
+    table = pq.read_table(out)  # pyarrow.parquet (and so pandas): the split as a dictionary (categorical) column
+    assert pa.types.is_dictionary(table.schema.field("split").type) and IMAGE_META_KEY in table.schema.metadata
+    assert shards.read_images("val").shape == (rows["val"], 1, 32, 32)
 
 
 def test_opening_missing_shards_names_the_step_to_run(tmp_path):
@@ -179,8 +213,8 @@ def files_under(out) -> list[str]:
 
 def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path, tiny):
     out = tmp_path / "out"
-    (out / "train").mkdir(parents=True)
-    (out / "train" / ".tmp-crashed.part").write_bytes(b"half a shard of an earlier attempt")
+    (out / "split=train").mkdir(parents=True)
+    (out / "split=train" / ".tmp-crashed.part").write_bytes(b"half a shard of an earlier attempt")
     cfg = tiny.shard(
         source="image_folder", path=str(folder), channels=3, val_fraction=0.3, rows_per_shard=6, limit=None
     )
@@ -230,14 +264,14 @@ def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path
         assert re.search(reason, skipped[name]), (name, skipped[name])
     assert result.metrics["files_skipped"] == manifest["skipped_count"] == len(BAD)
     assert {s["path"] for s in result.info["skipped"]} == {s["path"] for s in manifest["skipped"]}
-    (out / "manifest.json").read_bytes().decode("utf-8")  # strict UTF-8: what MLflow stores as the artifact
+    (out / "_manifest.json").read_bytes().decode("utf-8")  # strict UTF-8: what MLflow stores as the artifact
     assert manifest["classes"] == ["cat", "dog", "élan"] and manifest["num_classes"] == 3
     assert manifest["ignored_files"] == 1
     assert manifest["rows"]["train"] + manifest["rows"]["val"] == len(rows) == 14
     # Only finished shards and the manifest: no temporary or half-written file, the crashed attempt's included.
-    listed = [f"{s}/{name}" for s in ("train", "val") for name in manifest["files"][s]]
-    assert files_under(out) == sorted([*listed, "manifest.json"])
-    assert all(re.fullmatch(r"(train|val)/part-\d{5}\.parquet", f) for f in listed)
+    listed = [f"split={s}/{name}" for s in ("train", "val") for name in manifest["files"][s]]
+    assert files_under(out) == sorted([*listed, "_manifest.json"])
+    assert all(re.fullmatch(r"split=(train|val)/part-\d{5}\.parquet", f) for f in listed)
 
 
 def test_image_folder_fail_mode_raises_and_leaves_nothing(ray_local, folder, tmp_path, tiny):

@@ -179,11 +179,11 @@ def test_batch_to_tensors_accepts_every_batch_layout():
 def test_read_code_meta_from_json_then_parquet_then_clear_errors(tmp_path):
     meta = meta2()
     t, _ = table(meta)
-    (tmp_path / "ds" / "train").mkdir(parents=True)
-    pq.write_table(t, tmp_path / "ds" / "train" / "part-0.parquet")
-    assert read_code_meta(str(tmp_path / "ds")) == meta  # from the schema: no codes.json yet
+    (tmp_path / "ds" / "split=train").mkdir(parents=True)
+    pq.write_table(t, tmp_path / "ds" / "split=train" / "part-0.parquet")
+    assert read_code_meta(str(tmp_path / "ds")) == meta  # from the schema: no _codes.json yet
     other = meta2(vqvae="fromjson")
-    (tmp_path / "ds" / "codes.json").write_text(json.dumps({**other.to_dict(), "rows": {"train": 5, "val": 0}}))
+    (tmp_path / "ds" / "_codes.json").write_text(json.dumps({**other.to_dict(), "rows": {"train": 5, "val": 0}}))
     assert read_code_meta(str(tmp_path / "ds")) == other
 
     with pytest.raises(FileNotFoundError, match=r"no code dataset at .*nowhere.*run the encode step"):

@@ -119,3 +119,17 @@ def test_model_kinds_are_listed_only_in_the_registry():
             items = node.keys if isinstance(node, ast.Dict) else items
             named = {i.value for i in items if isinstance(i, ast.Constant) and i.value in kinds}
             assert len(named) < 2, f"{path.relative_to(ROOT)}:{node.lineno} lists model kinds {sorted(named)}"
+
+
+def test_only_the_artifact_modules_name_dataset_files():
+    """The Parquet datasets' layout (split folders, sidecar records) is the artifact modules' to know (DESIGN.md)."""
+    names = ("manifest.json", "codes.json")
+    for path in python_files("pipeline") + python_files("steps"):
+        if path.parent == ROOT / "steps" / "artifacts":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                named = [n for n in names if n in node.value]
+                assert not named, (
+                    f"{path.relative_to(ROOT)}:{node.lineno} names {named}: open it through steps.artifacts"
+                )

@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline.graph import NAMES
@@ -36,19 +36,10 @@ from steps.artifacts.images import SPLITS, ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
 from steps.common import MissingInputError
+from steps.idcheck import IdCounts as Rows
+from steps.idcheck import count
 from steps.nn.checkpoint import CheckpointError
 from steps.storage import SUCCESS
-
-
-@dataclass
-class Rows:
-    """One id column checked against what it should hold."""
-
-    expected: int
-    found: int
-    duplicates: int = 0
-    missing: int = 0  # expected ids absent
-    extra: int = 0  # ids that should not be there
 
 
 @dataclass
@@ -78,20 +69,6 @@ class Report:
         return out
 
 
-def compare_ids(found: pa.Array, expected: pa.Array | int) -> Rows:
-    """Counts of ``found`` against the ids it should hold (or only how many, given an int)."""
-    distinct = pc.unique(found)
-    rows = Rows(expected=expected if isinstance(expected, int) else len(expected), found=len(found))
-    rows.duplicates = len(found) - len(distinct)
-    if isinstance(expected, int):
-        rows.missing = max(expected - len(distinct), 0)
-        rows.extra = max(len(distinct) - expected, 0)
-    else:
-        rows.missing = int(pc.sum(pc.invert(pc.is_in(pc.unique(expected), value_set=distinct))).as_py() or 0)
-        rows.extra = int(pc.sum(pc.invert(pc.is_in(distinct, value_set=expected))).as_py() or 0)
-    return rows
-
-
 def _judge(report: Report, key: str, rows: Rows) -> None:
     report.rows[key] = rows
     wrong = {k: getattr(rows, k) for k in ("duplicates", "missing", "extra") if getattr(rows, k)}
@@ -111,16 +88,17 @@ def _check_output(report: Report, step: str, uri: str, record: dict[str, Any]) -
     if step == "shard":
         shards = ImageShards.open(uri)
         for split in SPLITS:
-            _judge(report, f"{key}/{split}", compare_ids(_ids(shards.ids(split)), shards.rows(split)))
+            rows = shards.rows(split)
+            _judge(report, f"{key}/{split}", count(_ids(shards.files(split)), rows, rows))
     elif step == "train_vqvae":
         Autoencoder.open(uri).load()
     elif step == "encode":
         codes = CodeDataset.open(uri)
         shards = _upstream(report, uri, inputs, "shard", ImageShards.open)
+        rows = codes.check_files()  # from the files' footers; the ids stream file by file
         for split in SPLITS:
-            found = _ids(codes.ids(split))
-            expected = _ids(shards.ids(split)) if shards else len(pc.unique(found))
-            _judge(report, f"{key}/{split}", compare_ids(found, expected))
+            expected = _ids(shards.files(split)) if shards else rows[split]
+            _judge(report, f"{key}/{split}", count(_ids(codes.files(split)), expected, rows[split]))
         autoencoder = _upstream(report, uri, inputs, "train_vqvae", Autoencoder.open)
         if autoencoder:
             check_compatible(autoencoder, codes=codes)
@@ -135,11 +113,13 @@ def _check_output(report: Report, step: str, uri: str, record: dict[str, Any]) -
     elif step == "sample":
         samples = Samples.open(uri)
         if samples.code_files():
-            _judge(report, f"{key}/codes", compare_ids(_ids(samples.ids()), samples.num_samples))
+            _judge(report, f"{key}/codes", count(_ids(samples.code_files()), samples.num_samples, samples.num_samples))
 
 
-def _ids(column: pa.ChunkedArray) -> pa.Array:
-    return column.combine_chunks()
+def _ids(files: list[str]) -> Iterator[pa.Array]:
+    """The id column of ``files``, one file at a time (memory: one file's ids)."""
+    for uri in files:
+        yield storage.read_column([uri], "id").combine_chunks()
 
 
 def _record(uri: str | None) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.verify import main, verify
-from steps.artifacts.codes import CodeMeta
+from steps.artifacts.codes import CodeDataset, CodeMeta
 from steps.pixels import encode_png
 
 BLANK = encode_png(np.zeros((32, 32), np.uint8))
@@ -58,7 +58,8 @@ def test_a_sound_root_passes(tmp_path, capsys, artifacts):
 def test_lost_duplicated_and_foreign_rows_are_counted(tmp_path, artifacts):
     root = make_root(tmp_path, artifacts)
     codes = root / "encode" / "e1"
-    ids_file(codes / "train" / "part-00000.parquet", ["a", "a", "z"])  # b and c lost, a twice, z foreign
+    (train_file,) = CodeDataset.open(str(codes)).files("train")
+    ids_file(Path(train_file), ["a", "a", "z"])  # b and c lost, a twice, z foreign
     report = verify(str(root))
     rows = report.rows["encode/e1/train"]
     assert (rows.expected, rows.found, rows.missing, rows.duplicates, rows.extra) == (3, 3, 2, 1, 1)

@@ -26,6 +26,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline import ray_logs
 from steps.encode import EncodeConfig
 from steps.evaluate import EvaluateConfig
 from steps.nn import registry
@@ -79,7 +80,12 @@ class RayConf(ConfigBase):
     # Local Ray only. Ray Train's clean-up monitor queries the State API, which the dashboard serves: without it, it
     # logs a warning every second while training. With it, the dashboard is at http://127.0.0.1:8265.
     include_dashboard: bool = True
-    log_level: str = "WARNING"  # of Ray Data on the driver; INFO shows every dataset pass and progress bars
+    # Ray's own console output, on the driver and in every worker (pipeline/ray_logs.py). WARNING: Ray's warnings and
+    # errors only. INFO brings back all of it: every Ray Data dataset pass, progress bars, Ray Train's worker groups.
+    log_level: str = "WARNING"
+
+    def validate(self) -> None:
+        self.require("log_level", self.log_level.upper() in ray_logs.LEVELS, f"one of {', '.join(ray_logs.LEVELS)}")
 
 
 @dataclass(frozen=True)
@@ -177,8 +183,19 @@ def pipeline_schema() -> type:
     return dataclasses.make_dataclass("PipelineSchema", specs)
 
 
+def local_dir(root: str) -> str:
+    """Where Hydra keeps a run's logs for ``artifacts.root=root`` (``${local_dir:${artifacts.root}}`` in
+    conf/config.yaml): on the root itself when it is a local path (or ``file://``), else ``outputs`` in the working
+    directory. Hydra writes through ``os``, so a URI root would otherwise become a local folder named ``s3:``."""
+    if root.startswith("file://"):
+        return root[len("file://") :]
+    return "outputs" if "://" in root else root
+
+
 def register() -> None:
-    """Put the schemas into Hydra's ConfigStore (idempotent): the pipeline's, and one per registered kind."""
+    """Put the schemas into Hydra's ConfigStore (idempotent): the pipeline's, and one per registered kind; and the
+    ``local_dir`` resolver conf/config.yaml uses."""
+    OmegaConf.register_new_resolver("local_dir", local_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=pipeline_schema())
     for role, group in SCHEMA_GROUPS.items():

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__, cache, graph, models
+from pipeline import __version__, cache, graph, models, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
 from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
 from steps.common import MLflowSink
@@ -91,19 +91,10 @@ def _start_ray(cfg: PipelineConfig) -> None:
     if not address:
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
     # Workers import our packages from the working directory that `ray job submit --working-dir` ships, or from
-    # this checkout when run locally.
-    # No ray.LoggingConfig here: it would also lower this driver's own logging and hide the step progress lines.
-    ray.init(address=address, **kwargs)
-    _quiet_ray_data(cfg.ray.log_level)
-
-
-def _quiet_ray_data(level: str) -> None:
-    """Ray Data reports every dataset pass at INFO; keep the driver's output to our own progress lines."""
-    import ray.data
-
-    logging.getLogger("ray.data").setLevel(level)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = level in ("DEBUG", "INFO")
+    # this checkout when run locally. Ray's chatter is set per process (pipeline/ray_logs.py); not ray.LoggingConfig,
+    # which would also lower this driver's own logging and hide the step progress lines.
+    ray.init(address=address, runtime_env=ray_logs.runtime_env(cfg.ray.log_level), **kwargs)
+    ray_logs.quiet_driver(cfg.ray.log_level)
 
 
 def execute(
@@ -128,11 +119,14 @@ def execute(
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:
             _execute_one(p, cfg, store, tracker)
-        tracker.log_run(run_params(overrides, choices), _run_metrics(planned))
+        made = {p.step.name: (store.final(p.step.name, p.fingerprint), p.fingerprint) for p in planned if p.record}
+        datasets = {name: made[name] for name in graph.DATASETS if name in made}
+        tracker.log_run(run_params(overrides, choices), _run_metrics(planned), datasets)
         if cfg.mlflow.register_models:
             move = cfg.mlflow.move_alias if cfg.mlflow.move_alias is not None else not trial
             _register_models(planned, cfg, store, move)
     _print_summary(planned)
+    print(tracker.where(), flush=True)
     return planned
 
 

@@ -83,14 +83,15 @@ def _split_override(override: str) -> tuple[str, str] | None:
 
 
 def run_params(overrides: list[str], choices: Mapping[str, str | None]) -> dict[str, str]:
-    """The parent run's params: the chosen option of each main group, then every override (``hydra.*`` left out).
+    """The parent run's params: the chosen option of each main group, then every override (but ``hydra.*`` and
+    ``mlflow.*``: where the run is recorded, not what it ran).
 
     These are what two pipeline runs differ in, so MLflow's Compare on two parent runs shows exactly that.
     """
     params = {g: str(choices[g]) for g in CHOICE_GROUPS if choices.get(g) not in (None, "null")}
     for override in overrides:
         pair = _split_override(override)
-        if pair is not None and not pair[0].startswith("hydra."):
+        if pair is not None and not pair[0].startswith(("hydra.", "mlflow.")):  # not what ran, nor what it did
             params[pair[0]] = pair[1]
     return {k: _param_value(k, v) for k, v in params.items()}
 
@@ -208,11 +209,28 @@ class Tracker:
     def run_id(self) -> str:
         return self.parent.info.run_id
 
+    def where(self) -> str:
+        """Where to see the parent run in the MLflow UI: its URL, opened in the UI's model-training view."""
+        page = f"#/experiments/{self.parent.info.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"MLflow run: {redact(self.tracking_uri.rstrip('/'))}/{page}"
+        return (
+            f"MLflow run: mlflow ui --backend-store-uri {redact(self.tracking_uri)}, then http://127.0.0.1:5000/{page}"
+        )
+
     def log_text(self, text: str, name: str) -> None:
         self.mlflow.log_text(redact(text), name)
 
-    def log_run(self, params: Mapping[str, str], metrics: Mapping[str, float]) -> None:
-        """Params and metrics of the parent run (what Compare on two pipeline runs shows)."""
+    def log_run(
+        self,
+        params: Mapping[str, str],
+        metrics: Mapping[str, float],
+        datasets: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        """Params, metrics and datasets (name -> (URI, fingerprint)) of the parent run: what Compare on two pipeline
+        runs shows, and the runs table's dataset column."""
+        for name, (uri, digest) in (datasets or {}).items():
+            log_dataset(self.mlflow, name, uri, digest)
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)

@@ -54,6 +54,7 @@ from steps.artifacts.samples import Samples
 from steps.common import MetricsSink, StepResult, require_input
 from steps.nn.config import ConfigBase
 from steps.pixels import grid_png
+from steps.progress import duration
 from steps.quality import (
     code_metrics,
     decode_codes,
@@ -66,6 +67,7 @@ from steps.quality import (
 
 log = logging.getLogger(__name__)
 STEP = "evaluate"
+SHOWN = ("recon_mse", "bits_per_dim", "fd_effnet", "fd_effnet_real", "precision", "recall")  # in the step's last line
 FEATURE_SPACE = "EfficientNet-Lite0 (ImageNet), global average pool of the 1280-d head, 224x224 bilinear"
 
 
@@ -162,7 +164,12 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
 
     rec, recons = reconstruction(model, real, cfg.batch_size, device)
     metrics.update(rec)
-    log.info("evaluate: reconstruction of %d images: MSE %.5f", len(real), rec["recon_mse"])
+    log.info(
+        "evaluate: reconstruction of %d images: MSE %.5f (after %s)",
+        len(real),
+        rec["recon_mse"],
+        duration(time.perf_counter() - t0),
+    )
 
     if codes is not None:
         level_priors = {lv: priors.load(lv) for lv in codes.meta.levels} if priors is not None else {}
@@ -175,6 +182,17 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
             metrics["bits_per_dim"] = total_bits / (autoencoder.image_shape[0] * meta.image_size**2)
         if code_info["code_split"] != "val":
             notes.append("the code dataset has no val split: code metrics use the train codes")
+        bits = "".join(
+            f", {lv} prior {code_m[f'nll_bits_{lv}']:.3f} bits/code"
+            for lv in level_priors
+            if f"nll_bits_{lv}" in code_m
+        )
+        log.info(
+            "evaluate: codes of %d images%s (after %s)",
+            code_info["code_rows"],
+            bits,
+            duration(time.perf_counter() - t0),
+        )
 
     fakes = sample_images(samples, autoencoder, model, cfg)
     if fakes.shape[1:] != real.shape[1:]:
@@ -194,7 +212,9 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
     if cfg.recon_fd:
         sets["recon"] = recons[half_b]
     feats = {name: features(extractor, images, cfg.batch_size, device) for name, images in sets.items()}
-    counts["feature_images_per_s"] = sum(len(f) for f in feats.values()) / (time.perf_counter() - t_feat)
+    featured = sum(len(f) for f in feats.values())
+    counts["feature_images_per_s"] = featured / (time.perf_counter() - t_feat)
+    log.info("evaluate: features of %d images (after %s)", featured, duration(time.perf_counter() - t0))
     if n < 2 or len(half_a) < 2:
         notes.append(f"too few images for feature distances ({n} samples, {len(half_a)} real): skipped")
     else:
@@ -259,5 +279,7 @@ def run(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str, sink: MetricsS
     for note in report["notes"]:
         log.warning("evaluate: %s", note)
     metrics = {k: float(v) for k, v in report["metrics"].items()}
+    shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in SHOWN if k in metrics)
+    log.info("evaluate: %s  done in %s", shown, duration(report["counts"]["seconds"]))
     artifacts = EvaluationWriter(out).artifacts
     return StepResult(metrics=metrics, artifacts=artifacts, info={"counts": report["counts"], "notes": report["notes"]})

@@ -2,9 +2,9 @@
 
 The driver lists the source (file paths or row references, never pixels of a large source), assigns each image to
 train or val from a hash of its id, and cuts each split into chunks of ``rows_per_shard``. Each chunk is one Ray
-Data work unit: a worker decodes its images and writes ``<out>/<split>/part-NNNNN.parquet`` itself (temporary name,
-then rename), returning only counts and the files it could not read. The manifest is written last, so an output
-without ``manifest.json`` is never mistaken for a finished one.
+Data work unit: a worker decodes its images and writes one shard file itself (temporary name, then rename),
+returning only counts and the files it could not read. The manifest is written last, so an output without it is never
+mistaken for a finished one.
 
 The output is the image-shard artifact of :mod:`steps.artifacts.images`.
 """
@@ -12,6 +12,7 @@ The output is the image-shard artifact of :mod:`steps.artifacts.images`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ from steps.artifacts.images import SPLITS, ShardWriter
 from steps.common import MetricsSink, StepResult
 from steps.nn.config import ConfigBase
 from steps.pixels import encode_png
+from steps.progress import Progress, watch
 
+log = logging.getLogger(__name__)
 SOURCES = ("digits", "image_folder", "parquet", "idx")
 
 
@@ -135,16 +138,20 @@ def run(cfg: ShardConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink
     ]
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(_shard_batch, batch_size=1, batch_format="numpy", fn_kwargs={"cfg": cfg, "out": out})
-    results = sorted(
-        ((r["split"], int(r["part"]), json.loads(r["result"])) for r in ds.take_all()),
-        key=lambda r: (SPLITS.index(r[0]), r[1]),
-    )
+    progress = Progress("shard", len(listing.items), unit="rows", rate_unit="rows/s")
+    done = []
+    with watch(progress, lambda: progress.done, log):
+        for r in ds.iter_rows():  # units in the order they finish
+            done.append((r["split"], int(r["part"]), json.loads(r["result"])))
+            progress.done += done[-1][2]["rows"] + len(done[-1][2]["skipped"])
+    results = sorted(done, key=lambda r: (SPLITS.index(r[0]), r[1]))
 
     skipped = [entry for _, _, r in results for entry in r["skipped"]]
     failed = [r["skipped"][-1] for _, _, r in results if r["failed"]]
     if failed:
         writer.clear()
         raise ValueError(f"bad image {failed[0]['path']}: {failed[0]['reason']} (shard.on_bad_file=fail)")
+    log.info("%s", progress.line())
     rows = {s: sum(r["rows"] for split, _, r in results if split == s) for s in SPLITS}
     if not sum(rows.values()):
         writer.clear()

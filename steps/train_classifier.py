@@ -107,7 +107,7 @@ def train(cfg: TrainClassifierConfig, shards: str, out: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shards", help="output of the shard step (the folder holding manifest.json)")
+    parser.add_argument("shards", help="output of the shard step (its image shards)")
     parser.add_argument("out", help="where to write the classifier checkpoint, e.g. outputs/classifier.pt")
     defaults = TrainClassifierConfig().to_dict()
     for name, value in defaults.items():

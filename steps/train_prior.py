@@ -68,6 +68,8 @@ def prior_config(cfg: TrainPriorConfig, meta: CodeMeta, level: str) -> PriorConf
 class PriorTask(TrainTask):
     """Trains the prior of one level on code-dataset batches."""
 
+    progress_val = ("nll_bits", "val bits")
+
     def __init__(self, level: str, config: PriorConfig, meta: CodeMeta) -> None:
         self.name = f"train_prior[{level}]"
         self.level = level

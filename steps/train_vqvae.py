@@ -53,6 +53,8 @@ def _decode_images(batch: dict[str, np.ndarray], channels: int) -> dict[str, np.
 class AutoencoderTask(TrainTask):
     """Trains any autoencoder of ``steps.nn`` on uint8 image batches."""
 
+    progress_val = ("recon_mse", "val mse")
+
     def __init__(self, model_config: AutoencoderConfig, grid_images: int) -> None:
         self.name = "train_vqvae"
         self.model_config = model_config

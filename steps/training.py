@@ -32,6 +32,7 @@ from steps.common import MetricsSink
 from steps.nn.averaging import WeightAverage
 from steps.nn.checkpoint import checkpoint_dict, read_checkpoint, unwrap
 from steps.nn.config import ConfigBase, no_effect
+from steps.progress import Progress
 from steps.storage import delete, exists, filesystem, join, read_bytes, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class TrainTask:
     """What one kind of training needs on each worker. Subclasses must be picklable (Ray ships them to workers)."""
 
     name = "train"
+    progress_val = ("", "")  # (val metric, its label) the console's progress line shows, e.g. ("recon_mse", "val mse")
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -279,6 +281,7 @@ def _worker_loop(config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
     window: dict[str, float] = {}
     last_train: dict[str, float] = {}
+    progress = Progress(task.name, tc.steps, step, items_per_unit=tc.batch_size * world) if rank == 0 else None
     seen, t0 = 0, time.perf_counter()
     while step < tc.steps:
         model.train()
@@ -309,8 +312,9 @@ def _worker_loop(config: dict) -> None:
         if average is not None:
             average.update(unwrap(model), step)
         seen += 1
-        for k, v in {"loss": loss.detach(), **stats}.items():
-            window[k] = window.get(k, 0.0) + float(v)
+        values = {k: float(v) for k, v in {"loss": loss.detach(), **stats}.items()}
+        for k, v in values.items():
+            window[k] = window.get(k, 0.0) + v
         last = step == tc.steps
         if step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - t0
@@ -342,6 +346,8 @@ def _worker_loop(config: dict) -> None:
                     report.update({f"val/{k}": v for k, v in task.evaluate(scored, val).items()})
                 if step > logged_until:
                     sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
+                if f"val/{task.progress_val[0]}" in report:
+                    progress.val = (task.progress_val[1], report[f"val/{task.progress_val[0]}"])
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     _save(os.path.join(d, STATE_FILE), model, opt, sched, step, report, average)
@@ -351,6 +357,8 @@ def _worker_loop(config: dict) -> None:
                         with torch.no_grad(), autocast:
                             task.finalize(final, val, d)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        if progress is not None and (text := progress.update(step, values["loss"])):
+            log.info("%s", text)  # rank 0's console: one line at least every PROGRESS_EVERY_S, and the last
         task.end_step(step, rank, run_dir)
 
 
@@ -382,6 +390,7 @@ def fit(
     ``storage``/``name`` locate Ray Train's run state: a second call with the same pair resumes from the latest
     checkpoint there instead of starting over (a restarted driver continues the run).
     """
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -392,6 +401,10 @@ def fit(
     delete(nonfinite_marker)  # a record from an earlier attempt of this run is history now
     if tc.cache_data:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    # Ray Train's console chatter follows the driver's ray.train logger (pipeline/ray_logs.py sets it), and its
+    # default ingest options copy these through a deprecated argument (a warning in every run).
+    level = logging.getLevelName(logging.getLogger("ray.train").level or logging.INFO)
+    ingest = ray.data.DataContext.get_current().execution_options
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -408,9 +421,10 @@ def fit(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(level),
         ),
         datasets=dict(datasets),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     result = trainer.fit()
     if exists(nonfinite_marker):

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import read_code_meta
+from steps.artifacts.codes import CodeDataset, read_code_meta
+from steps.artifacts.images import ImageShards
 from steps.artifacts.priors import Priors
 
 pytestmark = pytest.mark.e2e
@@ -51,8 +52,19 @@ def workdir(tmp_path_factory):
     """One full run, with a worker killed (SIGKILL) in train_vqvae after step 7 (by the fault-injection wrapper,
     python -m pipeline.faults): Ray Train restarts the workers from the step-5 checkpoint."""
     path = tmp_path_factory.mktemp("e2e")
-    pipeline(path, faults=("--kill-at", "train_vqvae:7"))
+    (path / "console.txt").write_text(pipeline(path, faults=("--kill-at", "train_vqvae:7")))
     return path
+
+
+def test_the_console_shows_progress_and_not_ray_chatter(workdir):
+    """Each long step says how far it got (steps/progress.py); Ray's INFO chatter is off (ray.log_level)."""
+    output = (workdir / "console.txt").read_text()
+    for done in ("shard  rows 200/200 (100%)", "encode  rows 200/200 (100%)", "train_vqvae  step 10/10 (100%)"):
+        assert done in output, f"no progress line {done!r} in:\n{output[-5000:]}"
+    assert "train_prior[top]  step 10/10 (100%)" in output and "train_prior[bottom]  step 10/10 (100%)" in output
+    assert "done in" in output and "val mse" in output and "val bits" in output
+    for chatter in ("Starting execution of Dataset", "Progress bars disabled", "Reporting training result"):
+        assert chatter not in output, f"Ray's chatter {chatter!r} is back:\n{output[-5000:]}"
 
 
 def test_every_artifact_and_schema(workdir):
@@ -64,7 +76,7 @@ def test_every_artifact_and_schema(workdir):
         record = json.loads((out / "_SUCCESS").read_text())
         assert record["step"] == step and record["fingerprint"] == out.name
 
-    manifest = json.loads((outs["shard"][0] / "manifest.json").read_text())
+    manifest = ImageShards.open(str(outs["shard"][0])).manifest
     assert manifest["rows"]["train"] + manifest["rows"]["val"] == 200
 
     autoencoder = Autoencoder.open(str(outs["train_vqvae"][0]))
@@ -74,7 +86,7 @@ def test_every_artifact_and_schema(workdir):
     codes = outs["encode"][0]
     meta = read_code_meta(str(codes))
     assert meta.shapes == {"top": (4, 4), "bottom": (8, 8)} and meta.codebook_size == {"top": 512, "bottom": 512}
-    table = pq.read_table(codes / "train")
+    table = pq.read_table(CodeDataset.open(str(codes)).split_uri("train"))
     assert table.schema.field("top").type.list_size == 16 and table.schema.field("bottom").type.list_size == 64
     assert str(table.schema.field("top").type.value_type) == "int16"
     assert table.num_rows == manifest["rows"]["train"] and len(set(table.column("id").to_pylist())) == table.num_rows
@@ -108,6 +120,7 @@ def test_mlflow_run_tree(workdir):
     assert {"fd_effnet", "precision", "recall", "psnr", "nll_bits_top", "usage_bottom"} <= set(parent.data.metrics)
     assert parent.data.metrics["fd_effnet"] == kids["evaluate"].data.metrics["final/fd_effnet"]
     assert client.get_experiment_by_name("vqvae2").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {d.dataset.name for d in client.get_run(parent.info.run_id).inputs.dataset_inputs} == {"shard", "encode"}
     for step, upstream in (("train_vqvae", "shard"), ("encode", "shard"), ("train_prior", "encode")):
         (read,) = client.get_run(kids[step].info.run_id).inputs.dataset_inputs
         assert (
@@ -158,6 +171,9 @@ def test_second_invocation_is_fully_cached(workdir):
     for run in children[second.info.run_id]:
         assert run.data.tags["cached"] == "true"
         assert run.data.tags["produced_by"] == produced[run.data.tags["mlflow.runName"]]
+    # A cached run still carries the evaluate figures, and says where to look at it.
+    assert second.data.metrics["fd_effnet"] == first.data.metrics["fd_effnet"] and second.data.metrics["steps_run"] == 0
+    assert f"#/experiments/{second.info.experiment_id}/runs/{second.info.run_id}?workflowType=" in output
     client, _, _ = mlflow_runs(workdir)
     (version,) = client.search_model_versions("name='vqvae2-generator'")  # the same outputs: no second version
     assert str(client.get_model_version_by_alias("vqvae2-generator", "current").version) == str(version.version)

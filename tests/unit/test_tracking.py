@@ -127,7 +127,12 @@ def test_parent_run_params_and_name_come_from_choices_and_overrides():
 
     choices = {"experiment": "digits32", "model": "vqvae", "prior": "pixelsnail", "debug": None, "hydra/job": "x"}
     overrides = ["model=vqvae", "train_prior.train.steps=400", "+sample.top_p=0.9", "~evaluate.knn_k"]
-    overrides += ["artifacts.root=/tmp/a", "hydra.run.dir=/tmp/h", f"mlflow.tracking_uri=http://u:{SECRET}@h:5000"]
+    overrides += [
+        "artifacts.root=/tmp/a",
+        "hydra.run.dir=/tmp/h",
+        f"data.path=https://u:{SECRET}@h/img",
+        "mlflow.run_name=x",
+    ]
     params = run_params(overrides, choices)
     assert params == {
         "experiment": "digits32",
@@ -136,9 +141,10 @@ def test_parent_run_params_and_name_come_from_choices_and_overrides():
         "train_prior.train.steps": "400",
         "sample.top_p": "0.9",
         "artifacts.root": "/tmp/a",
-        "mlflow.tracking_uri": "http://u:***@h:5000",
+        "data.path": "https://u:***@h/img",
     }
-    assert run_name(overrides, choices) == "digits32 model=vqvae train_prior.train.steps=400 sample.top_p=0.9"
+    name = "digits32 model=vqvae train_prior.train.steps=400 sample.top_p=0.9 data.path=https://u:***@h/img"
+    assert run_name(overrides, choices) == name
     assert run_name(["artifacts.root=/x"], {"experiment": "fashion_mnist32"}) == "fashion_mnist32 defaults"
     long = run_name([f"train_vqvae.train.lr={i}e-4" for i in range(40)], choices)
     assert len(long) == 120 and long.endswith("...")

@@ -2,13 +2,15 @@
 
     <root>/<step>/<fingerprint>/            a finished output; its _SUCCESS (JSON) is written before it appears
     <root>/<step>/<fingerprint>.partial/    work in progress (a crashed attempt resumes or restarts here)
-    <root>/<step>/<fingerprint>.lock        held while a pipeline works on that output
+    <root>/<step>/<fingerprint>.lock        held while a pipeline works on that output (on an object store a prefix
+                                            of lease objects: pipeline/lease.py)
 
 fingerprint = sha256(step name, resolved step config, upstream fingerprints, project version). On local disk a step
 writes into ``.partial`` and the directory is renamed into place with ``_SUCCESS`` inside, so a directory without
 ``.partial`` in its name is always complete. On object stores (no rename) the step writes in place and
 ``_SUCCESS`` goes last; readers only trust directories with a ``_SUCCESS``. Two pipelines on one root serialise on
-the lock: the second finds the first one's ``_SUCCESS`` and skips the step.
+the lock (``fcntl`` on local disk, a heartbeat lease on object stores): the second finds the first one's
+``_SUCCESS`` and skips the step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator, Mapping
 
 from pipeline import __version__
+from pipeline.lease import POLL, TTL, Lease
 from steps import storage
 from steps.nn.config import ConfigBase
 from steps.storage import SUCCESS
@@ -41,9 +44,12 @@ def fingerprint(step: str, config: ConfigBase, upstream: Mapping[str, str]) -> s
 
 
 class ArtifactStore:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, lease_ttl: float = TTL, lease_poll: float = POLL) -> None:
+        """``lease_ttl``, ``lease_poll``: of the lock on object stores (:class:`pipeline.lease.Lease`)."""
         self.root = root
         self.local = storage.is_local(root)
+        self.lease_ttl, self.lease_poll = lease_ttl, lease_poll
+        self._leases: dict[tuple[str, str], Lease] = {}  # held on an object store, checked again before publishing
 
     def final(self, step: str, fp: str) -> str:
         return storage.join(self.root, step, fp)
@@ -59,9 +65,16 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def lock(self, step: str, fp: str) -> Iterator[None]:
-        """Exclusive hold on one output (local roots; shared object stores rely on _SUCCESS-last instead)."""
+        """Exclusive hold on one output: an ``fcntl`` lock on local disk, a :class:`~pipeline.lease.Lease` on an
+        object store (a dead pipeline's lease expires after ``lease_ttl`` seconds)."""
         if not self.local:
-            yield
+            lease = Lease(storage.join(self.root, step, fp + ".lock"), self.lease_ttl, self.lease_poll, _say)
+            with lease:
+                self._leases[(step, fp)] = lease
+                try:
+                    yield
+                finally:
+                    del self._leases[(step, fp)]
             return
         path = storage.filesystem(storage.join(self.root, step, fp + ".lock"))[1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -85,6 +98,8 @@ class ArtifactStore:
         """Write ``_SUCCESS`` and move the work into place; returns the final URI."""
         work, final = self.work_dir(step, fp), self.final(step, fp)
         if not self.local:
+            if (step, fp) in self._leases:
+                self._leases[(step, fp)].check()  # a lease lost in a stall: the pipeline that took it over publishes
             storage.write_json(storage.join(final, SUCCESS), record)
             return final
         work_path, final_path = storage.filesystem(work)[1], storage.filesystem(final)[1]
@@ -97,6 +112,10 @@ class ArtifactStore:
         else:
             os.replace(work_path, final_path)
         return final
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def relocate(uri: str, work: str, final: str) -> str:

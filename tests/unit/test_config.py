@@ -213,3 +213,15 @@ def test_cluster_run_with_a_store_on_the_driver_is_refused():
     with pytest.raises(ConfigError, match=r"mlflow.tracking_uri=sqlite:///.*ray.address=auto"):
         make("ray=cluster")
     assert make("ray=cluster", "mlflow=server").mlflow.tracking_uri.startswith("http://")
+
+
+@pytest.mark.parametrize(
+    ("root", "logs"),
+    [("s3://bucket/root", "outputs"), ("gs://bucket", "outputs"), ("/data/runs", "/data/runs"),
+     ("file:///data/runs", "/data/runs"), ("outputs", "outputs")],
+)  # fmt: skip
+def test_hydra_logs_stay_on_local_disk_for_a_uri_root(root, logs):
+    """Hydra writes its run folder with ``os``: for an s3:// root it would make a local folder named ``s3:``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra = compose("config", overrides=[f"artifacts.root={root}"], return_hydra_config=True).hydra
+    assert hydra.run.dir.startswith(f"{logs}/_hydra/") and hydra.sweep.dir.startswith(f"{logs}/_hydra/multirun-")

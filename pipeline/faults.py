@@ -72,7 +72,7 @@ class FaultyTask(TrainTask):
 
     def __init__(self, inner: TrainTask, kill_at: int, nan_at: int, mode: str) -> None:
         self.inner, self.kill_at, self.nan_at, self.mode = inner, kill_at, nan_at, mode
-        self.name = inner.name
+        self.name, self.progress_val = inner.name, inner.progress_val
         self._step, self._rank = 0, 0
 
     def build_model(self):
@@ -283,8 +283,11 @@ def driver_kill(ws: Workspace, step: str, pattern: str, *overrides: str) -> dict
 
 
 def driver_kill_encode(ws: Workspace) -> dict[str, Any]:
-    """The driver is killed as soon as encode has written a code file."""
-    return driver_kill(ws, "encode", "encode/*.partial/*/*.parquet")
+    """The driver is killed as soon as encode has written a code file; the rerun must keep the finished code files
+    and encode only the rest ("resuming")."""
+    facts = driver_kill(ws, "encode", "encode/*.partial/*/*.parquet")
+    facts["survived"] = facts["survived"] and facts["resumed"]
+    return facts
 
 
 def driver_kill_sample(ws: Workspace) -> dict[str, Any]:

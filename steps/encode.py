@@ -1,30 +1,33 @@
 """The encode step: every image of the shards -> its discrete VQ-VAE codes, as the code dataset of ``steps.codes``.
 
 VQ-VAE-2 (Razavi et al. 2019, section 3.2) trains its priors on the codes of the whole training set, so this step is
-batch inference: a Ray Data ``map_batches`` over the image shards with a callable class that loads the checkpoint
-once per actor (``compute=ActorPoolStrategy``), and a datasink that writes the code Parquet files per split.
+batch inference: a Ray Data ``map_batches`` over the shard files with a callable class that loads the checkpoint once
+per actor (``compute=ActorPoolStrategy``). Both splits go through one Ray Data execution (actor start-up is paid
+once).
 
-Both splits go through one Ray Data execution (actor start-up is paid once): the read tags each row with its file's
-path, the encoder turns that into a split index, and the sink routes rows to ``<out>/<split>/``. Before any work the
-step checks the inputs (checkpoint kind, image size and channels); afterwards it proves that every input row has
-exactly one output row (counts per split, unique ids, ids drawn from the input) and only then writes ``codes.json``.
+The unit of work is one image-shard file: an actor encodes it whole into the code file of the same name in the
+split's folder, written whole or not at all. So the step resumes per file: after a crash (a killed driver, a lost
+node) the rerun keeps every code file that is complete (row count and code metadata) and encodes only the rest
+(:meth:`~steps.artifacts.codes.CodeWriter.resume`). Before any work the step checks the inputs (checkpoint kind,
+image size and channels); afterwards it proves, file by file, that each code file holds exactly the ids of its
+image file, in order (memory: one file's ids), and only then writes the code dataset's record
+(``steps.artifacts.codes``: its presence means the dataset is complete).
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from steps import storage
 from steps.artifacts.autoencoder import Autoencoder
@@ -33,11 +36,11 @@ from steps.artifacts.images import SPLITS, ImageShards
 from steps.common import MetricsSink, StepResult, require_input
 from steps.nn.config import ConfigBase, no_effect
 from steps.pixels import decode_batch
+from steps.progress import Progress, watch
 
 log = logging.getLogger(__name__)
 
 STEP = "encode"
-SPLIT_COL = "__split"  # int8 index into SPLITS, added by the encoder and dropped by the sink
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,9 @@ class EncodeConfig(ConfigBase):
     num_actors: int = no_effect(1)
     use_gpu: bool = False
     cpus_per_actor: float = no_effect(1.0)
-    rows_per_file: int = 4096
 
     def validate(self) -> None:
-        self.require_min(1, "batch_size", "num_actors", "rows_per_file")
+        self.require_min(1, "batch_size", "num_actors")
         self.require("cpus_per_actor", self.cpus_per_actor > 0, "a number > 0")
 
     @property
@@ -62,69 +64,43 @@ class EncodeConfig(ConfigBase):
 
 
 # ------------------------------------------------------------------------------------------------ Ray Data parts
-class CodeEncoder:
-    """``map_batches`` callable: image rows (pyarrow) -> code rows. The model is loaded once per actor."""
+@dataclass(frozen=True)
+class Unit:
+    """One image-shard file and the code file it becomes (``<split folder>/<name>.parquet`` of the output)."""
 
-    def __init__(
-        self, autoencoder: Autoencoder, meta: CodeMeta, split_dirs: Mapping[str, str], use_gpu: bool, threads: int
-    ) -> None:
+    split: str
+    src: str
+    name: str
+    rows: int
+
+
+class FileEncoder:
+    """``map_batches`` callable: each row names one image-shard file, which the actor encodes whole, ``batch_size``
+    images at a time, into its code file. The model is loaded once per actor."""
+
+    def __init__(self, autoencoder: Autoencoder, writer: CodeWriter, batch_size: int, use_gpu: bool, threads: int):
         torch.set_num_threads(threads)
-        self.meta = meta
+        self.writer, self.batch_size = writer, batch_size
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = autoencoder.load(self.device)  # refuses a checkpoint that changed since the driver checked it
         self.channels = autoencoder.image_shape[0]
-        self.split_dirs = {s: d.rstrip("/") + "/" for s, d in split_dirs.items()}
 
-    def _split_index(self, paths: pa.ChunkedArray | pa.Array) -> np.ndarray:
-        """Per row, the index in SPLITS of the split whose directory holds the row's file."""
-        unique = pc.unique(paths).to_pylist()
-        index = []
-        for p in unique:
-            match = [s for s, d in self.split_dirs.items() if p.startswith(d)]
-            if not match:
-                raise RuntimeError(f"encode: read a file outside the split directories: {p}")
-            index.append(SPLITS.index(match[0]))
-        return np.asarray(index, dtype=np.int8)[pc.index_in(paths, value_set=pa.array(unique)).to_numpy()]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        x = torch.from_numpy(decode_batch(batch.column("image").to_pylist(), self.channels))  # (B, C, S, S)
+    def encode(self, images: pa.Table) -> pa.Table:
+        x = torch.from_numpy(decode_batch(images.column("image").to_pylist(), self.channels))  # (B, C, S, S)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             enc = self.model.encode(x.to(self.device, non_blocking=True))
         codes = {n: c.cpu() for n, c in zip(self.model.levels, enc.codes, strict=True)}  # each (B, H, W)
-        table = codes_to_arrow(batch.column("id"), batch.column("label"), codes, self.meta)
-        return table.append_column(SPLIT_COL, pa.array(self._split_index(batch.column("path"))))
+        return codes_to_arrow(images.column("id"), images.column("label"), codes, self.writer.meta)
 
-
-class CodeSink(Datasink):
-    """Writes bundles of at least ``rows_per_file`` code rows as files of at most that many rows, per split.
-
-    Files are named by the write task, so a retried task overwrites its own file, and written whole or not at all
-    (:class:`~steps.artifacts.codes.CodeWriter`).
-    """
-
-    def __init__(self, writer: CodeWriter, rows_per_file: int) -> None:
-        self.writer = writer
-        self.rows_per_file = rows_per_file
-        self.run_id = uuid.uuid4().hex[:8]
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> dict[str, int]:
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        written = dict.fromkeys(SPLITS, 0)
-        if not tables:
-            return written
-        table = pa.concat_tables(tables)
-        split = table.column(SPLIT_COL)
-        for i, name in enumerate(SPLITS):
-            part = table.filter(pc.equal(split, i)).drop_columns([SPLIT_COL])
-            for k, start in enumerate(range(0, part.num_rows, self.rows_per_file)):
-                chunk = part.slice(start, self.rows_per_file)
-                self.writer.write_part(chunk, name, f"part-{ctx.task_idx:05d}-{k:03d}-{self.run_id}")
-            written[name] = part.num_rows
-        return written
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for split, src, name in zip(batch["split"], batch["src"], batch["name"], strict=True):
+            images = storage.read_parquet(str(src), columns=["id", "label", "image"])
+            parts = [self.encode(images.slice(i, self.batch_size)) for i in range(0, images.num_rows, self.batch_size)]
+            table = pa.concat_tables(parts) if parts else self.writer.schema.empty_table()
+            self.writer.write_part(table, str(split), str(name))
+            rows.append(table.num_rows)
+        return {"rows": np.asarray(rows, dtype=np.int64)}
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -150,20 +126,27 @@ def run(cfg: EncodeConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
         raise ValueError(f"encode found no images in the shards at {shards.uri}; rerun the shard step")
     meta = CodeMeta.of(autoencoder, shards.num_classes)
     writer = CodeWriter(out, meta)
-    writer.clear(keep_clear_of=(shards.uri, autoencoder.uri))
+    units = _units(shards)
+    done = writer.resume({(u.split, u.name): u.rows for u in units}, keep_clear_of=(shards.uri, autoencoder.uri))
+    todo = [u for u in units if (u.split, u.name) not in done]
+    if done:
+        log.info("encode: resuming: %d of %d files already encoded, %d to go", len(done), len(units), len(todo))
 
     start = time.perf_counter()
-    todo = [s for s in SPLITS if in_rows[s]]
-    _encode(cfg, autoencoder, shards, todo, writer)
+    kept = sum(u.rows for u in units if (u.split, u.name) in done)  # the rate counts this run's rows only
+    progress = Progress(STEP, sum(in_rows.values()), kept, unit="rows", rate_unit="rows/s")
+    with watch(progress, _rows_written(writer, [s for s in SPLITS if in_rows[s]]), log):
+        _encode(cfg, autoencoder, todo, writer)
     seconds = time.perf_counter() - start
     for s in SPLITS:
         if not in_rows[s]:
             writer.write_empty(s)
 
-    out_rows = _verify(CodeDataset(out, meta), shards, in_rows)
+    out_rows = _verify(CodeDataset(out, meta), units, in_rows)
     artifacts = writer.finish(out_rows)  # last: its presence means the data is complete
     total = sum(out_rows.values())
-    log.info("encode: %s images -> %s codes %s in %.1f s", out_rows, list(meta.levels), meta.shapes, seconds)
+    codes = ", ".join(f"{level} {h}x{w}" for level, (h, w) in meta.shapes.items())
+    log.info("%s  -> codes %s", progress.line(total), codes)
     return StepResult(
         metrics={
             "rows_train": float(out_rows["train"]),
@@ -175,7 +158,19 @@ def run(cfg: EncodeConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     )
 
 
-def _encode(cfg: EncodeConfig, autoencoder: Autoencoder, shards: ImageShards, splits: list[str], writer: CodeWriter):
+def _units(shards: ImageShards) -> list[Unit]:
+    """Every non-empty image-shard file, with its row count (from its footer)."""
+    units = []
+    for split in SPLITS:
+        for uri in shards.files(split):
+            fs, path = storage.filesystem(uri)
+            rows = pq.read_metadata(path, filesystem=fs).num_rows
+            if rows:
+                units.append(Unit(split, uri, posixpath.basename(path).removesuffix(".parquet"), rows))
+    return units
+
+
+def _encode(cfg: EncodeConfig, autoencoder: Autoencoder, units: list[Unit], writer: CodeWriter) -> None:
     if ray.is_initialized():  # an actor that can never be placed would make Ray Data wait forever
         have = ray.cluster_resources()
         if cfg.use_gpu and have.get("GPU", 0) < 1:
@@ -184,43 +179,62 @@ def _encode(cfg: EncodeConfig, autoencoder: Autoencoder, shards: ImageShards, sp
             raise ValueError(
                 f"encode.cpus_per_actor={cfg.cpus_per_actor}, but the Ray cluster has {have.get('CPU', 0)} CPUs"
             )
-    fs, _ = storage.filesystem(shards.uri)
-    split_dirs = {s: storage.filesystem(shards.split_uri(s))[1] for s in splits}  # how Ray names each row's file
-    paths = [storage.filesystem(u)[1] for s in splits for u in shards.files(s)]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "label", "image"], include_paths=True)
+    if not units:
+        return
+    ds = ray.data.from_items([{"split": u.split, "src": u.src, "name": u.name} for u in units])
     ds = ds.map_batches(
-        CodeEncoder,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
+        FileEncoder,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(units))),
+        batch_size=1,  # one file per call: a retried task redoes one file
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else None,
         fn_constructor_kwargs={
             "autoencoder": autoencoder,
-            "meta": writer.meta,
-            "split_dirs": split_dirs,
+            "writer": writer,
+            "batch_size": cfg.batch_size,
             "use_gpu": cfg.use_gpu,
             "threads": cfg.torch_threads,
         },
     )
-    ds.write_datasink(CodeSink(writer, cfg.rows_per_file))
+    written = sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    if written != sum(u.rows for u in units):
+        raise RuntimeError(f"encode wrote {written} rows for the {sum(u.rows for u in units)} images it was given")
 
 
-def _verify(codes: CodeDataset, shards: ImageShards, in_rows: dict[str, int]) -> dict[str, int]:
-    """Row counts per split of the written dataset, after proving one output row per input row."""
+def _rows_written(writer: CodeWriter, splits: list[str]) -> Callable[[], int]:
+    """Rows in the code files written so far, each file's footer read once: the progress of a running encode."""
+    rows: dict[str, int] = {}
+
+    def poll() -> int:
+        for uri in (f for s in splits for f in storage.parquet_files(writer.split_uri(s))):
+            if uri not in rows:
+                fs, path = storage.filesystem(uri)
+                rows[uri] = pq.read_metadata(path, filesystem=fs).num_rows
+        return sum(rows.values())
+
+    return poll
+
+
+def _verify(codes: CodeDataset, units: list[Unit], in_rows: dict[str, int]) -> dict[str, int]:
+    """Row counts per split of the written dataset, after proving one output row per input row: the code files are
+    exactly the image files' names, and each holds its image file's ids in order (one file's ids in memory)."""
     out_rows = codes.check_files()
     for split in SPLITS:
         if out_rows[split] != in_rows[split]:
             raise RuntimeError(
-                f"encode wrote {out_rows[split]} {split} rows for {in_rows[split]} input images; not writing codes.json"
+                f"encode wrote {out_rows[split]} {split} rows for {in_rows[split]} input images; not finishing the "
+                "code dataset"
             )
-    splits = [s for s in SPLITS if in_rows[s]]
-    written = pa.chunked_array([c for s in splits for c in codes.ids(s).chunks], pa.string())
-    given = pa.chunked_array([c for s in splits for c in shards.ids(s).chunks], pa.string())
-    distinct = pc.count_distinct(written).as_py()
-    if distinct != len(written):
-        why = "the input ids are not unique" if pc.count_distinct(given).as_py() != len(given) else "duplicated rows"
-        raise RuntimeError(f"encode wrote {len(written)} rows but {distinct} distinct ids ({why})")
-    if not pc.all(pc.is_in(written, value_set=given.combine_chunks())).as_py():
-        raise RuntimeError("encode wrote ids that are not in its input")
+    by_name = {(u.split, u.name): u for u in units}
+    for split in SPLITS:
+        for uri in codes.files(split):
+            name = posixpath.basename(storage.filesystem(uri)[1]).removesuffix(".parquet")
+            unit = by_name.get((split, name))
+            if unit is None:
+                if name == "part-empty" and not in_rows[split]:
+                    continue
+                raise RuntimeError(f"encode: {uri} has no image file of that name; not finishing the code dataset")
+            written, given = storage.read_column([uri], "id"), storage.read_column([unit.src], "id")
+            if len(written) != len(given) or not pc.all(pc.equal(written, given)).as_py():
+                raise RuntimeError(f"encode: {uri} does not hold the ids of {unit.src}; not finishing the code dataset")
     return out_rows

@@ -247,13 +247,53 @@ class CodeWriter:
     def split_uri(self, split: str) -> str:
         return storage.join(self.out, split_folder(split))
 
-    def clear(self, keep_clear_of: Sequence[str] = ()) -> None:
-        """Empty ``out`` (a crashed attempt may have left files), refusing to touch an input directory in it."""
+    def _refuse_inputs_inside(self, keep_clear_of: Sequence[str]) -> None:
         inside = storage.filesystem(self.out)[1].rstrip("/") + "/"
         for uri in keep_clear_of:
             if (storage.filesystem(uri)[1].rstrip("/") + "/").startswith(inside):
                 raise ValueError(f"code dataset {self.out} must not contain its input {uri}")
+
+    def clear(self, keep_clear_of: Sequence[str] = ()) -> None:
+        """Empty ``out`` (a crashed attempt may have left files), refusing to touch an input directory in it."""
+        self._refuse_inputs_inside(keep_clear_of)
         storage.clear_dir(self.out)
+
+    def resume(
+        self, expected: Mapping[tuple[str, str], int], keep_clear_of: Sequence[str] = ()
+    ) -> set[tuple[str, str]]:
+        """Keep what an interrupted attempt finished, delete the rest; returns the ``(split, name)`` parts kept.
+
+        A part ``<out>/split=<split>/<name>.parquet`` is kept when ``expected[(split, name)]`` is its row count and its
+        schema carries this dataset's metadata (the same VQ-VAE, shapes, codebooks). Everything else in ``out``
+        (other or unreadable parts, temporary files, the old layout, a ``_codes.json`` of another attempt) goes.
+        """
+        self._refuse_inputs_inside(keep_clear_of)
+        kept: set[tuple[str, str]] = set()
+        folders = {split_folder(s): s for s in SPLITS}
+        for entry in storage.listdir(self.out):
+            uri = storage.join(self.out, entry.base_name)
+            if entry.base_name not in folders:
+                storage.delete(uri)
+                continue
+            split = folders[entry.base_name]
+            for part in storage.listdir(uri):
+                name = part.base_name.removesuffix(".parquet")
+                if (split, name) in expected and self._complete(
+                    storage.join(uri, part.base_name), expected[(split, name)]
+                ):
+                    kept.add((split, name))
+                else:
+                    storage.delete(storage.join(uri, part.base_name))
+        storage.makedirs(self.out)
+        return kept
+
+    def _complete(self, uri: str, rows: int) -> bool:
+        try:
+            fs, path = storage.filesystem(uri)
+            md = pq.read_metadata(path, filesystem=fs)
+            return md.num_rows == rows and schema_code_meta(md.schema.to_arrow_schema(), where=uri) == self.meta
+        except (OSError, ValueError, pa.ArrowException):  # a torn or foreign file: encode it again
+            return False
 
     def write_part(self, table: pa.Table, split: str, name: str) -> str:
         """Write ``table`` (code schema) as ``<out>/split=<split>/<name>.parquet``; returns its URI."""

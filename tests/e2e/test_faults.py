@@ -35,6 +35,7 @@ def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
     assert encode["killed"], "the driver was killed while encode was writing"
     assert encode["interrupted"] and not encode["looked_finished_after_kill"], "no partial output looks complete"
     assert encode["rerun_rc"] == 0 and encode["finished_after_rerun"], encode
+    assert encode["resumed"], "the rerun kept the code files the killed run had finished"
     (codes,) = ws.finished("encode")
     (shards,) = ws.finished("shard")
     for split in SPLITS:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,7 @@ import torch
 from steps import encode, storage
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors, read_code_meta, schema_code_meta
+from steps.artifacts.images import ImageShards
 from steps.artifacts.splits import SPLITS
 from steps.common import MissingInputError
 from steps.encode import run
@@ -84,7 +87,7 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts
     (out / "split=train").mkdir(parents=True)
     (out / "split=train" / "stale.parquet").write_bytes(b"left by a crashed attempt")
 
-    cfg = tiny.encode(batch_size=16, rows_per_file=30)
+    cfg = tiny.encode(batch_size=16)
     result = run(cfg, {"shard": str(tmp_path / "shard"), "train_vqvae": vq_dir}, str(out))
 
     digest = Autoencoder.open(vq_dir).digest
@@ -113,12 +116,41 @@ def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts
     assert codes.check_files() == {"train": 80, "val": 20}  # every file carries the metadata, not only _codes.json
     for f in codes.files("train"):
         assert read_code_meta(f) == meta
-    assert len(codes.files("train")) >= 2  # rows_per_file=30 < 80 rows
+    names = [Path(f).name for f in codes.files("train")]  # one code file per image-shard file, of the same name
+    assert names == [Path(f).name for f in ImageShards.open(str(tmp_path / "shard")).files("train")] and len(names) == 2
     schema = pq.read_schema(codes.files("val")[0])
     assert schema.field("top").type.list_size == 16 and schema.field("bottom").type.list_size == 64
     for split, table in tables.items():
         check_against_model(out, split, model, table, meta)
     check_readers(out, codes, read_four_ways)
+
+
+def test_encode_resumes_per_finished_file(ray_local, tmp_path, tiny, artifacts, caplog):
+    """An attempt killed mid-step leaves some code files: the rerun keeps the complete ones, redoes the rest."""
+    tables = write_shards(tmp_path / "shard", artifacts, splits=(("train", 60, 3), ("val", 20, 1)))
+    model = model_of(tiny)
+    inputs = {"shard": str(tmp_path / "shard"), "train_vqvae": artifacts.autoencoder(tmp_path / "train_vqvae", model)}
+    out = tmp_path / "encode"
+    run(tiny.encode(batch_size=16), inputs, str(out))
+    kept, torn, lost = sorted((out / "split=train").glob("*.parquet"))
+    # What a killed attempt leaves: no record, a torn file, a missing file, a temporary file, the old layout.
+    (out / "_codes.json").unlink()
+    torn.write_bytes(torn.read_bytes()[:100])
+    lost.unlink()
+    (out / "split=train" / ".tmp-abc").write_bytes(b"half")
+    (out / "train").mkdir()
+    val = next((out / "split=val").glob("*.parquet"))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (kept, val)}
+    with caplog.at_level(logging.INFO, logger="steps.encode"):
+        result = run(tiny.encode(batch_size=16), inputs, str(out))
+    assert "resuming: 2 of 4 files already encoded, 2 to go" in caplog.text
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (kept, val)} == before, "finished files untouched"
+    assert result.metrics["rows_train"] == 60 and result.metrics["rows_val"] == 20
+    assert sorted(p.name for p in out.iterdir()) == ["_codes.json", "split=train", "split=val"]
+    assert sorted(p.name for p in (out / "split=train").iterdir()) == sorted(p.name for p in (kept, torn, lost))
+    codes = CodeDataset.open(str(out))
+    for split, table in tables.items():
+        check_against_model(out, split, model, table, codes.meta)
 
 
 def check_readers(out, codes: CodeDataset, read_four_ways) -> None:

@@ -44,6 +44,7 @@ BENCHES = (
     "gpu",
     "serve",
     "faults",
+    "scale",
     "quality_fashion_mnist",
     "quality_fashion_mnist_60",
 )
@@ -64,6 +65,7 @@ WHAT = {
     "vs plain loop, the ffhq256 recipe shrunk through the pipeline (skipped without a GPU; a GPU figure is kept)",
     "serve": "the Ray Serve app, 1 and 16 concurrent clients: batched vs unbatched (batched_speedup_16: images/s)",
     "faults": "fault scenarios run through the pipeline: injected, survived, rows lost (pipeline.verify)",
+    "scale": "shard -> encode -> verify at 20k and 200k images: rows/s and driver peak RSS (ratios = 200k / 20k)",
     "quality_fashion_mnist": "the Fashion-MNIST 32x32 quality recipe: recon, codes, bits, fd/kid against the floor",
     "quality_fashion_mnist_60": "the same recipe given about an hour (--long): the quality-against-minutes curve",
 }

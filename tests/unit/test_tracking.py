@@ -181,3 +181,24 @@ def test_parent_run_experiment_kind_and_dataset_inputs(tmp_path, monkeypatch):
     assert dataset.name == "shard" and dataset.digest == "ab" * 8 and str(data) in dataset.source
     columns = {c["name"]: c["type"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
     assert columns == {"id": "string", "label": "integer", "image": "binary", "split": "string"}
+
+
+def test_system_metrics_option_logs_the_driver_machine(tmp_path, monkeypatch):
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_system_metrics_sampling_interval(0.5)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        with Tracker(uri, "system", "run", {}, system_metrics=True) as tracker:
+            time.sleep(3)
+            parent = tracker.run_id
+    finally:
+        mlflow.set_system_metrics_sampling_interval(None)
+        mlflow.set_system_metrics_samples_before_logging(None)
+    metrics = MlflowClient(tracking_uri=uri).get_run(parent).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), metrics

@@ -340,7 +340,17 @@ def log_dataset(mlflow, name: str, uri: str, digest: str) -> None:
         log.warning("schema of dataset %s (%s) not read: %s", name, uri, exc)
         schema = None
     dataset = MetaDataset(source, name=name, digest=digest[:16], schema=schema)
-    mlflow.log_input(dataset, context="input")
+    # Two pipelines logging the same dataset at once race on the store's unique (experiment, name, digest) row: the
+    # loser's insert fails, and its retry finds the row the winner made.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="input")
+            return
+        except Exception as exc:
+            if attempt == 2:
+                log.warning("dataset %s (%s) not logged to MLflow: %s", name, uri, str(exc).splitlines()[0])
+            else:
+                time.sleep(0.2 * (attempt + 1))
 
 
 def result_record(result: StepResult) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.tracking import Tracker, redact, redact_overrides
@@ -202,3 +204,35 @@ def test_system_metrics_option_logs_the_driver_machine(tmp_path, monkeypatch):
         mlflow.set_system_metrics_samples_before_logging(None)
     metrics = MlflowClient(tracking_uri=uri).get_run(parent).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), metrics
+
+
+def test_a_dataset_logged_by_two_pipelines_at_once_never_fails_a_step(tmp_path, monkeypatch):
+    """The store's unique (experiment, name, digest) row: the pipeline that loses the insert race retries, and a
+    store that keeps refusing costs a warning, not the step."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "codes" / "split=train"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"]}), data / "part-0.parquet")
+    real, calls = mlflow.log_input, []
+
+    def racing(*args, **kwargs):  # what the loser of the race sees first
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
+        return real(*args, **kwargs)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with Tracker(uri, "race", "run", {}) as tracker:
+        monkeypatch.setattr(mlflow, "log_input", racing)
+        tracking.log_dataset(mlflow, "encode", str(tmp_path / "codes"), "cd" * 32)
+        monkeypatch.setattr(mlflow, "log_input", lambda *a, **k: (_ for _ in ()).throw(MlflowException("down")))
+        tracking.log_dataset(mlflow, "shard", str(tmp_path / "codes"), "ef" * 32)  # warns, does not raise
+        parent = tracker.run_id
+    (logged,) = MlflowClient(tracking_uri=uri).get_run(parent).inputs.dataset_inputs
+    assert logged.dataset.name == "encode" and len(calls) == 2

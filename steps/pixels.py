@@ -1,17 +1,21 @@
 """Pixel conversions every step shares: PNG bytes <-> uint8 arrays <-> model tensors, and image grids.
 
-Models see float tensors (B, C, S, S) in [-1, 1]; files hold uint8 PNGs.
+Models see float tensors (B, C, S, S) in [-1, 1]; files hold uint8 PNGs. :func:`decode_image` turns any source image
+(any mode, bit depth, orientation, size) into a square uint8 array and refuses decompression bombs by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:  # torch costs seconds to import in every Ray Data worker that only handles PNGs
     import torch
@@ -79,3 +83,102 @@ def grid_png(x: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2
         y, x0 = pad + r * (s + pad), pad + col * (s + pad)
         canvas[y : y + s, x0 : x0 + s] = imgs[i]
     return encode_png(canvas[..., 0] if c == 1 else canvas)
+
+
+MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as decompression bombs
+
+
+# ------------------------------------------------------------------------------------------ decoding source images
+def _rescale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer or float greyscale -> uint8, keeping the full range of the source bit depth."""
+    arr = arr.astype(np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    elif mode.startswith("I;16") or 255 < top <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0 if top <= 255 else 255.0 / top
+    return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+
+
+def to_channels(img: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> "L" (channels=1) or "RGB" (channels=3); transparency is composited on white."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    elif img.mode in ("LAB", "HSV"):  # Pillow converts these to RGB only, not straight to L
+        img = img.convert("RGB")
+    elif img.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        img = img.convert("LA")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = Image.fromarray(_rescale_to_uint8(np.asarray(img), img.mode))
+    if img.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)  # CMYK, YCbCr, 1, L <-> RGB
+
+
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """Scale the short side to ``size`` and centre-crop (one resize over the centred square box)."""
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    if side > size:
+        return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def _bomb(pixels: int, size: str = "") -> Image.DecompressionBombError:
+    dims = f"{size} = " if size else ""
+    return Image.DecompressionBombError(
+        f"decompression bomb: the header claims {dims}{pixels} pixels, over the limit of {MAX_PIXELS}; not decoded"
+    )
+
+
+def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 (size, size) or (size, size, 3).
+
+    Every failure says what is wrong, for the shard manifest: ``ValueError`` for an empty file,
+    ``Image.UnidentifiedImageError`` for bytes no Pillow plugin recognises, ``Image.DecompressionBombError`` for a
+    header that claims more than :data:`MAX_PIXELS` (refused before any pixel is decoded), ``OSError`` for truncated
+    or corrupt pixel data; callers decide whether that skips or fails.
+    """
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.UnidentifiedImageError:
+            raise Image.UnidentifiedImageError(
+                f"not an image: no format Pillow can read recognises these {len(data)} bytes"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's own, looser limit
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            if found is None:
+                raise Image.DecompressionBombError(f"decompression bomb: {e}") from None
+            raise _bomb(int(found.group(1))) from None
+        with img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise _bomb(w * h, f"{w}x{h}")
+            if img.format == "JPEG":
+                img.draft(None, (2 * size, 2 * size))  # decode big JPEGs at a reduced scale: far faster
+            try:
+                img.load()
+            except OSError as e:
+                what = "truncated" if "truncated" in str(e) else "corrupt"
+                raise OSError(f"{what} {img.format} file ({w}x{h} in the header): {e}") from None
+            with contextlib.suppress(Exception):  # a broken EXIF block should not lose an otherwise good image
+                ImageOps.exif_transpose(img, in_place=True)
+            out = fit_square(to_channels(img, channels), size)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def from_gray(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
+    return np.asarray(
+        fit_square(to_channels(Image.fromarray(np.ascontiguousarray(pixels, np.uint8)), channels), size), dtype=np.uint8
+    )

@@ -20,7 +20,7 @@ from typing import Any
 from steps import sources, storage
 from steps.artifacts.images import SPLITS, ShardWriter
 from steps.common import MetricsSink, StepResult
-from steps.nn.config import ConfigBase
+from steps.nn.config import ConfigBase, no_effect
 from steps.pixels import encode_png
 from steps.progress import Progress, watch
 
@@ -44,6 +44,8 @@ class ShardConfig(ConfigBase):
     label_column: str | None = "label"
     id_column: str | None = None
     split_salt: str = ""
+    read_timeout_s: float = no_effect(30.0)  # one item's read + decode; an item that overruns is a bad file
+    max_file_mb: int = no_effect(64)  # a larger image file is a bad file (never read)
 
     def validate(self) -> None:
         self.require("source", self.source in SOURCES, f"one of {', '.join(SOURCES)}")
@@ -60,6 +62,8 @@ class ShardConfig(ConfigBase):
         self.require("limit", self.limit is None or self.limit >= 1, "null or a positive integer")
         self.require("on_bad_file", self.on_bad_file in ("skip", "fail"), "skip or fail")
         self.require("image_column", bool(self.image_column), "a non-empty column name")
+        self.require("read_timeout_s", self.read_timeout_s >= 0, "seconds >= 0 (0: no limit)")
+        self.require("max_file_mb", self.max_file_mb >= 1, "a positive number of MiB")
         for name in ("label_column", "id_column"):
             self.require(
                 name, getattr(self, name) is None or bool(getattr(self, name)), "null or a non-empty column name"
@@ -88,7 +92,9 @@ def _writer(cfg: ShardConfig, out: str) -> ShardWriter:
 def _shard_unit(split: str, part: int, items: list[dict], cfg: ShardConfig, out: str) -> dict[str, Any]:
     """Decode one chunk of items and write it as one shard file; stops at the first bad file under "fail"."""
     ids, labels, images, skipped = [], [], [], []
-    loaded = sources.load_items(cfg.source, items, cfg.image_size, cfg.channels, cfg.image_column)
+    loaded = sources.load_items(
+        cfg.source, items, cfg.image_size, cfg.channels, cfg.image_column, cfg.read_timeout_s, cfg.max_file_mb << 20
+    )
     for item, pixels, reason, where in loaded:
         if pixels is None:
             skipped.append({"path": where, "reason": reason})
@@ -123,6 +129,9 @@ def run(cfg: ShardConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink
     import ray.data  # deferred: steps stay importable (and configs checkable) without starting Ray
 
     listing = _list(cfg)
+    if listing.unreadable and cfg.on_bad_file == "fail":
+        first = listing.unreadable[0]
+        raise ValueError(f"bad image {first['path']}: {first['reason']} (shard.on_bad_file=fail)")
     out = storage.absolute(out)  # workers may run in another working directory
     writer = _writer(cfg, out)
     writer.clear()
@@ -146,7 +155,7 @@ def run(cfg: ShardConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink
             progress.done += done[-1][2]["rows"] + len(done[-1][2]["skipped"])
     results = sorted(done, key=lambda r: (SPLITS.index(r[0]), r[1]))
 
-    skipped = [entry for _, _, r in results for entry in r["skipped"]]
+    skipped = listing.unreadable + [entry for _, _, r in results for entry in r["skipped"]]
     failed = [r["skipped"][-1] for _, _, r in results if r["failed"]]
     if failed:
         writer.clear()

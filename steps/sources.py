@@ -17,16 +17,12 @@ Sources and their ids:
 from __future__ import annotations
 
 import bisect
-import contextlib
 import functools
 import gzip
 import hashlib
-import io
 import os
 import posixpath
-import re
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +30,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
+from steps import reading
+from steps.pixels import MAX_PIXELS, decode_image, fit_square, from_gray, to_channels
 from steps.storage import filesystem, is_local, read_bytes
 
+__all__ = ["MAX_PIXELS", "decode_image", "fit_square", "to_channels"]  # image decoding lives in steps.pixels
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as decompression bombs
+MAX_FILE_BYTES = 64 * 1024 * 1024  # data.max_file_mb's default
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 
 Item = dict[str, Any]  # {"id": str, "label": int | None, "ref": source-specific, JSON-serialisable}
@@ -52,6 +51,7 @@ class Listing:
     items: list[Item]
     classes: list[str] | None = None
     ignored_files: int = 0
+    unreadable: list[dict] = field(default_factory=list)  # {"path", "reason"}: entries found but never opened
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,129 +62,22 @@ def split_of(image_id: str, val_fraction: float, salt: str = "") -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-# ------------------------------------------------------------------------------------------------ images
-def _rescale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """16/32-bit integer or float greyscale -> uint8, keeping the full range of the source bit depth."""
-    arr = arr.astype(np.float64)
-    top = float(arr.max()) if arr.size else 0.0
-    if mode == "F":
-        scale = 255.0 if top <= 1.0 else 1.0
-    elif mode.startswith("I;16") or 255 < top <= 65535:
-        scale = 255.0 / 65535.0
-    else:
-        scale = 1.0 if top <= 255 else 255.0 / top
-    return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-
-
-def to_channels(img: Image.Image, channels: int) -> Image.Image:
-    """Any Pillow mode -> "L" (channels=1) or "RGB" (channels=3); transparency is composited on white."""
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode == "PA":
-        img = img.convert("RGBA")
-    elif img.mode in ("LAB", "HSV"):  # Pillow converts these to RGB only, not straight to L
-        img = img.convert("RGB")
-    elif img.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
-        img = img.convert("LA")
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        img = Image.fromarray(_rescale_to_uint8(np.asarray(img), img.mode))
-    if img.mode in ("LA", "La", "RGBA", "RGBa"):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    target = "L" if channels == 1 else "RGB"
-    return img if img.mode == target else img.convert(target)  # CMYK, YCbCr, 1, L <-> RGB
-
-
-def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Scale the short side to ``size`` and centre-crop (one resize over the centred square box)."""
-    w, h = img.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    if side > size:
-        return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
-
-
-def _bomb(pixels: int, size: str = "") -> Image.DecompressionBombError:
-    dims = f"{size} = " if size else ""
-    return Image.DecompressionBombError(
-        f"decompression bomb: the header claims {dims}{pixels} pixels, over the limit of {MAX_PIXELS}; not decoded"
-    )
-
-
-def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 (size, size) or (size, size, 3).
-
-    Every failure says what is wrong, for the shard manifest: ``ValueError`` for an empty file,
-    ``Image.UnidentifiedImageError`` for bytes no Pillow plugin recognises, ``Image.DecompressionBombError`` for a
-    header that claims more than :data:`MAX_PIXELS` (refused before any pixel is decoded), ``OSError`` for truncated
-    or corrupt pixel data; callers decide whether that skips or fails.
-    """
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.UnidentifiedImageError:
-            raise Image.UnidentifiedImageError(
-                f"not an image: no format Pillow can read recognises these {len(data)} bytes"
-            ) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's own, looser limit
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            if found is None:
-                raise Image.DecompressionBombError(f"decompression bomb: {e}") from None
-            raise _bomb(int(found.group(1))) from None
-        with img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise _bomb(w * h, f"{w}x{h}")
-            if img.format == "JPEG":
-                img.draft(None, (2 * size, 2 * size))  # decode big JPEGs at a reduced scale: far faster
-            try:
-                img.load()
-            except OSError as e:
-                what = "truncated" if "truncated" in str(e) else "corrupt"
-                raise OSError(f"{what} {img.format} file ({w}x{h} in the header): {e}") from None
-            with contextlib.suppress(Exception):  # a broken EXIF block should not lose an otherwise good image
-                ImageOps.exif_transpose(img, in_place=True)
-            out = fit_square(to_channels(img, channels), size)
-    return np.asarray(out, dtype=np.uint8)
-
-
-def _from_gray(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
-    return np.asarray(
-        fit_square(to_channels(Image.fromarray(np.ascontiguousarray(pixels, np.uint8)), channels), size), dtype=np.uint8
-    )
-
-
 # ------------------------------------------------------------------------------------------------ listing
-def walk_files(root: str) -> list[str]:
-    """Posix paths of the files under ``root`` relative to it, sorted; hidden names are left out.
+def walk_files(root: str, wanted: Callable[[str], bool] = lambda rel: True) -> tuple[list[str], list[dict], int]:
+    """``(files, skipped, ignored)`` under ``root`` (see :func:`steps.reading.walk`); hidden names are left out.
 
-    Local folders follow symlinks but visit each real directory once, so a link loop cannot hang the walk.
+    Local folders follow symlinks but visit each real directory once, so a link loop cannot hang the walk; entries
+    that are not regular files (FIFOs, sockets, devices, broken links) are skipped with a reason, never opened.
     """
     if not is_local(root):
         fs, base = filesystem(root)
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         rels = [posixpath.relpath(i.path, base) for i in infos if i.type == pafs.FileType.File]
-        return sorted(r for r in rels if not any(p.startswith(".") for p in r.split("/")))
+        rels = sorted(r for r in rels if not any(p.startswith(".") for p in r.split("/")))
+        return [r for r in rels if wanted(r)], [], sum(1 for r in rels if not wanted(r))
     root = root.removeprefix("file://")
-    seen = {os.path.realpath(root)}
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        keep = []
-        for d in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if not d.startswith(".") and real not in seen:
-                seen.add(real)
-                keep.append(d)
-        dirnames[:] = keep
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if not name.startswith("."):
-                rels.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
-    return sorted(rels)
+    files, skipped, ignored = reading.walk(root, wanted)
+    return files, [{"path": _printable(_under(root, p)), "reason": why} for p, why in skipped], ignored
 
 
 def _printable(name: str) -> str:
@@ -192,11 +85,10 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _read(uri: str) -> bytes:
+def _read(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     if "://" in uri:
         return read_bytes(uri)
-    with open(uri, "rb") as f:  # plain open: file names need not be valid UTF-8
-        return f.read()
+    return reading.read_regular(uri, max_bytes)  # a plain path: file names need not be valid UTF-8
 
 
 def _kind(path: str) -> pafs.FileType:
@@ -205,6 +97,8 @@ def _kind(path: str) -> pafs.FileType:
     kind = fs.get_file_info(p).type
     if kind == pafs.FileType.NotFound:
         raise FileNotFoundError(f"shard.path {path!r} does not exist")
+    if kind not in (pafs.FileType.File, pafs.FileType.Directory):  # a FIFO or a device: opening it could hang
+        raise ValueError(f"shard.path {path!r} is {reading.problem(p) or 'neither a file nor a folder'}")
     return kind
 
 
@@ -229,8 +123,7 @@ def list_digits(limit: int | None = None) -> Listing:
 def list_image_folder(root: str) -> Listing:
     if _kind(root) != pafs.FileType.Directory:
         raise ValueError(f"shard.path {root!r} must be a folder for this source")
-    rels = walk_files(root)
-    images = [r for r in rels if posixpath.splitext(r)[1].lower() in IMAGE_EXTENSIONS]
+    images, unreadable, ignored = walk_files(root, lambda r: posixpath.splitext(r)[1].lower() in IMAGE_EXTENSIONS)
     if not images:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"nothing to shard in {root}: no image files ({exts}) found")
@@ -244,14 +137,14 @@ def list_image_folder(root: str) -> Listing:
         }
         for r in images
     ]
-    return Listing(items, classes=[_printable(c) for c in classes], ignored_files=len(rels) - len(images))
+    return Listing(items, classes=[_printable(c) for c in classes], ignored_files=ignored, unreadable=unreadable)
 
 
 def _parquet_files(path: str) -> list[tuple[str, str]]:
     """(uri, stem) per Parquet file: stem is the path relative to the folder without the suffix."""
     if _kind(path) == pafs.FileType.File:
         return [(path, posixpath.splitext(posixpath.basename(filesystem(path)[1]))[0])]
-    rels = [r for r in walk_files(path) if r.lower().endswith(".parquet")]
+    rels = walk_files(path, lambda r: r.lower().endswith(".parquet"))[0]
     return [(_under(path, r), r[: -len(".parquet")]) for r in rels]
 
 
@@ -327,7 +220,7 @@ def list_parquet(
 def read_idx(path: str, header_only: bool = False) -> tuple[int, tuple[int, ...], np.ndarray | None]:
     """(magic, shape, data) of an MNIST idx file, gzipped or raw; ``data`` is None when ``header_only`` (the file is
     still read whole, so a truncated one fails on the driver rather than on a worker)."""
-    raw = _read(path)
+    raw = _read(path, max_bytes=1 << 40)  # one file holds the whole dataset: no per-image limit
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4:
@@ -421,30 +314,52 @@ def _image_bytes(cell: Any, parquet_uri: str) -> bytes:
 
 
 def load_items(
-    source: str, items: list[Item], size: int, channels: int, image_column: str = "image"
+    source: str,
+    items: list[Item],
+    size: int,
+    channels: int,
+    image_column: str = "image",
+    read_timeout_s: float = 0.0,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> Iterator[tuple[Item, np.ndarray | None, str | None, str]]:
-    """(item, pixels or None, reason when unreadable, where) per item, in order; never raises for one bad image."""
-    if source == "parquet":
-        by_file: dict[str, list[int]] = {}
+    """(item, pixels or None, reason when unreadable, where) per item, in order; never raises for one bad image.
+
+    Reading and decoding one item (for Parquet: reading one file's image cells) waits at most ``read_timeout_s``
+    (0: no limit); an item that overruns is unreadable with that reason, and the next one is read on a fresh thread.
+    """
+    with reading.Deadline(read_timeout_s) as deadline:
+        cells: dict[str, dict[int, Any] | Exception] = {}
+        if source == "parquet":
+            by_file: dict[str, list[int]] = {}
+            for it in items:
+                by_file.setdefault(it["ref"][0], []).append(it["ref"][1])
+            for uri, rows in by_file.items():
+                try:
+                    cells[uri] = dict(zip(rows, deadline.call(_parquet_images, uri, rows, image_column), strict=True))
+                except Exception as e:  # every row of an unreadable file is a bad item, named by its row
+                    cells[uri] = e
         for it in items:
-            by_file.setdefault(it["ref"][0], []).append(it["ref"][1])
-        cells = {
-            uri: dict(zip(rows, _parquet_images(uri, rows, image_column), strict=True)) for uri, rows in by_file.items()
-        }
-    for it in items:
-        ref, where = it["ref"], it["id"]
-        try:
-            if source == "digits":
-                pixels = _from_gray(np.asarray(ref, np.uint8).reshape(8, 8), size, channels)
-            elif source == "idx":
-                pixels = _from_gray(_idx_images(ref[0])[ref[1]], size, channels)
-            elif source == "image_folder":
+            ref, where = it["ref"], it["id"]
+            if source == "image_folder":
                 where = _printable(ref)  # the manifest is UTF-8 JSON: no undecodable bytes of a file name
-                pixels = decode_image(_read(ref), size, channels)
-            else:
+            elif source == "parquet":
                 where = f"{ref[0]}#row={ref[1]}"
-                pixels = decode_image(_image_bytes(cells[ref[0]][ref[1]], ref[0]), size, channels)
-        except Exception as e:  # any decoder failure is a bad file; the caller skips or fails
-            yield it, None, f"{type(e).__name__}: {e}", where
-            continue
-        yield it, pixels, None, where
+            try:
+                pixels = deadline.call(_load_one, source, ref, cells, size, channels, max_bytes)
+            except Exception as e:  # any read or decoder failure is a bad file; the caller skips or fails
+                yield it, None, f"{type(e).__name__}: {e}", where
+                continue
+            yield it, pixels, None, where
+
+
+def _load_one(source: str, ref: Any, cells: dict, size: int, channels: int, max_bytes: int) -> np.ndarray:
+    if source == "digits":
+        return from_gray(np.asarray(ref, np.uint8).reshape(8, 8), size, channels)
+    if source == "idx":
+        return from_gray(_idx_images(ref[0])[ref[1]], size, channels)
+    if source == "image_folder":
+        return decode_image(_read(ref, max_bytes), size, channels)
+    found = cells[ref[0]]
+    if isinstance(found, Exception):
+        raise found
+    return decode_image(_image_bytes(found[ref[1]], ref[0]), size, channels)

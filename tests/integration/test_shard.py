@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 
 import numpy as np
@@ -163,7 +164,12 @@ BAD = {
     "cat/truncated.jpg": r"truncated JPEG file",
     "cat/truncated.png": r"truncated PNG file",
     "dog/bomb.png": r"decompression bomb: the header claims 400000000 pixels, over the limit of \d+; not decoded",
-    "dog/gone.png": r"FileNotFoundError: .*No such file",
+    "dog/gone.png": r"^a broken symbolic link$",
+    "cat/loop.png": r"^a symbolic link loop$",
+    "dog/pipe.png": r"^a FIFO \(named pipe\), not a regular file$",  # opening it to read would wait for a writer
+    "cat/sock.png": r"^a socket, not a regular file$",
+    "dog/zero.png": r"^a character device, not a regular file$",  # a link to /dev/zero: it never ends
+    "dog/huge.png": r"^ValueError: 2097152 bytes, larger than the limit of 1048576 \(data\.max_file_mb\)$",
     "élan/notes.jpg": r"not an image",
     "élan/d\\xe9j\\xe0.gif": r"not an image",  # a Latin-1 file name: its bytes are not UTF-8
 }
@@ -202,6 +208,15 @@ def folder(tmp_path, png_claiming):
     with open(os.path.join(os.fsencode(root), "élan".encode(), b"d\xe9j\xe0.gif"), "wb") as f:
         f.write(b"GIF? no: plain text")
     (root / "README.txt").write_text("ignored: not an image extension")
+    # Entries that are not regular files: listed by name with what they are, never opened.
+    (root / "cat" / "loop.png").symlink_to(root / "cat" / "loop.png")
+    os.mkfifo(root / "dog" / "pipe.png")
+    os.mkfifo(root / "cat" / "pipe.txt")  # not an image name: ignored like README.txt
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "cat" / "sock.png"))
+    server.close()  # the socket file stays
+    (root / "dog" / "zero.png").symlink_to("/dev/zero")
+    (root / "dog" / "huge.png").write_bytes(b"\0" * (2 << 20))  # over data.max_file_mb=1: never read
     (root / "dog" / "loop").symlink_to(root, target_is_directory=True)
     return root
 
@@ -216,7 +231,13 @@ def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path
     (out / "split=train").mkdir(parents=True)
     (out / "split=train" / ".tmp-crashed.part").write_bytes(b"half a shard of an earlier attempt")
     cfg = tiny.shard(
-        source="image_folder", path=str(folder), channels=3, val_fraction=0.3, rows_per_shard=6, limit=None
+        source="image_folder",
+        path=str(folder),
+        channels=3,
+        val_fraction=0.3,
+        rows_per_shard=6,
+        limit=None,
+        max_file_mb=1,
     )
     result = run(cfg, {}, str(out))
     rows = read_all(out)
@@ -266,7 +287,7 @@ def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path
     assert {s["path"] for s in result.info["skipped"]} == {s["path"] for s in manifest["skipped"]}
     (out / "_manifest.json").read_bytes().decode("utf-8")  # strict UTF-8: what MLflow stores as the artifact
     assert manifest["classes"] == ["cat", "dog", "élan"] and manifest["num_classes"] == 3
-    assert manifest["ignored_files"] == 1
+    assert manifest["ignored_files"] == 2
     assert manifest["rows"]["train"] + manifest["rows"]["val"] == len(rows) == 14
     # Only finished shards and the manifest: no temporary or half-written file, the crashed attempt's included.
     listed = [f"split={s}/{name}" for s in ("train", "val") for name in manifest["files"][s]]
@@ -277,12 +298,13 @@ def test_image_folder_keeps_good_files_and_skips_bad(ray_local, folder, tmp_path
 def test_image_folder_fail_mode_raises_and_leaves_nothing(ray_local, folder, tmp_path, tiny):
     out = tmp_path / "out"
     bad = "|".join(re.escape(f"{folder}/{name}") for name in BAD)
-    with pytest.raises(ValueError, match=rf"^bad image ({bad}): \w+: .+ \(shard\.on_bad_file=fail\)$"):
+    with pytest.raises(ValueError, match=rf"^bad image ({bad}): .+ \(shard\.on_bad_file=fail\)$"):
         run(
             tiny.shard(
                 source="image_folder",
                 path=str(folder),
                 on_bad_file="fail",
+                max_file_mb=1,
                 rows_per_shard=4,
                 limit=None,
                 val_fraction=0.1,

@@ -171,7 +171,7 @@ def test_walk_survives_symlink_loops_and_lists_classes(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     os.symlink(tmp_path, tmp_path / "a" / "loop")
-    assert sources.walk_files(str(tmp_path)) == ["a/deep/y.PNG", "a/notes.txt", "b/x.png", "z.jpg"]
+    assert sources.walk_files(str(tmp_path)) == (["a/deep/y.PNG", "a/notes.txt", "b/x.png", "z.jpg"], [], 0)
     listing = sources.list_image_folder(str(tmp_path))
     assert listing.classes == ["a", "b"]
     assert [(i["id"], i["label"]) for i in listing.items] == [("a/deep/y.PNG", 0), ("b/x.png", 1), ("z.jpg", None)]

@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, as_user_dict, load, register
+from pipeline.outputs import OutputWriteError
 from pipeline.run import MissingUpstreamError, execute
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +40,10 @@ def main(dcfg: DictConfig) -> None:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OutputWriteError as exc:  # the disk filled up mid-step: say so, without a traceback
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import ray_logs
+from pipeline.outputs import write_problem
 from steps.encode import EncodeConfig
 from steps.evaluate import EvaluateConfig
 from steps.nn import registry
@@ -187,9 +188,10 @@ def local_dir(root: str) -> str:
     """Where Hydra keeps a run's logs for ``artifacts.root=root`` (``${local_dir:${artifacts.root}}`` in
     conf/config.yaml): on the root itself when it is a local path (or ``file://``), else ``outputs`` in the working
     directory. Hydra writes through ``os``, so a URI root would otherwise become a local folder named ``s3:``."""
-    if root.startswith("file://"):
-        return root[len("file://") :]
-    return "outputs" if "://" in root else root
+    if "://" in root and not root.startswith("file://"):
+        return "outputs"
+    # An unwritable root: Hydra's logs go to ./outputs, and the pipeline stops with a message naming artifacts.root.
+    return "outputs" if write_problem(root) else root.removeprefix("file://")
 
 
 def register() -> None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__, cache, graph, models, ray_logs
+from pipeline import __version__, cache, graph, models, outputs, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
 from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
 from steps.common import MLflowSink
@@ -106,6 +106,8 @@ def execute(
 ) -> list[Planned]:
     """Run the plan. ``trial``: a debug run or a multirun member, which by default does not move the model alias.
     ``choices``: Hydra's chosen option per config group (experiment, model, ...), recorded on the parent run."""
+    if (problem := outputs.write_problem(cfg.root)) is not None:  # before Ray starts, with the setting's name
+        raise ConfigError(f"artifacts.root {cfg.root!r} is not writable: {problem}")
     store = cache.ArtifactStore(cfg.root)
     planned = plan(cfg, store)
     todo = [p.step.name for p in planned if p.action == "run"]
@@ -151,7 +153,12 @@ def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tr
             sink = MLflowSink(worker_tracking_uri(cfg.mlflow.tracking_uri), run_id) if step.trains else None
             log.info("%s: running -> %s", step.name, work)
             start = time.perf_counter()
-            result = step.run(step_cfg, p.inputs, work, sink=sink)
+            try:
+                result = step.run(step_cfg, p.inputs, work, sink=sink)
+            except Exception as exc:
+                if (why := outputs.storage_failure(exc)) is None:
+                    raise
+                raise outputs.write_error(step.name, work, cfg.root, why) from exc
             p.seconds = time.perf_counter() - start
             final = store.final(step.name, fp)
             out = result_record(result)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, as_user_dict, load, register
 from pipeline.outputs import OutputWriteError
 from pipeline.run import MissingUpstreamError, execute
+from steps.common import SinkUnavailableError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # An installed wheel carries the configs as pipeline/conf; a checkout (editable install, `ray job submit
@@ -40,7 +41,7 @@ def main(dcfg: DictConfig) -> None:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except OutputWriteError as exc:  # the disk filled up mid-step: say so, without a traceback
+    except (SinkUnavailableError, OutputWriteError) as exc:  # tracking server down, or disk full: no traceback
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -28,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import ray_logs
 from pipeline.outputs import write_problem
+from pipeline.tracking_buffer import DEFAULT_OUTAGE_LIMIT_S
 from steps.encode import EncodeConfig
 from steps.evaluate import EvaluateConfig
 from steps.nn import registry
@@ -71,6 +72,12 @@ class MLflowConf(ConfigBase):
     run_name: str | None = None  # None: built from the experiment and the overrides ("digits32 model=vqvae")
     # Log CPU, memory, disk, network (and GPU where there is one) of the driver as system/* metrics of the parent run.
     system_metrics: bool = False
+    # How long the tracking store may stay unreachable before the run fails (pipeline/tracking_buffer.py): shorter
+    # outages only delay metrics, which training workers buffer and the driver retries.
+    outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S
+
+    def validate(self) -> None:
+        self.require("outage_limit_s", self.outage_limit_s > 0, "> 0 seconds (how long the tracking store may be down)")
 
 
 @dataclass(frozen=True)

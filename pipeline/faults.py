@@ -12,7 +12,8 @@ Two layers:
 * **Around pipelines** (:class:`Workspace` and the scenario functions): pipelines run as subprocesses the way a
   user runs them, on an artifacts root and a SQLite MLflow store of their own; the driver (with the local Ray it
   started) is SIGKILLed at a chosen moment; two pipelines race on one root. Each scenario returns the facts it saw
-  and whether the invariant held (``"survived"``). ``bench/faults.py`` runs them all and reports.
+  and whether the invariant held (``"survived"``); :mod:`pipeline.faults_compare` says whether what it produced
+  equals, bitwise, an uninterrupted run of the same configs. ``bench/faults.py`` runs them all.
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
 TIMEOUT_S = 900.0
 # The sample step of the kill scenario: 16 shards, so the driver can be killed between the first and the last.
 SAMPLE_LONGER = ("sample.num_samples=64", "sample.shard_size=4", "sample.num_actors=1")
+# Training long enough that a driver killed after the first checkpoint dies mid-training (the tiny 10 steps run out in
+# the moment it takes to notice the checkpoint); only the steps up to train_vqvae.
+TRAIN_LONGER = ("train_vqvae.train.steps=60", "steps=[shard,train_vqvae]")
 
 
 class Workspace:
@@ -188,14 +192,18 @@ class Workspace:
             rc = -1
         return rc, log_path.read_text(errors="replace")
 
-    def run_until(self, pattern: str, *overrides: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
-        """Start a pipeline and SIGKILL it (driver and local Ray) once a file matching ``<root>/<pattern>`` exists.
-        Returns (killed, output); not killed means it ended first."""
+    def run_until(
+        self, pattern: str, *overrides: str, timeout: float = TIMEOUT_S, settle_s: float = 0.0
+    ) -> tuple[bool, str]:
+        """Start a pipeline and SIGKILL it (driver and local Ray) once a file matching ``<root>/<pattern>`` exists
+        (and ``settle_s`` seconds later: time to finish writing it). Returns (killed, output); not killed means it
+        ended first."""
         proc, log_path = self.start(*overrides)
         deadline = time.monotonic() + timeout
         killed = False
         while proc.poll() is None and time.monotonic() < deadline:
             if glob.glob(str(self.root / pattern)):
+                time.sleep(settle_s)
                 _kill(proc)
                 killed = True
                 break
@@ -261,11 +269,11 @@ def nan_loss(ws: Workspace) -> dict[str, Any]:
     return facts
 
 
-def driver_kill(ws: Workspace, step: str, pattern: str, *overrides: str) -> dict[str, Any]:
+def driver_kill(ws: Workspace, step: str, pattern: str, *overrides: str, settle_s: float = 0.0) -> dict[str, Any]:
     """SIGKILL the driver (and its local Ray) once ``pattern`` exists under the root, then rerun. Survived: no
     output of ``step`` looked finished after the kill, and the rerun finished it."""
     before = set(ws.finished(step))
-    killed, _ = ws.run_until(pattern, *overrides)
+    killed, _ = ws.run_until(pattern, *overrides, settle_s=settle_s)
     interrupted = [p.removesuffix(".partial") for p in ws.partial(step)]
     facts: dict[str, Any] = {
         "killed": killed,
@@ -279,6 +287,17 @@ def driver_kill(ws: Workspace, step: str, pattern: str, *overrides: str) -> dict
         killed and not facts["looked_finished_after_kill"] and rc == 0 and facts["finished_after_rerun"]
         and not ws.partial(step)
     )  # fmt: skip
+    return facts
+
+
+def driver_kill_train(ws: Workspace) -> dict[str, Any]:
+    """The driver is killed once train_vqvae (TRAIN_LONGER: 60 steps) has written its first checkpoint; the rerun
+    must resume mid-training (a ``train/resumed_from`` point before step 60 in the rerun's MLflow run) and finish."""
+    checkpoint = f"train_vqvae/*.partial/ray/*/checkpoint_*/{training.STATE_FILE}"
+    facts = driver_kill(ws, "train_vqvae", checkpoint, *TRAIN_LONGER, settle_s=0.3)  # model.pt written whole
+    facts["resumed_from"] = [s for run in metric_steps(ws.db, "train_vqvae", "train/resumed_from") for s in run]
+    facts["resumed"] = len(facts["resumed_from"]) == 1 and 0 < facts["resumed_from"][0] < 60
+    facts["survived"] = facts["survived"] and facts["resumed"]
     return facts
 
 
@@ -319,6 +338,7 @@ def concurrent(ws: Workspace) -> dict[str, Any]:
 SCENARIOS = {
     "worker_crash": worker_crash,
     "nan_loss": nan_loss,
+    "driver_kill_train": driver_kill_train,
     "driver_kill_encode": driver_kill_encode,
     "driver_kill_sample": driver_kill_sample,
     "concurrent": concurrent,

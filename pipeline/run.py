@@ -12,7 +12,7 @@ from typing import Any
 from pipeline import __version__, cache, graph, models, outputs, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
 from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
-from steps.common import MLflowSink
+from pipeline.tracking_buffer import MLflowSink
 from steps.nn import registry
 
 log = logging.getLogger("pipeline")
@@ -71,12 +71,13 @@ def plan(cfg: PipelineConfig, store: cache.ArtifactStore) -> list[Planned]:
 
 
 def worker_tracking_uri(uri: str) -> str:
-    """A server on this machine's loopback is not reachable from other nodes: give workers this node's IP."""
+    """A server on this machine's loopback is not reachable from other nodes: give workers this node's IP. On a
+    one-node Ray (a laptop) the loopback address stays, so a server bound to 127.0.0.1 is reached as it is."""
     for host in ("127.0.0.1", "localhost"):
         if uri.startswith(f"http://{host}:"):
             import ray
 
-            if ray.is_initialized():
+            if ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
                 return uri.replace(host, ray.util.get_node_ip_address(), 1)
     return uri
 
@@ -117,7 +118,8 @@ def execute(
     tags = {"overrides": redact_overrides(overrides)[:5000], "version": __version__, "artifacts_root": redact(cfg.root)}
     choices = dict(choices or {})
     name = cfg.mlflow.run_name or run_name(overrides, choices)
-    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, name, tags, cfg.mlflow.system_metrics) as tracker:
+    m = cfg.mlflow
+    with Tracker(m.tracking_uri, m.experiment, name, tags, m.system_metrics, m.outage_limit_s) as tracker:
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:
             _execute_one(p, cfg, store, tracker)
@@ -150,7 +152,8 @@ def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tr
             if step.name in cfg.force or record is not None:
                 store.clear_work_dir(step.name, fp)  # forced: start over rather than resume
             work = store.work_dir(step.name, fp)
-            sink = MLflowSink(worker_tracking_uri(cfg.mlflow.tracking_uri), run_id) if step.trains else None
+            uri = worker_tracking_uri(cfg.mlflow.tracking_uri)
+            sink = MLflowSink(uri, run_id, cfg.mlflow.outage_limit_s) if step.trains else None
             log.info("%s: running -> %s", step.name, work)
             start = time.perf_counter()
             try:

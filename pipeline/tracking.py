@@ -4,6 +4,9 @@ Only this driver and the rank-0 training workers write (SQLite allows one writer
 step's flattened config as params, its fingerprint, inputs and git sha as tags, its final metrics, its image grids
 as artifacts and its output URIs as tags. A cached step still gets a child run, tagged ``cached=true`` and linked
 to the run that produced the output, so every invocation shows the whole graph.
+
+Every request goes through one :class:`pipeline.tracking_buffer.Outage`: a tracking server that is down for less than
+``mlflow.outage_limit_s`` delays the driver instead of failing it; past that the run fails naming the tracking URI.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from pipeline.tracking_buffer import DEFAULT_OUTAGE_LIMIT_S, Outage, configure_http_retries
 from steps import storage
 from steps.common import StepResult
 
@@ -176,10 +180,13 @@ class Tracker:
         run_name: str | None,
         tags: Mapping[str, str],
         system_metrics: bool = False,
+        outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
     ) -> None:
         import mlflow
 
+        configure_http_retries()
         self.mlflow = mlflow
+        self.call = Outage(tracking_uri, outage_limit_s).call  # every request to the store, retried through an outage
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
@@ -190,12 +197,14 @@ class Tracker:
     def __enter__(self) -> Tracker:
         self.mlflow.set_tracking_uri(self.tracking_uri)
         with store_lock(self.tracking_uri):  # the first access of a new SQLite store creates its tables
-            experiment = self.mlflow.set_experiment(self.experiment)
-            close_orphaned_runs(self.mlflow.tracking.MlflowClient(), experiment.experiment_id)
+            client = self.mlflow.tracking.MlflowClient()
+            experiment = self.call(self.mlflow.set_experiment, self.experiment)
+            self.call(close_orphaned_runs, client, experiment.experiment_id)
         if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user set by hand is theirs
-            self.mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+            self.call(client.set_experiment_tag, experiment.experiment_id, *EXPERIMENT_KIND)
         driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
-        self.parent = self.mlflow.start_run(
+        self.parent = self.call(
+            self.mlflow.start_run,
             run_name=self.run_name,
             tags={"git_sha": git_sha(), **driver, **self.tags},
             log_system_metrics=self.system_metrics,
@@ -203,7 +212,23 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        self._end_run(failing=exc_type is not None)
+
+    def _end_run(self, failing: bool) -> None:
+        """End the innermost active run, retrying through an outage; while an error is on its way out, one try and a
+        warning, so that error is the one reported (a run left RUNNING is closed by the next pipeline on this host)."""
+        run_id = self.mlflow.active_run().info.run_id
+        status = "FAILED" if failing else "FINISHED"
+        client = self.mlflow.tracking.MlflowClient()
+        try:
+            client.set_terminated(run_id, status) if failing else self.call(client.set_terminated, run_id, status)
+        except Exception as exc:
+            if not failing:
+                raise
+            log.warning("MLflow run %s not marked %s: %s", run_id, status, str(exc).splitlines()[0])
+        finally:
+            with contextlib.suppress(Exception):  # pops the run off MLflow's stack (its request repeats ours)
+                self.mlflow.end_run(status)
 
     @property
     def run_id(self) -> str:
@@ -219,7 +244,7 @@ class Tracker:
         )
 
     def log_text(self, text: str, name: str) -> None:
-        self.mlflow.log_text(redact(text), name)
+        self.call(self.mlflow.log_text, redact(text), name)
 
     def log_run(
         self,
@@ -230,16 +255,16 @@ class Tracker:
         """Params, metrics and datasets (name -> (URI, fingerprint)) of the parent run: what Compare on two pipeline
         runs shows, and the runs table's dataset column."""
         for name, (uri, digest) in (datasets or {}).items():
-            log_dataset(self.mlflow, name, uri, digest)
+            log_dataset(self.mlflow, name, uri, digest, self.call)
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
         client = self.mlflow.tracking.MlflowClient()
         items = [Param(k, _param_value(k, v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
-            client.log_batch(self.run_id, params=items[i : i + 100])
+            self.call(client.log_batch, self.run_id, params=items[i : i + 100])
         if metrics:
-            client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.call(client.log_batch, self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     @contextlib.contextmanager
     def step(
@@ -254,19 +279,24 @@ class Tracker:
         inputs, so the UI's dataset column shows which shards or code dataset the step read."""
         tags = {"step": name, "fingerprint": fp, "git_sha": git_sha()}
         tags.update({f"input.{k}": v for k, v in inputs.items()})
-        with self.mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        run = self.call(self.mlflow.start_run, run_name=name, nested=True, tags=tags)
+        try:
             items = [(k, _param_value(k, v)) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per request
-                self.mlflow.log_params(dict(items[i : i + 100]))
+                self.call(self.mlflow.log_params, dict(items[i : i + 100]))
             for dataset_name, (uri, digest) in (datasets or {}).items():
-                log_dataset(self.mlflow, dataset_name, uri, digest)
+                log_dataset(self.mlflow, dataset_name, uri, digest, self.call)
             yield run.info.run_id
+        except BaseException:
+            self._end_run(failing=True)
+            raise
+        self._end_run(failing=False)
 
     def cached(self, run_id: str, record: Mapping[str, Any]) -> None:
         client = self.mlflow.tracking.MlflowClient()
-        client.set_tag(run_id, "cached", "true")
+        self.call(client.set_tag, run_id, "cached", "true")
         if record.get("mlflow_run_id"):
-            client.set_tag(run_id, "produced_by", record["mlflow_run_id"])
+            self.call(client.set_tag, run_id, "produced_by", record["mlflow_run_id"])
         self.log_result(run_id, record.get("metrics", {}), record.get("artifacts", {}), images=False)
 
     def log_result(
@@ -276,7 +306,8 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        client.log_batch(
+        self.call(
+            client.log_batch,
             run_id,
             metrics=[Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()],
             tags=[RunTag(f"artifact.{k}", v) for k, v in artifacts.items()],
@@ -289,7 +320,7 @@ class Tracker:
                     local = os.path.join(d, os.path.basename(uri))
                     with open(local, "wb") as f:
                         f.write(storage.read_bytes(uri))
-                    client.log_artifact(run_id, local)
+                    self.call(client.log_artifact, run_id, local)
 
 
 def parquet_schema(uri: str):
@@ -321,9 +352,10 @@ def parquet_schema(uri: str):
     return Schema([ColSpec(spec(f.type), f.name, required=not f.nullable) for f in schema])
 
 
-def log_dataset(mlflow, name: str, uri: str, digest: str) -> None:
+def log_dataset(mlflow, name: str, uri: str, digest: str, call: Callable[..., Any] | None = None) -> None:
     """Log the dataset at ``uri`` as an input of the active run (name, digest, source, schema). Lineage is a
-    convenience: a dataset MLflow cannot describe is logged without a schema, or skipped, with a warning."""
+    convenience: a dataset MLflow cannot describe is logged without a schema, or skipped, with a warning. ``call``
+    runs the request (the tracker's retries through an outage)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -342,9 +374,10 @@ def log_dataset(mlflow, name: str, uri: str, digest: str) -> None:
     dataset = MetaDataset(source, name=name, digest=digest[:16], schema=schema)
     # Two pipelines logging the same dataset at once race on the store's unique (experiment, name, digest) row: the
     # loser's insert fails, and its retry finds the row the winner made.
+    send = call or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
     for attempt in range(3):
         try:
-            mlflow.log_input(dataset, context="input")
+            send(mlflow.log_input, dataset, context="input")
             return
         except Exception as exc:
             if attempt == 2:

@@ -5,15 +5,14 @@ to their output URIs and ``out`` is the URI this step writes to (storage: :mod:`
 inputs through the artifact handles of :mod:`steps.artifacts` and never reads another step's files by name.
 
 Steps never open MLflow runs. The orchestrator hands them a :class:`MetricsSink`; training workers of rank 0 call it,
-so live curves reach whatever run the orchestrator opened. Sinks are small picklable objects for that reason.
+so live curves reach whatever run the orchestrator opened. Sinks are small picklable objects for that reason; the
+MLflow-backed one is ``pipeline.tracking_buffer.MLflowSink``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -64,6 +63,18 @@ class MetricsSink:
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         pass
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Deliver what was logged so far (a sink may buffer); False if ``timeout_s`` passed first.
+
+        Raises:
+            SinkUnavailableError: the sink's store stayed unreachable past the sink's limit.
+        """
+        return True
+
+
+class SinkUnavailableError(RuntimeError):
+    """A sink's store stayed unreachable past its limit; the message names the store and for how long."""
+
 
 class PrefixSink(MetricsSink):
     """Prefixes metric names, e.g. ``top/`` and ``bottom/`` for two priors logging into one run."""
@@ -80,6 +91,9 @@ class PrefixSink(MetricsSink):
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(local_path, artifact_path)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return self.inner.flush(timeout_s)
 
 
 class JsonlSink(MetricsSink):
@@ -98,49 +112,3 @@ class JsonlSink(MetricsSink):
         with open(self.path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         return max((r["step"] for r in rows if key in r), default=0)
-
-
-class MLflowSink(MetricsSink):
-    """Logs into an existing MLflow run by id (it never creates one). Picklable: holds two strings."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self._client = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow.tracking import MlflowClient  # deferred: importing mlflow costs seconds
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        # A busy SQLite store or a flaky server must not kill hours of training: retry, then drop with a warning.
-        for attempt in range(4):
-            try:
-                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-                return
-            except Exception as exc:
-                if attempt == 3:
-                    logging.getLogger(__name__).warning("dropped metrics of step %d: %s", step, exc)
-                    return
-                time.sleep(0.5 * 2**attempt)
-
-    def last_step(self, key: str) -> int:
-        try:
-            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
-        except Exception as exc:  # an unreachable store must not stop training; at worst a step is logged twice
-            logging.getLogger(__name__).warning("could not read metric history of %s: %s", key, exc)
-            return 0
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_path)

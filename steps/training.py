@@ -5,8 +5,9 @@ batch into a loss, evaluate, and what to write at the end); :func:`fit` owns eve
 ``prepare_model`` (gloo on CPU, NCCL on GPU), the optimiser and learning-rate schedule, bf16 autocast on GPU,
 gradient clipping, an optional moving average of the weights (``ema_decay``: validation and the checkpoints' ``model``
 then use the average, and ``live`` keeps the optimiser's weights), periodic checkpoints carrying model, optimiser,
-scheduler, step and RNG state, resuming from ``ray.train.get_checkpoint()`` after a worker failure or a restarted
-driver, and rank-0 metrics to the sink.
+scheduler, step, every rank's random streams and data position, and the metric window, resuming from
+``ray.train.get_checkpoint()`` after a worker failure or a restarted driver exactly where the uninterrupted run would be
+(:mod:`steps.resume`), and rank-0 metrics to the sink.
 
 Training counts optimiser steps, not epochs: every worker runs exactly ``steps`` updates, cycling over its data
 shard as often as needed, so ranks never disagree about how many collectives remain.
@@ -14,30 +15,32 @@ shard as often as needed, so ranks never disagree about how many collectives rem
 
 from __future__ import annotations
 
-import io
+import contextlib
+import copy
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from steps.common import MetricsSink
+from steps import resume
+from steps.common import MetricsSink, SinkUnavailableError
 from steps.nn.averaging import WeightAverage
-from steps.nn.checkpoint import checkpoint_dict, read_checkpoint, unwrap
+from steps.nn.checkpoint import read_checkpoint, unwrap
 from steps.nn.config import ConfigBase, no_effect
 from steps.progress import Progress
-from steps.storage import delete, exists, filesystem, join, read_bytes, read_json, write_json
+from steps.resume import STATE_FILE
+from steps.storage import delete, exists, join, read_json, write_json
 
 log = logging.getLogger(__name__)
-STATE_FILE = "model.pt"
 NONFINITE_FILE = "nonfinite.json"  # in the run's storage: written by rank 0 when the loss diverges
+SINK_DOWN_FILE = "sink_unavailable.json"  # in the run's storage: written by rank 0 when its sink gives up
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -63,6 +66,11 @@ class TrainConfig(ConfigBase):
     log_every: int = 25
     val_batches: int = 4  # batches of val data scored at every checkpoint
     max_failures: int = no_effect(2)  # restarts of the worker group after a crash (the result does not change)
+    # Elastic training (Ray Train V2 ``num_workers=(min, max)``): a worker group that lost nodes restarts from the
+    # last checkpoint with as many workers as the cluster still fits, down to this many, instead of waiting for
+    # num_workers to fit again; a node that comes back is taken up again. 0: exactly num_workers, always. With fewer
+    # workers each step sees fewer images (batch_size is per worker) but training still ends at ``steps``.
+    min_workers: int = no_effect(0)
     seed: int = 0
     bf16: bool = True  # autocast on GPU; CPU always trains in fp32
     # GPU: convolution weights and image batches in channels-last layout. With bf16 and the fused AdamW the loop
@@ -75,10 +83,16 @@ class TrainConfig(ConfigBase):
 
     def validate(self) -> None:
         self.require_min(1, "num_workers", "cpus_per_worker", "batch_size", "steps", "checkpoint_every", "log_every")
-        self.require_min(0, "warmup_steps", "weight_decay", "grad_clip", "val_batches", "max_failures")
+        self.require_min(0, "warmup_steps", "weight_decay", "grad_clip", "val_batches", "max_failures", "min_workers")
+        self.require("min_workers", self.min_workers <= self.num_workers, f"at most num_workers ({self.num_workers})")
         self.require("lr", self.lr > 0 and math.isfinite(self.lr), "a positive number")
         self.require("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
         self.require("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: off)")
+
+    @property
+    def workers(self) -> int | tuple[int, int]:
+        """``ScalingConfig.num_workers``: a fixed count, or (min, max) for elastic training."""
+        return (self.min_workers, self.num_workers) if 0 < self.min_workers < self.num_workers else self.num_workers
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` after ``step`` updates: linear warm-up, then the schedule's decay to zero."""
@@ -135,37 +149,6 @@ class TrainTask:
 TASK_WRAPPERS: list[Callable[[TrainTask], TrainTask]] = []
 
 
-def _batches(dataset, batch_size: int) -> Iterator[Mapping[str, Any]]:
-    """Cycle over a dataset shard forever in numpy batches; a new pass starts where the last one ended."""
-    while True:
-        empty = True
-        batches = dataset.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=8 * batch_size
-        )
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError(f"a worker's data shard holds fewer rows than one batch ({batch_size})")
-
-
-def _save(path: str, model: nn.Module, opt, sched, step: int, metrics: dict, average: WeightAverage | None) -> None:
-    """The training state; ``model`` holds the weights to use (the average, with ``ema_decay``), ``live`` the
-    optimiser's own weights when they differ."""
-    extra = {"live": unwrap(model).state_dict(), "average": average.state_dict()} if average is not None else {}
-    used = average.model(unwrap(model)) if average is not None else model
-    payload = checkpoint_dict(
-        used,
-        optimizer=opt.state_dict(),
-        scheduler=sched.state_dict(),
-        step=step,
-        rng=torch.get_rng_state(),
-        metrics={k: float(v) for k, v in metrics.items()},
-        **extra,
-    )
-    torch.save(payload, path)
-
-
 def _check_replicas(model: nn.Module, step: int) -> None:
     """Every rank must hold identical buffers (the EMA codebooks): compare checksums, fail loudly if not."""
     import torch.distributed as dist
@@ -180,46 +163,6 @@ def _check_replicas(model: nn.Module, step: int) -> None:
         raise RuntimeError(f"model buffers (codebooks) differ between ranks at step {step}")
 
 
-def _load_state(uri: str) -> dict[str, Any] | None:
-    try:
-        return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a checkpoint cut short by the crash: fall back to an older one
-        log.warning("cannot resume from %s (%s: %s)", uri, type(exc).__name__, exc)
-        return None
-
-
-def _resume_state(checkpoint, run_dir: str) -> dict[str, Any] | None:
-    """The newest training state to resume from, or None to start at step 0.
-
-    Normally Ray Train's latest checkpoint. But Ray Train registers a reported checkpoint only when its controller
-    next polls the workers: a worker killed (SIGKILL, preemption) right after reporting leaves a complete checkpoint
-    directory on storage that Ray does not know of. Checkpoint directories are named by time, so any newer than the
-    registered one (or any at all, without one) are tried first, newest first; one that does not load is skipped.
-    Every rank sees the same files and so picks the same state.
-    """
-    registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else ""
-    fs, path = filesystem(run_dir)
-    try:
-        found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        found = []
-    names = sorted(
-        (f.base_name for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")),
-        reverse=True,
-    )
-    for name in names:
-        if name <= registered:
-            break
-        state = _load_state(join(run_dir, name, STATE_FILE))
-        if state is not None:
-            log.info("resuming from %s, written but not yet registered by Ray Train", name)
-            return state
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-
-
 def _nonfinite_ranks(loss: torch.Tensor, world: int) -> list[int]:
     """Ranks whose loss is NaN/Inf. Every rank gets the same answer, so all stop together (none waits forever in
     the next gradient all-reduce for a rank that left)."""
@@ -231,6 +174,26 @@ def _nonfinite_ranks(loss: torch.Tensor, world: int) -> list[int]:
     flags = [torch.empty_like(flag) for _ in range(world)]
     dist.all_gather(flags, flag)
     return torch.cat(flags).nonzero().flatten().tolist()  # one device sync, not one per rank
+
+
+def _worker_main(config: dict) -> None:
+    """:func:`_worker_loop`, then the sink's buffered metrics delivered. A sink that gave up (its store stayed down
+    too long) leaves a record that stops each restarted worker group at once; :func:`fit` raises its message."""
+    sink: MetricsSink = config["sink"] or MetricsSink()
+    marker = join(config["run_dir"], SINK_DOWN_FILE)
+    try:
+        if exists(marker):
+            raise SinkUnavailableError(read_json(marker)["error"])
+        _worker_loop(config)
+        sink.flush()
+    except SinkUnavailableError as exc:
+        if not exists(marker):
+            write_json(marker, {"error": str(exc)})
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            sink.flush(30.0)  # what was logged before the crash: a restart logs only the steps after it
+        raise
 
 
 def _worker_loop(config: dict) -> None:
@@ -256,33 +219,78 @@ def _worker_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, tc.lr_factor)
     step = 0
     run_dir: str = config["run_dir"]
-    state = _resume_state(ray.train.get_checkpoint(), run_dir)
+    state = resume.resume_state(ray.train.get_checkpoint(), run_dir)
     average = WeightAverage(unwrap(model), tc.ema_decay) if tc.ema_decay else None
     if state is not None:
         unwrap(model).load_state_dict(state.get("live", state["model"]))
+        resume.restore_buffers(unwrap(model), state.get("buffers") or {})
         if average is not None:
             average.load_state_dict(state.get("average") or state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
-        if rank == 0:
-            torch.set_rng_state(state["rng"])
         log.info("%s: resumed from step %d", task.name, step)
-    # Each rank draws differently from here on (dropout, restarts), reproducibly for a given step.
-    if rank != 0 or state is None:
-        torch.manual_seed(tc.seed * 1_000_003 + rank * 7919 + step)
+    ranks = (state or {}).get("ranks") or []
+    position = (int(ranks[0]["data"][0]) + 1, 0) if ranks else (0, 0)  # another world size: start a new epoch
+    if len(ranks) == world:  # every rank's random streams and data position as they were at the checkpoint
+        position = resume.restore_rank_state(ranks[rank], device)
+    else:  # each rank draws differently (dropout, restarts); rank 0 goes on from the stream that drew the weights
+        resume.seed_rank(tc.seed + step, rank, keep_torch=rank == 0 and state is None)
 
     # After a restart, steps between the checkpoint and the crash were already logged: do not log them twice.
     logged_until = sink.last_step("train/loss") if rank == 0 and state is not None else 0
     if rank == 0 and state is not None:
         sink.log_metrics({"train/resumed_from": step}, step)  # shows each restart in the run's metrics
-    train_iter = _batches(ray.train.get_dataset_shard("train"), tc.batch_size)
+    shard = ray.train.get_dataset_shard("train")
+    train_iter = resume.BatchStream(shard, tc.batch_size, tc.seed, rank, *position)
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 and tc.val_batches else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
-    window: dict[str, float] = {}
-    last_train: dict[str, float] = {}
+    # The metric window (sums since the last log line) travels in the checkpoint: a resume mid-window logs the same.
+    saved = (state or {}).get("window") or {}
+    window: dict[str, float] = dict(saved.get("sums") or {})
+    last_train: dict[str, float] = dict(saved.get("last_train") or {})
     progress = Progress(task.name, tc.steps, step, items_per_unit=tc.batch_size * world) if rank == 0 else None
-    seen, t0 = 0, time.perf_counter()
+    seen, t0 = int(saved.get("seen", 0)), time.perf_counter()
+
+    def checkpoint(last: bool) -> None:
+        """Validation, then the checkpoint of every rank's state (and the final artifacts) reported to Ray Train."""
+        if world > 1:
+            _check_replicas(model, step)
+        report: dict[str, float] = {"step": step, **last_train}
+        val = []
+        if val_shard is not None:
+            val = [
+                task.prepare_batch(b, device)
+                for _, b in zip(
+                    range(tc.val_batches),
+                    val_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"),
+                    strict=False,
+                )
+            ]
+            scored = average.model(unwrap(model)) if average is not None else unwrap(model)
+            scored.eval()
+            with torch.no_grad(), autocast:
+                report.update({f"val/{k}": v for k, v in task.evaluate(scored, val).items()})
+            if step > logged_until:
+                sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
+            if f"val/{task.progress_val[0]}" in report:
+                progress.val = (task.progress_val[1], report[f"val/{task.progress_val[0]}"])
+        ranks = resume.gather_rank_states(resume.rank_state(device, train_iter.position), world)
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                window_state = {"sums": window, "seen": seen, "last_train": last_train}
+                resume.save_state(os.path.join(d, STATE_FILE), model, opt, sched, average, step=step,
+                                  metrics={k: float(v) for k, v in report.items()}, ranks=ranks,
+                                  window=window_state)  # fmt: skip
+                if last:
+                    final = average.model(unwrap(model)) if average is not None else unwrap(model)
+                    final.eval()
+                    with torch.no_grad(), autocast:
+                        task.finalize(final, val, d)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+    if state is not None and step >= tc.steps:  # resumed from the final checkpoint, which Ray Train may not have
+        checkpoint(last=True)  # registered before the crash: report it again, so the result is this checkpoint
     while step < tc.steps:
         model.train()
         task.begin_step(step, rank, run_dir)
@@ -327,36 +335,7 @@ def _worker_loop(config: dict) -> None:
             last_train = metrics
             window, seen, t0 = {}, 0, time.perf_counter()
         if step % tc.checkpoint_every == 0 or last:
-            if world > 1:
-                _check_replicas(model, step)
-            report: dict[str, float] = {"step": step, **last_train}
-            val = []
-            if val_shard is not None:
-                val = [
-                    task.prepare_batch(b, device)
-                    for _, b in zip(
-                        range(tc.val_batches),
-                        val_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"),
-                        strict=False,
-                    )
-                ]
-                scored = average.model(unwrap(model)) if average is not None else unwrap(model)
-                scored.eval()
-                with torch.no_grad(), autocast:
-                    report.update({f"val/{k}": v for k, v in task.evaluate(scored, val).items()})
-                if step > logged_until:
-                    sink.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, step)
-                if f"val/{task.progress_val[0]}" in report:
-                    progress.val = (task.progress_val[1], report[f"val/{task.progress_val[0]}"])
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    _save(os.path.join(d, STATE_FILE), model, opt, sched, step, report, average)
-                    if last:
-                        final = average.model(unwrap(model)) if average is not None else unwrap(model)
-                        final.eval()
-                        with torch.no_grad(), autocast:
-                            task.finalize(final, val, d)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            checkpoint(last)
         if progress is not None and (text := progress.update(step, values["loss"])):
             log.info("%s", text)  # rank 0's console: one line at least every PROGRESS_EVERY_S, and the last
         task.end_step(step, rank, run_dir)
@@ -399,14 +378,18 @@ def fit(
     run_dir = join(storage, name)
     nonfinite_marker = join(run_dir, NONFINITE_FILE)
     delete(nonfinite_marker)  # a record from an earlier attempt of this run is history now
+    sink_marker = join(run_dir, SINK_DOWN_FILE)
+    delete(sink_marker)
+    datasets = {name: resume.preserve_order(ds) for name, ds in datasets.items()}
     if tc.cache_data:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     # Ray Train's console chatter follows the driver's ray.train logger (pipeline/ray_logs.py sets it), and its
     # default ingest options copy these through a deprecated argument (a warning in every run).
     level = logging.getLevelName(logging.getLogger("ray.train").level or logging.INFO)
-    ingest = ray.data.DataContext.get_current().execution_options
+    ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    ingest.preserve_order = True  # a fixed row order per rank: resume.BatchStream's epochs build on it
     trainer = TorchTrainer(
-        _worker_loop,
+        _worker_main,
         train_loop_config={
             "task": task,
             "train": tc,
@@ -414,7 +397,7 @@ def fit(
             "run_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+            num_workers=tc.workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -426,7 +409,12 @@ def fit(
         datasets=dict(datasets),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        if exists(sink_marker):  # the metrics store stayed unreachable: its message, not Ray's wrapped traceback
+            raise SinkUnavailableError(f"{task.name}: {read_json(sink_marker)['error']}") from None
+        raise
     if exists(nonfinite_marker):
         record = read_json(nonfinite_marker)
         kept = (

@@ -1,8 +1,9 @@
 """A throwaway local Ray head with token auth, driven through the same CLI a GPU cluster is (docs/cluster.md).
 
 ``start_head()`` runs ``ray start --head --block`` with ``RAY_AUTH_MODE=token`` and returns a :class:`LocalCluster`
-to submit jobs to, poll and stop. It must coexist with any other Ray on the machine (the in-process ``ray_local``
-fixture, another test run), so it shares nothing with them:
+to submit jobs to, poll and stop; ``start_worker_node(head)`` joins a second node (its own ports, temp dir and
+session) that :meth:`WorkerNode.kill` loses the way a machine is lost. It must coexist with any other Ray on the
+machine (the in-process ``ray_local`` fixture, another test run), so it shares nothing with them:
 
 - its own ``--temp-dir`` (short, under /tmp: Ray's unix sockets must fit in 107 bytes), so a bare ``ray.init()``
   elsewhere never finds it through ``/tmp/ray/ray_current_cluster``;
@@ -342,3 +343,100 @@ def start_head(num_cpus: int = 2, ready_timeout_s: float = 180.0) -> LocalCluste
         cluster.stop()
         raise
     return cluster
+
+
+# ------------------------------------------------------------------------------------------------ more nodes
+def state_api(head: LocalCluster, path: str) -> list[dict]:
+    """The rows a State API listing (``/api/v0/nodes?...``, ``/api/v0/actors?...``) returns, asked with the token."""
+    status, body = head.http_get(path, token=head._token())
+    if status != 200:
+        raise ClusterError(f"GET {path} answered {status}: {body[:2000]}")
+    return json.loads(body)["data"]["result"]["result"]
+
+
+def nodes(head: LocalCluster) -> list[dict]:
+    """The cluster's nodes (``node_id``, ``state``, ``is_head_node``, ...)."""
+    return state_api(head, "/api/v0/nodes?limit=100&detail=true")
+
+
+def actors_on(head: LocalCluster, node_id: str, class_name: str) -> list[dict]:
+    """The ALIVE actors of class ``class_name`` on node ``node_id``."""
+    query = f"/api/v0/actors?limit=1000&detail=true&filter_keys=node_id&filter_predicates=%3D&filter_values={node_id}"
+    return [a for a in state_api(head, query) if a.get("class_name") == class_name and a.get("state") == "ALIVE"]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (Linux /proc; elsewhere none: the process group kill has to do)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@dataclass
+class WorkerNode:
+    """A second node of a :class:`LocalCluster` on this machine: ``ray start --address --block`` with its own ports,
+    temp dir and process group. Build it with :func:`start_worker_node`."""
+
+    root: Path
+    node_id: str
+    process: subprocess.Popen
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "ray-start.log"
+
+    def kill(self) -> None:
+        """Lose the node the way a machine is lost: SIGKILL to every process of its session at once (raylet, object
+        store, agents, and the workers, which Ray puts in process groups of their own), no goodbye to the GCS."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in _session_pids(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Idempotent: kill what is left of the node and remove its temp dir."""
+        self.kill()
+        deadline = time.monotonic() + 10
+        while _session_pids(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        atexit.unregister(self.stop)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_worker_node(head: LocalCluster, num_cpus: int, ready_timeout_s: float = 120.0) -> WorkerNode:
+    """Join a node with ``num_cpus`` CPUs to ``head`` (token auth as the head's) and wait until the GCS lists it
+    ALIVE. Same machine, so every port differs from the head's and is passed explicitly."""
+    before = {n["node_id"] for n in nodes(head)}
+    root = Path(tempfile.mkdtemp(prefix="raynode-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    ports = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export")
+    ports += ("runtime-env-agent",)
+    cmd = [RAY, "start", f"--address=127.0.0.1:{head.gcs_port}", "--block", "--node-ip-address=127.0.0.1"]
+    cmd += [f"--num-cpus={num_cpus}", f"--temp-dir={root / 'ray'}", "--min-worker-port=0", "--max-worker-port=0"]
+    cmd += [f"--{name}-port={port}" for name, port in zip(ports, free_ports(len(ports)), strict=True)]
+    cmd += ["--disable-usage-stats"]
+    with open(root / "ray-start.log", "wb") as log:
+        process = subprocess.Popen(
+            cmd, env=head.client_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+            start_new_session=True,
+        )  # fmt: skip
+    node = WorkerNode(root, "", process)
+    atexit.register(node.stop)
+    deadline = time.monotonic() + ready_timeout_s
+    while not node.node_id:
+        new = [n for n in nodes(head) if not n["is_head_node"] and n["node_id"] not in before and n["state"] == "ALIVE"]
+        if new:
+            node.node_id = new[0]["node_id"]
+        elif process.poll() is not None or time.monotonic() > deadline:
+            text = node.log_path.read_text(errors="replace")[-5000:]
+            node.stop()
+            raise ClusterError(f"the worker node did not join within {ready_timeout_s:.0f}s:\n{text}")
+        else:
+            time.sleep(1.0)
+    return node

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import faults
+from pipeline import faults, faults_compare
 from pipeline.verify import verify
 from steps.artifacts.codes import CodeDataset
 from steps.artifacts.images import SPLITS, ImageShards
@@ -57,3 +57,16 @@ def test_two_pipelines_on_one_root(tmp_path):
     assert set(facts["outputs_per_step"].values()) == {1}, facts
     assert facts["survived"], facts
     assert_sound(ws.root)
+
+
+def test_driver_killed_mid_training_resumes_exactly(tmp_path):
+    """The driver is SIGKILLed once train_vqvae wrote a checkpoint; the rerun resumes from it and ends with the weights
+    and metric values of an uninterrupted run, bitwise (CPU): steps.resume restores data order, random streams,
+    optimiser and metric window."""
+    clean = faults.Workspace(tmp_path / "clean")
+    assert clean.run(*faults.TRAIN_LONGER)[0] == 0
+    ws = faults.Workspace(tmp_path / "killed")
+    facts = faults.driver_kill_train(ws)
+    assert facts["killed"] and not facts["looked_finished_after_kill"], facts
+    assert facts["rerun_rc"] == 0 and facts["resumed"], f"the rerun resumed mid-training: {facts}"
+    assert faults_compare.compare_to_clean(ws, clean) == {"identical": True, "compared": 1, "differ": []}

@@ -132,6 +132,7 @@ def test_encode_resumes_per_finished_file(ray_local, tmp_path, tiny, artifacts, 
     inputs = {"shard": str(tmp_path / "shard"), "train_vqvae": artifacts.autoencoder(tmp_path / "train_vqvae", model)}
     out = tmp_path / "encode"
     run(tiny.encode(batch_size=16), inputs, str(out))
+    clean = {split: pq.read_table(CodeDataset.open(str(out)).split_uri(split)).sort_by("id") for split in tables}
     kept, torn, lost = sorted((out / "split=train").glob("*.parquet"))
     # What a killed attempt leaves: no record, a torn file, a missing file, a temporary file, the old layout.
     (out / "_codes.json").unlink()
@@ -151,6 +152,8 @@ def test_encode_resumes_per_finished_file(ray_local, tmp_path, tiny, artifacts, 
     codes = CodeDataset.open(str(out))
     for split, table in tables.items():
         check_against_model(out, split, model, table, codes.meta)
+        resumed = pq.read_table(codes.split_uri(split)).sort_by("id")
+        assert resumed.select(clean[split].column_names).equals(clean[split]), f"{split}: the clean encode's codes"
 
 
 def check_readers(out, codes: CodeDataset, read_four_ways) -> None:

@@ -43,6 +43,8 @@ BAD = [
     (TrainConfig, {"lr_schedule": "step"}, "lr_schedule"),
     (TrainConfig, {"grad_clip": -1.0}, "grad_clip"),
     (TrainConfig, {"use_gpu": "yes"}, "use_gpu must be true or false"),
+    (TrainConfig, {"min_workers": -1}, "min_workers"),
+    (TrainConfig, {"num_workers": 2, "min_workers": 3}, "min_workers must be at most num_workers (2), got 3"),
     (TrainVQVAEConfig, {"grid_images": 0}, "grid_images"),
     (TrainVQVAEConfig, {"model": {"kind": "gan"}}, "model unknown autoencoder kind 'gan'"),
     (TrainPriorConfig, {"class_conditional": 1}, "class_conditional"),
@@ -99,12 +101,14 @@ def test_a_few_valid_non_defaults():
     ShardConfig(source="parquet", path="x.parquet", val_fraction=0, label_column=None, limit=5)
     assert SampleConfig(labels=(1, 2)).labels == [1, 2]  # a tuple (or Hydra's ListConfig) becomes a list
     assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+    # Ray Train's ScalingConfig(num_workers=...): (min, max) only when elastic training is asked for
+    assert [TrainConfig(num_workers=4, min_workers=m).workers for m in (0, 1, 4)] == [4, (1, 4), 4]
 
 
 def test_settings_that_cannot_change_results_are_marked_on_the_field():
     """What the fingerprint leaves out comes from the fields' metadata, not from a list of names."""
     base = TrainConfig().result_dict()
-    assert "max_failures" not in base and "cache_data" not in base and "lr" in base
+    assert "max_failures" not in base and "cache_data" not in base and "min_workers" not in base and "lr" in base
     sample = SampleConfig().result_dict()
     assert "num_actors" not in sample and "cpus_per_actor" not in sample and "seed" in sample
     assert "num_actors" not in EncodeConfig().result_dict()

@@ -1,0 +1,92 @@
+"""A real ``mlflow server`` on 127.0.0.1 that tests stop and start again, for tracking-outage tests.
+
+``TrackingServer(tmp_path)`` picks a free port and keeps its SQLite store and artifacts under ``tmp_path``; ``start()``
+runs the server in its own process group and waits for ``/health``; ``stop()`` ends the whole group (SIGTERM, then
+SIGKILL) and waits until the port refuses connections. ``uri`` is always the loopback address; ``host="0.0.0.0"`` makes
+the server listen on every interface too, and it takes any Host header (this node's IP need not be a private one). A
+restarted server has the same port and the same store, as a restarted tracking server on a head node would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class TrackingServer:
+    def __init__(self, where: Path, host: str = "127.0.0.1") -> None:
+        self.where = Path(where)
+        self.host = host  # "0.0.0.0" for a pipeline's workers, which reach a loopback URI through this node's IP
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        assert self.proc is None, "already running"
+        mlflow = Path(sys.executable).with_name("mlflow")
+        with open(self.where / "mlflow-server.log", "ab") as log:  # the child keeps its own copy of the handle
+            self.proc = subprocess.Popen(
+                [str(mlflow), "server", "--host", self.host, "--allowed-hosts", "*", "--port", str(self.port),
+                 "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.where / 'mlflow.db'}",
+                 "--artifacts-destination", str(self.where / "mlflow-artifacts")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.where,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({self.proc.returncode}): see {self.where}/mlflow-server.log")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"mlflow server on port {self.port} not up within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                self.proc.poll()
+                time.sleep(0.1)
+            if not _group_alive(self.proc.pid):
+                break
+        self.proc.wait(timeout=10)
+        self.proc = None
+        deadline = time.monotonic() + 30
+        while _listening(self.port) and time.monotonic() < deadline:  # a restart must find the port free
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -10,6 +10,9 @@ on an artifacts root and a SQLite MLflow store of its own, injects one fault, an
 * ``nan_loss``: rank 0's loss becomes NaN at step 7 (``--nan-at train_vqvae:7``). Survived: the pipeline exits
   non-zero with a NonFiniteLossError naming step 7, Ray Train did not retry, the step-5 checkpoint is still in the
   step's work directory, and nothing was published for train_vqvae.
+* ``driver_kill_train``: the driver (with the local Ray it started) gets SIGKILL once train_vqvae has written its
+  first checkpoint (60 training steps, only shard and train_vqvae). Survived: no train_vqvae output looks finished,
+  and the rerun resumes mid-training and finishes.
 * ``driver_kill_encode``: the driver (with the local Ray it started) gets SIGKILL as soon as encode has written a
   code file. Survived: no encode output looks finished, and a rerun completes the step.
 * ``driver_kill_sample``: the same, as soon as the sample step has finished its first shard (more samples than the
@@ -17,12 +20,26 @@ on an artifacts root and a SQLite MLflow store of its own, injects one fault, an
   shards ("resuming" in its log) and completes.
 * ``concurrent``: two pipelines start at the same moment on one fresh root and one SQLite store. Survived: both exit
   0, and each step has exactly one output.
+* ``hostile_folder``, ``read_only_root``, ``disk_full`` (:mod:`pipeline.faults_io`): an input folder with a FIFO, a
+  socket, device and loop links and an oversized file (the shard step finishes and names each); an artifacts root on
+  a read-only tmpfs (exit 2 before anything runs, naming ``artifacts.root``); a 1 MiB root that fills up in
+  train_vqvae (exit 1 naming the step, nothing of it published; after the mount grows the rerun finishes). Where a
+  tmpfs cannot be mounted the last two print ``skipped`` and are not counted.
+
+Tracking-server outages and node loss need a server or a second raylet: they are tests
+(``tests/e2e/test_tracking_outage.py``, ``tests/e2e/test_node_loss.py``), not scenarios here.
+
+Every scenario is also compared with a clean reference (uninterrupted pipelines of the same configs, run once per
+bench run on a root of its own): ``identical`` when each output both hold has the same digest (weights tensor by
+tensor, code columns in id order: ``pipeline.faults_compare``) and every training metric logged equals the
+clean run's (throughput and restart markers aside). A scenario with no finished output to compare (``nan_loss``)
+counts as neither.
 
 Afterwards ``pipeline.verify`` checks every root: each finished output has its ``_SUCCESS`` and artifacts, checkpoints
 load, and ids are counted: ``rows_lost`` is the number of ids missing from code datasets (against their image
 shards) and sampled codes (against ``num_samples``), ``rows_duplicated`` the ids written twice.
 
-Last line: ``{"bench": "faults", "injected": N, "survived": N, "rows_lost": 0, ...}``.
+Last line: ``{"bench": "faults", "injected": N, "identical": N, "survived": N, "rows_lost": 0, ...}``.
 Usage: python bench/faults.py [--quick] [--only worker_crash,concurrent] [--workdir DIR]
 (``--quick`` runs the same scenarios: they are already minimal.)
 """
@@ -40,8 +57,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline import faults_io  # noqa: E402
 from pipeline.faults import SCENARIOS, SHARED, Workspace  # noqa: E402
+from pipeline.faults_compare import clean_reference, compare_to_clean  # noqa: E402
 from pipeline.verify import verify  # noqa: E402
+
+SCENARIOS = {**SCENARIOS, **faults_io.SCENARIOS}
 
 
 def main() -> None:
@@ -54,11 +75,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.workdir or tmp)
         results, roots = {}, {}
+        clean = Workspace(base / "clean")
+        reference = clean_reference(clean)
+        print(f"{'clean reference':<20} {'ok' if reference['ok'] else 'FAILED':<9} {reference}", flush=True)
+        roots[clean.root] = True
         for name in chosen:
             ws = Workspace(base / SHARED.get(name, name))
             start = time.perf_counter()
             results[name] = SCENARIOS[name](ws)
             results[name]["seconds"] = round(time.perf_counter() - start, 1)
+            if "skipped" in results[name]:  # e.g. no permission to mount a tmpfs here
+                print(f"{name:<20} {'skipped':<9} {results.pop(name)}", flush=True)
+                continue
+            results[name].update(compare_to_clean(ws, clean) if reference["ok"] else {"identical": None})
             roots[ws.root] = True
             print(f"{name:<20} {'survived' if results[name]['survived'] else 'FAILED':<9} {results[name]}", flush=True)
         reports = [verify(str(root)) for root in roots if root.exists()]
@@ -68,11 +97,13 @@ def main() -> None:
     summary = {
         "bench": "faults",
         "injected": len(results),
+        "identical": sum(r["identical"] is True for r in results.values()),
         "survived": sum(r["survived"] for r in results.values()),
         "rows_lost": sum(r.rows_lost for r in reports),
         "rows_duplicated": sum(r.rows_duplicated for r in reports),
         "verify_ok": all(r.ok for r in reports),
         "scenarios": {name: r["survived"] for name, r in results.items()},
+        "identical_per_scenario": {name: r["identical"] for name, r in results.items()},
     }
     print(json.dumps(summary))
 

@@ -17,7 +17,7 @@ if str(TESTS) not in sys.path:  # mlflow_server.py sits in tests/; --import-mode
 from mlflow_server import TrackingServer  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-OUTAGE_S = 20
+OUTAGE_S = 60  # the outage the issue names: a restart of the tracking server
 STEPS, LOG_EVERY = 60, 2
 
 

@@ -209,7 +209,9 @@ def test_tracking_uri_comes_from_the_environment_when_set(monkeypatch):
     assert make().mlflow.tracking_uri == "sqlite:///" + os.path.abspath("mlflow.db")
 
 
-def test_cluster_run_with_a_store_on_the_driver_is_refused():
+def test_cluster_run_with_a_store_on_the_driver_is_refused(monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: an earlier in-process test may have left a server's there
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=r"mlflow.tracking_uri=sqlite:///.*ray.address=auto"):
         make("ray=cluster")
     assert make("ray=cluster", "mlflow=server").mlflow.tracking_uri.startswith("http://")

@@ -35,6 +35,7 @@ from steps.nn import registry
 from steps.nn.config import ConfigBase, FieldError, hints, is_config_type, is_derived, is_role_base, optional_inner
 from steps.sample import SampleConfig
 from steps.shard import ShardConfig
+from steps.storage import is_local
 from steps.train_prior import TrainPriorConfig
 from steps.train_vqvae import TrainVQVAEConfig
 
@@ -195,7 +196,7 @@ def local_dir(root: str) -> str:
     """Where Hydra keeps a run's logs for ``artifacts.root=root`` (``${local_dir:${artifacts.root}}`` in
     conf/config.yaml): on the root itself when it is a local path (or ``file://``), else ``outputs`` in the working
     directory. Hydra writes through ``os``, so a URI root would otherwise become a local folder named ``s3:``."""
-    if "://" in root and not root.startswith("file://"):
+    if not is_local(root):
         return "outputs"
     # An unwritable root: Hydra's logs go to ./outputs, and the pipeline stops with a message naming artifacts.root.
     return "outputs" if write_problem(root) else root.removeprefix("file://")

@@ -19,6 +19,8 @@ import os
 import re
 import tempfile
 
+from steps.storage import is_local
+
 # errno -> what it means for the user; only errors a write can raise (a read's EACCES is not a full disk)
 WRITE_ERRORS = {
     errno.ENOSPC: "no space left on the device",
@@ -26,8 +28,11 @@ WRITE_ERRORS = {
     errno.EROFS: "the file system is read-only",
 }
 _TEXT = re.compile(r"\[Errno (\d+)\]|errno (\d+)|(No space left on device|Disk quota exceeded|Read-only file system)")
-_BY_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
-_BY_TEXT["Read-only file system"] = errno.EROFS
+_BY_TEXT = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+}
 
 
 class OutputWriteError(RuntimeError):
@@ -36,7 +41,7 @@ class OutputWriteError(RuntimeError):
 
 def write_problem(root: str) -> str | None:
     """Why nothing can be written under the local folder ``root`` (creating it if needed), or None if it can."""
-    if "://" in root and not root.startswith("file://"):
+    if not is_local(root):
         return None
     path = root.removeprefix("file://")
     try:

@@ -20,6 +20,7 @@ No Ray here: the shard step's workers use these; every piece is unit-testable in
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import stat
@@ -53,7 +54,7 @@ def problem(path: str) -> str | None:
         mode = os.stat(path).st_mode
     except OSError as e:
         if os.path.islink(path):
-            return "a symbolic link loop" if e.errno == 40 else "a broken symbolic link"  # 40: ELOOP
+            return "a symbolic link loop" if e.errno == errno.ELOOP else "a broken symbolic link"
         return f"cannot be inspected: {type(e).__name__}: {e.strerror or e}"
     return None if stat.S_ISREG(mode) else f"{kind_of(mode)}, not a regular file"
 

@@ -37,9 +37,9 @@ from steps.artifacts.autoencoder import Autoencoder, AutoencoderWriter
 from steps.artifacts.codes import CodeMeta, codes_to_arrow
 from steps.artifacts.images import ShardWriter
 from steps.encode import EncodeConfig, run
+from steps.io.pixels import decode_batch, encode_png
 from steps.nn.checkpoint import checkpoint_dict
 from steps.nn.vqvae import VQVAE2, VQVAE2Config
-from steps.pixels import decode_batch, encode_png
 
 
 def digits_png(n: int, size: int = 32) -> list[bytes]:

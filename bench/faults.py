@@ -1,7 +1,8 @@
 """Fault injection: what the pipeline survives, and what it loses.
 
-Each scenario of :mod:`pipeline.faults` runs ``python -m pipeline debug=tiny`` as subprocesses, the way a user does,
-on an artifacts root and a SQLite MLflow store of its own, injects one fault, and checks the invariant that must hold:
+Each scenario of the fault-drill harness (``tests/drills``) runs ``python -m pipeline debug=tiny`` as subprocesses, the
+way a user does, on an artifacts root and a SQLite MLflow store of its own, injects one fault, and checks the invariant
+that must hold:
 
 * ``worker_crash``: rank 0 of train_vqvae is killed (SIGKILL) after step 7 (``python -m pipeline.faults --kill-at
   train_vqvae:7``); Ray Train restarts the worker group from the step-5 checkpoint. Survived: the pipeline finishes,
@@ -20,7 +21,7 @@ on an artifacts root and a SQLite MLflow store of its own, injects one fault, an
   shards ("resuming" in its log) and completes.
 * ``concurrent``: two pipelines start at the same moment on one fresh root and one SQLite store. Survived: both exit
   0, and each step has exactly one output.
-* ``hostile_folder``, ``read_only_root``, ``disk_full`` (:mod:`pipeline.faults_io`): an input folder with a FIFO, a
+* ``hostile_folder``, ``read_only_root``, ``disk_full`` (``tests/drills/io_faults.py``): an input folder with a FIFO, a
   socket, device and loop links and an oversized file (the shard step finishes and names each); an artifacts root on
   a read-only tmpfs (exit 2 before anything runs, naming ``artifacts.root``); a 1 MiB root that fills up in
   train_vqvae (exit 1 naming the step, nothing of it published; after the mount grows the rerun finishes). Where a
@@ -31,7 +32,7 @@ Tracking-server outages and node loss need a server or a second raylet: they are
 
 Every scenario is also compared with a clean reference (uninterrupted pipelines of the same configs, run once per
 bench run on a root of its own): ``identical`` when each output both hold has the same digest (weights tensor by
-tensor, code columns in id order: ``pipeline.faults_compare``) and every training metric logged equals the
+tensor, code columns in id order: ``drills.compare``) and every training metric logged equals the
 clean run's (throughput and restart markers aside). A scenario with no finished output to compare (``nan_loss``)
 counts as neither.
 
@@ -54,15 +55,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "tests"):  # the project, and the fault-drill harness (tests/drills)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from pipeline import faults_io  # noqa: E402
-from pipeline.faults import SCENARIOS, SHARED, Workspace  # noqa: E402
-from pipeline.faults_compare import clean_reference, compare_to_clean  # noqa: E402
+from drills import io_faults, scenarios  # noqa: E402
+from drills.compare import clean_reference, compare_to_clean  # noqa: E402
+from drills.workspace import Workspace  # noqa: E402
 from pipeline.verify import verify  # noqa: E402
 
-SCENARIOS = {**SCENARIOS, **faults_io.SCENARIOS}
+SCENARIOS = {**scenarios.SCENARIOS, **io_faults.SCENARIOS}
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def main() -> None:
         print(f"{'clean reference':<20} {'ok' if reference['ok'] else 'FAILED':<9} {reference}", flush=True)
         roots[clean.root] = True
         for name in chosen:
-            ws = Workspace(base / SHARED.get(name, name))
+            ws = Workspace(base / scenarios.SHARED.get(name, name))
             start = time.perf_counter()
             results[name] = SCENARIOS[name](ws)
             results[name]["seconds"] = round(time.perf_counter() - start, 1)

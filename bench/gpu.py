@@ -20,7 +20,7 @@ Sections (``--only sampler,train``; all by default):
   the eager sampler of the same code should cap near 6x at batch 512; "speedup_vs_old_eager_h100" compares with
   the eager figures in the issue (H100: 0.34 maps/s at batch 1, 102 at 512).
 * ``train``: train_vqvae's step on the ffhq256 recipe's VQ-VAE-2 at 256 px (conf/experiment/ffhq256.yaml), batch 32,
-  in a plain torch loop mirroring steps/training.py (AdamW, grad-norm clip 1.0, ``out = model(x);
+  in a plain torch loop mirroring steps/training/loop.py (AdamW, grad-norm clip 1.0, ``out = model(x);
   out.loss.backward()``, the loss read back every step as the training loop's window does), on synthetic images.
   Variants: fp32, bf16 autocast, + channels_last, + fused AdamW, both, and with ``--compile`` torch.compile (a failed
   compile is reported and the run goes on). Reports images/s, achieved TFLOP/s (FLOPs of one forward + backward
@@ -349,7 +349,7 @@ def train_variant(
     run = torch.compile(model) if options["compile"] else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["bf16"])
 
-    def step() -> float:  # steps/training.py: forward under autocast, backward, clip, step, the loss read back
+    def step() -> float:  # steps/training/loop.py: forward under autocast, backward, clip, step, the loss read back
         with autocast:
             out = run(x)
         opt.zero_grad(set_to_none=True)

@@ -56,8 +56,8 @@ def section_encode(device: torch.device, tiny: bool, model: torch.nn.Module) -> 
     from steps.artifacts.codes import CodeMeta, codes_to_arrow
     from steps.artifacts.images import ShardWriter
     from steps.encode import EncodeConfig, run
+    from steps.io.pixels import decode_batch
     from steps.nn.checkpoint import checkpoint_dict
-    from steps.pixels import decode_batch
 
     size, n_small, n_big, batch = (32, 32, 128, 32) if tiny else (256, 128, 1024, 64)
     pngs = synthetic_pngs(n_big, size)

@@ -1,4 +1,5 @@
-"""Serving throughput and latency: the Ray Serve app (pipeline/serve.py) batched against unbatched, same replica.
+"""Serving throughput and latency: the Ray Serve app (pipeline/serving/ray_serve.py) batched against unbatched, same
+replica.
 
 The generator has the default recipe's shapes (conf/experiment/digits32.yaml: a 32x32 VQ-VAE-2, top prior 4x4 with
 attention, bottom prior 8x8 on the top codes, 10 classes; random weights: the cost does not depend on them). One
@@ -35,10 +36,10 @@ def make_generator(root: str) -> str:
     """The recipe's models with random weights, written as the pipeline writes them; returns the priors folder."""
     import torch
 
-    from steps import storage
     from steps.artifacts.autoencoder import Autoencoder, AutoencoderWriter
     from steps.artifacts.codes import CodeMeta
     from steps.artifacts.priors import PriorsWriter
+    from steps.io import storage
     from steps.nn import registry
     from steps.nn.checkpoint import checkpoint_dict
     from steps.nn.quantize import EMAQuantizerConfig
@@ -106,7 +107,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from pipeline.serve import server
+    from pipeline.serving.ray_serve import server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

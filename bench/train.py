@@ -21,11 +21,11 @@ import torch
 
 from steps import train_vqvae
 from steps.artifacts.images import ImageShards
-from steps.common import JsonlSink
+from steps.core.step import JsonlSink
 from steps.nn.vqvae import VQVAE2Config
 from steps.shard import ShardConfig
 from steps.shard import run as shard_run
-from steps.training import TrainConfig
+from steps.training.loop import TrainConfig
 
 
 def plain_loop(cfg: train_vqvae.TrainVQVAEConfig, images: np.ndarray, threads: int) -> float:

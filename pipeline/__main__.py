@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, as_user_dict, load, register
 from pipeline.outputs import OutputWriteError
 from pipeline.run import MissingUpstreamError, execute
-from steps.common import SinkUnavailableError
+from steps.core.step import SinkUnavailableError, TaskWrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # An installed wheel carries the configs as pipeline/conf; a checkout (editable install, `ray job submit
@@ -27,8 +27,18 @@ log = logging.getLogger("pipeline")
 register()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(dcfg: DictConfig) -> None:
+def main(wrap_task: TaskWrap | None = None) -> None:
+    """Run the pipeline on the command line's overrides. ``wrap_task`` wraps every training task (what
+    ``python -m pipeline.faults`` injects faults through); None in normal use."""
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+    def pipeline(dcfg: DictConfig) -> None:
+        _main(dcfg, wrap_task)
+
+    pipeline()
+
+
+def _main(dcfg: DictConfig, wrap_task: TaskWrap | None) -> None:
     try:
         cfg = load(dcfg)  # every value validated here, before Ray starts
         hydra = HydraConfig.get()
@@ -36,7 +46,7 @@ def main(dcfg: DictConfig) -> None:
         # A debug run or one member of a multirun is a trial: by default it does not move the model alias.
         trial = hydra.runtime.choices.get("debug") not in (None, "null") or hydra.mode == RunMode.MULTIRUN
         resolved = OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg)))  # what runs, in full
-        execute(cfg, resolved, overrides, trial, dict(hydra.runtime.choices))
+        execute(cfg, resolved, overrides, trial, dict(hydra.runtime.choices), wrap_task=wrap_task)
     except (ConfigError, MissingUpstreamError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -26,9 +26,9 @@ from collections.abc import Iterator, Mapping
 
 from pipeline import __version__
 from pipeline.lease import POLL, TTL, Lease
-from steps import storage
+from steps.io import storage
+from steps.io.storage import SUCCESS
 from steps.nn.config import ConfigBase
-from steps.storage import SUCCESS
 
 
 def fingerprint(step: str, config: ConfigBase, upstream: Mapping[str, str]) -> str:

@@ -31,11 +31,11 @@ from pipeline.outputs import write_problem
 from pipeline.tracking_buffer import DEFAULT_OUTAGE_LIMIT_S
 from steps.encode import EncodeConfig
 from steps.evaluate import EvaluateConfig
+from steps.io.storage import is_local
 from steps.nn import registry
 from steps.nn.config import ConfigBase, FieldError, hints, is_config_type, is_derived, is_role_base, optional_inner
 from steps.sample import SampleConfig
 from steps.shard import ShardConfig
-from steps.storage import is_local
 from steps.train_prior import TrainPriorConfig
 from steps.train_vqvae import TrainVQVAEConfig
 
@@ -66,7 +66,7 @@ class ArtifactsConf(ConfigBase):
 class MLflowConf(ConfigBase):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "vqvae2"
-    register_models: bool = True  # register the run's generator and encoder (pipeline/models.py)
+    register_models: bool = True  # register the run's generator and encoder (pipeline/serving/registration.py)
     model_alias: str = "current"  # the alias a new model version takes (MLflow reserves "latest")
     # Move the alias? None: yes, except in debug runs (debug=...) and multirun members; true / false: always / never.
     move_alias: bool | None = None

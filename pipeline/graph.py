@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from steps import encode, evaluate, sample, shard, train_prior, train_vqvae
-from steps.common import StepRun
+from steps.core.step import StepRun
 from steps.nn import registry
 
 

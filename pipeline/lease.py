@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
-from steps import storage
+from steps.io import storage
 
 TTL = 60.0  # seconds without a heartbeat after which a holder counts as dead
 POLL = 5.0  # seconds between tries while another pipeline holds the lock

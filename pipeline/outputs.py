@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 
-from steps.storage import is_local
+from steps.io.storage import is_local
 
 # errno -> what it means for the user; only errors a write can raise (a read's EACCES is not a full disk)
 WRITE_ERRORS = {

@@ -9,7 +9,7 @@ driver's loggers do not reach it. Hence three levers, all driven by the one leve
 * the driver: :func:`quiet_driver` sets the ``ray.data`` and ``ray.train`` loggers;
 * every worker of the job: :func:`runtime_env` (for ``ray.init``) hands them the level in ``RAY_DATA_LOG_LEVEL``
   (which Ray Data reads whenever it sets up its logger) and runs :func:`setup_worker` in each worker at start-up;
-* Ray Train's own workers and controller: :func:`steps.training.fit` passes the driver's ``ray.train`` level as
+* Ray Train's own workers and controller: :func:`steps.training.loop.fit` passes the driver's ``ray.train`` level as
   ``RunConfig(logging_config=...)``.
 
 ``ray.log_level=INFO`` (or DEBUG) leaves Ray as it is: every line back, progress bars on. WARNING, the default, keeps

@@ -9,10 +9,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__, cache, graph, models, outputs, ray_logs
+from pipeline import __version__, cache, graph, outputs, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
+from pipeline.serving import registration as models
 from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
 from pipeline.tracking_buffer import MLflowSink
+from steps.core.step import TaskWrap
 from steps.nn import registry
 
 log = logging.getLogger("pipeline")
@@ -104,9 +106,11 @@ def execute(
     overrides: list[str],
     trial: bool = False,
     choices: Mapping[str, str | None] | None = None,
+    wrap_task: TaskWrap | None = None,
 ) -> list[Planned]:
     """Run the plan. ``trial``: a debug run or a multirun member, which by default does not move the model alias.
-    ``choices``: Hydra's chosen option per config group (experiment, model, ...), recorded on the parent run."""
+    ``choices``: Hydra's chosen option per config group (experiment, model, ...), recorded on the parent run.
+    ``wrap_task``: wraps the training steps' tasks (``python -m pipeline.faults``); None in normal use."""
     if (problem := outputs.write_problem(cfg.root)) is not None:  # before Ray starts, with the setting's name
         raise ConfigError(f"artifacts.root {cfg.root!r} is not writable: {problem}")
     store = cache.ArtifactStore(cfg.root)
@@ -122,7 +126,7 @@ def execute(
     with Tracker(m.tracking_uri, m.experiment, name, tags, m.system_metrics, m.outage_limit_s) as tracker:
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:
-            _execute_one(p, cfg, store, tracker)
+            _execute_one(p, cfg, store, tracker, wrap_task)
         made = {p.step.name: (store.final(p.step.name, p.fingerprint), p.fingerprint) for p in planned if p.record}
         datasets = {name: made[name] for name in graph.DATASETS if name in made}
         tracker.log_run(run_params(overrides, choices), _run_metrics(planned), datasets)
@@ -134,7 +138,9 @@ def execute(
     return planned
 
 
-def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tracker: Tracker) -> None:
+def _execute_one(
+    p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tracker: Tracker, wrap_task: TaskWrap | None
+) -> None:
     step, fp = p.step, p.fingerprint
     step_cfg = step.config(cfg)
     datasets = {u: (uri, p.input_fps[u]) for u, uri in p.inputs.items() if u in graph.DATASETS}
@@ -152,12 +158,14 @@ def _execute_one(p: Planned, cfg: PipelineConfig, store: cache.ArtifactStore, tr
             if step.name in cfg.force or record is not None:
                 store.clear_work_dir(step.name, fp)  # forced: start over rather than resume
             work = store.work_dir(step.name, fp)
-            uri = worker_tracking_uri(cfg.mlflow.tracking_uri)
-            sink = MLflowSink(uri, run_id, cfg.mlflow.outage_limit_s) if step.trains else None
+            hooks = {}  # a training step's live metrics and task hook
+            if step.trains:
+                sink = MLflowSink(worker_tracking_uri(cfg.mlflow.tracking_uri), run_id, cfg.mlflow.outage_limit_s)
+                hooks = {"sink": sink, "wrap_task": wrap_task}
             log.info("%s: running -> %s", step.name, work)
             start = time.perf_counter()
             try:
-                result = step.run(step_cfg, p.inputs, work, sink=sink)
+                result = step.run(step_cfg, p.inputs, work, **hooks)
             except Exception as exc:
                 if (why := outputs.storage_failure(exc)) is None:
                     raise
@@ -192,7 +200,8 @@ def _run_metrics(planned: list[Planned]) -> dict[str, float]:
 
 
 def _register_models(planned: list[Planned], cfg: PipelineConfig, store: cache.ArtifactStore, move: bool) -> None:
-    """Register the run's generator and encoder (pipeline/models.py) when its outputs include a whole generator."""
+    """Register the run's generator and encoder (pipeline/serving/registration.py) when its outputs include a whole
+    generator."""
     done = {p.step.name: p for p in planned if p.record is not None}
     vq, priors = done.get("train_vqvae"), done.get("train_prior")
     if vq is None or (registry.makes_codes(cfg.model_kind) and priors is None):

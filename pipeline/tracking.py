@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from pipeline.tracking_buffer import DEFAULT_OUTAGE_LIMIT_S, Outage, configure_http_retries
-from steps import storage
-from steps.common import StepResult
+from steps.core.step import StepResult
+from steps.io import storage
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000  # MLflow 3 limit for param values

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from steps.common import MetricsSink, SinkUnavailableError
+from steps.core.step import MetricsSink, SinkUnavailableError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -28,18 +28,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.graph import NAMES
-from steps import storage
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.codes import CodeDataset
 from steps.artifacts.compat import check_compatible
 from steps.artifacts.images import SPLITS, ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
-from steps.common import MissingInputError
-from steps.idcheck import IdCounts as Rows
-from steps.idcheck import count
+from steps.core.step import MissingInputError
+from steps.io import storage
+from steps.io.idcheck import IdCounts as Rows
+from steps.io.idcheck import count
+from steps.io.storage import SUCCESS
 from steps.nn.checkpoint import CheckpointError
-from steps.storage import SUCCESS
 
 
 @dataclass

@@ -29,14 +29,14 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from steps import storage
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.codes import CodeDataset, CodeMeta, CodeWriter, codes_to_arrow
 from steps.artifacts.images import SPLITS, ImageShards
-from steps.common import MetricsSink, StepResult, require_input
+from steps.core.progress import Progress, watch
+from steps.core.step import MetricsSink, StepResult, require_input
+from steps.io import storage
+from steps.io.pixels import decode_batch
 from steps.nn.config import ConfigBase, no_effect
-from steps.pixels import decode_batch
-from steps.progress import Progress, watch
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,10 @@ count (``n_samples``; A holds ``n_real``), and only numbers computed with the sa
 ``inception_fid=true`` (extra ``[fid]``: torch-fidelity, which downloads the Inception weights on first use) the
 standard ``fid_inception`` of samples against A is added.
 
-The work runs in one Ray task (``num_cpus`` CPUs, a GPU with ``use_gpu``) that opens the upstream outputs through
-their artifact handles and checks that they belong together before reading any image. The measurements themselves
-are :mod:`steps.quality`. Outputs (:mod:`steps.artifacts.evaluation`): ``metrics.json`` (metrics, counts, notes,
-settings) and a grid of real images above samples.
-"""
+The work runs in one Ray task (``num_cpus`` CPUs, a GPU with ``use_gpu``) that opens the upstream outputs through their
+artifact handles and checks that they belong together before reading any image. The measurements themselves are
+:mod:`steps.evaluation.quality`. Outputs (:mod:`steps.artifacts.evaluation`): ``metrics.json`` (metrics, counts, notes,
+settings) and a grid of real images above samples."""
 
 from __future__ import annotations
 
@@ -43,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps import storage
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.codes import CodeDataset
 from steps.artifacts.compat import check_compatible
@@ -51,11 +49,9 @@ from steps.artifacts.evaluation import EvaluationWriter
 from steps.artifacts.images import ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
-from steps.common import MetricsSink, StepResult, require_input
-from steps.nn.config import ConfigBase
-from steps.pixels import grid_png
-from steps.progress import duration
-from steps.quality import (
+from steps.core.progress import duration
+from steps.core.step import MetricsSink, StepResult, require_input
+from steps.evaluation.quality import (
     code_metrics,
     decode_codes,
     distances,
@@ -64,6 +60,9 @@ from steps.quality import (
     inception_fid,
     reconstruction,
 )
+from steps.io import storage
+from steps.io.pixels import grid_png
+from steps.nn.config import ConfigBase
 
 log = logging.getLogger(__name__)
 STEP = "evaluate"

@@ -1,8 +1,8 @@
 """The sample step: draw new images from the trained models at scale (VQ-VAE-2, Razavi et al. 2019, sections 3.2, 4).
 
-What one image is, and how its seed makes it reproducible, is :mod:`steps.generation`; classifier-based rejection is
-:mod:`steps.rejection`; the output layout and what an interrupted run may keep is :mod:`steps.artifacts.samples`.
-This module is the Ray part around them:
+What one image is, and how its seed makes it reproducible, is :mod:`steps.generation.generator`; classifier-based
+rejection is :mod:`steps.generation.rejection`; the output layout and what an interrupted run may keep is
+:mod:`steps.artifacts.samples`. This module is the Ray part around them:
 
 1. :func:`make_plan` (driver): open the autoencoder, the priors and the classifier, check that they belong together
    (:func:`steps.artifacts.compat.check_compatible`) and fit the settings, before any actor starts;
@@ -11,7 +11,7 @@ This module is the Ray part around them:
    and, last, its record, returning only small metadata (plus the pixels that go into the grid);
 3. the driver logs progress as shards finish, then writes the grid and ``samples.json``.
 
-Sample ``i`` attempt ``a`` uses seed :func:`steps.generation.sample_seed` ``(seed, i, a)`` and label
+Sample ``i`` attempt ``a`` uses seed :func:`steps.generation.generator.sample_seed` ``(seed, i, a)`` and label
 ``labels[i % len(labels)]``: a sample does not depend on the shard it lands in, the number of actors or the order in
 which shards finish, and the same settings give byte-identical images. A rerun after an interruption keeps the
 finished shards of the same settings and checkpoints and draws the rest, with the same result.
@@ -32,17 +32,17 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from steps import storage
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.checkpoints import CheckpointFile
 from steps.artifacts.compat import check_classifier, check_compatible
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import SamplesWriter, sample_id, samples_schema
-from steps.common import MetricsSink, StepResult, require_input
-from steps.generation import ImageGenerator, sample_seed
+from steps.core.step import MetricsSink, StepResult, require_input
+from steps.generation.generator import ImageGenerator, sample_seed
+from steps.generation.rejection import Rejection, draw_accepted
+from steps.io import storage
+from steps.io.pixels import chw, encode_png, grid_png, to_uint8
 from steps.nn.config import ConfigBase, no_effect
-from steps.pixels import chw, encode_png, grid_png, to_uint8
-from steps.rejection import Rejection, draw_accepted
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
     meta = {
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
-        "seeds": "per sample: steps.generation.sample_seed(seed, index, attempt)",
+        "seeds": "per sample: steps.generation.generator.sample_seed(seed, index, attempt)",
         "shard_size": cfg.shard_size,
         "num_shards": num_shards,
         "resumed_shards": kept,

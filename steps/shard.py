@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from steps import sources, storage
 from steps.artifacts.images import SPLITS, ShardWriter
-from steps.common import MetricsSink, StepResult
+from steps.core.progress import Progress, watch
+from steps.core.step import MetricsSink, StepResult
+from steps.io import sources, storage
+from steps.io.pixels import encode_png
 from steps.nn.config import ConfigBase, no_effect
-from steps.pixels import encode_png
-from steps.progress import Progress, watch
 
 log = logging.getLogger(__name__)
 SOURCES = ("digits", "image_folder", "parquet", "idx")

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps import storage
 from steps.artifacts.images import ImageShards
+from steps.io import storage
+from steps.io.pixels import to_float
 from steps.nn.checkpoint import checkpoint_dict, to_bytes
 from steps.nn.classifier import ClassifierConfig, ImageClassifier, fit_classifier
 from steps.nn.config import ConfigBase
-from steps.pixels import to_float
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ import torch
 
 from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors
 from steps.artifacts.priors import PriorsWriter
-from steps.common import MetricsSink, MissingInputError, PrefixSink, StepResult, require_input
+from steps.core.step import MetricsSink, MissingInputError, PrefixSink, StepResult, TaskWrap, require_input
 from steps.nn import registry
 from steps.nn.config import ConfigBase, FieldError
 from steps.nn.pixelcnn import PixelCNNConfig
 from steps.nn.prior import PriorConfig, drop_labels
-from steps.training import TrainConfig, TrainTask, final_payload, fit
+from steps.training.loop import TrainConfig, TrainTask, final_payload, fit
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ class PriorTask(TrainTask):
         return {"nll_bits": total / sum(len(b["codes"]) for b in batches)}
 
 
-def _train_level(level: str, config: PriorConfig, codes: CodeDataset, cfg: TrainPriorConfig, storage: str, sink):
+def _train_level(
+    level: str, config: PriorConfig, codes: CodeDataset, cfg: TrainPriorConfig, storage: str, sink, wrap_task
+):  # fmt: skip
     import ray.data
 
     columns = [*codes.meta.levels, "label"]
@@ -112,10 +114,13 @@ def _train_level(level: str, config: PriorConfig, codes: CodeDataset, cfg: Train
         datasets["val"] = ray.data.read_parquet(val_files, columns=columns)
     task = PriorTask(level, config, codes.meta)
     prefixed = PrefixSink(sink, f"{level}/") if sink is not None else None
-    return fit(task, cfg.train, datasets, storage=storage, name=f"prior_{level}", sink=prefixed)
+    return fit(task, cfg.train, datasets, storage=storage, name=f"prior_{level}", sink=prefixed, wrap_task=wrap_task)
 
 
-def run(cfg: TrainPriorConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None) -> StepResult:
+def run(
+    cfg: TrainPriorConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None,
+    wrap_task: TaskWrap | None = None,
+) -> StepResult:  # fmt: skip
     """Train one prior per level of the code dataset ``inputs["encode"]``; write the priors artifact to ``out``.
 
     Raises:
@@ -133,7 +138,7 @@ def run(cfg: TrainPriorConfig, inputs: Mapping[str, str], out: str, sink: Metric
         raise MissingInputError(f"no training codes under {codes.split_uri('train')}: run the encode step")
     configs = {lvl: prior_config(cfg, meta, lvl) for lvl in meta.levels}
     writer = PriorsWriter(out)
-    jobs = {lvl: (lvl, configs[lvl], codes, cfg, writer.train_state, sink) for lvl in meta.levels}
+    jobs = {lvl: (lvl, configs[lvl], codes, cfg, writer.train_state, sink, wrap_task) for lvl in meta.levels}
     if cfg.parallel and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="train_prior") as pool:
             futures = {lvl: pool.submit(_train_level, *args) for lvl, args in jobs.items()}

@@ -1,7 +1,7 @@
 """The ``train_vqvae`` step: train VQ-VAE-2, a one-level VQ-VAE or the Gaussian VAE baseline on image shards.
 
 Reads the shard step's Parquet images with Ray Data (PNG decoding runs in Ray Data tasks, in parallel with training),
-trains with :func:`steps.training.fit` and writes the autoencoder artifact (:mod:`steps.artifacts.autoencoder`):
+trains with :func:`steps.training.loop.fit` and writes the autoencoder artifact (:mod:`steps.artifacts.autoencoder`):
 the model, a reconstruction grid, final metrics, and Ray Train's run state (a rerun of a crashed step resumes from
 it). The model kind is whatever ``model`` configures: any autoencoder of :mod:`steps.nn.registry`.
 """
@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 from steps.artifacts.autoencoder import AutoencoderWriter
 from steps.artifacts.images import ImageShards
-from steps.common import MetricsSink, StepResult, require_input
+from steps.core.step import MetricsSink, StepResult, TaskWrap, require_input
+from steps.io.pixels import decode_batch, grid_png
 from steps.nn import registry
 from steps.nn.blocks import AutoencoderConfig
 from steps.nn.config import ConfigBase
 from steps.nn.metrics import psnr
 from steps.nn.vqvae import VQVAE2Config
-from steps.pixels import decode_batch, grid_png
-from steps.training import TrainConfig, TrainTask, checkpoint_file, final_payload, fit
+from steps.training.loop import TrainConfig, TrainTask, checkpoint_file, final_payload, fit
 
 RECON_GRID = "recon.png"  # what AutoencoderTask.finalize writes next to the final training checkpoint
 
@@ -122,7 +122,10 @@ def image_dataset(shards: ImageShards, split: str):
     return ds.map_batches(_decode_images, fn_kwargs={"channels": shards.channels}, batch_format="numpy", batch_size=256)
 
 
-def run(cfg: TrainVQVAEConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None) -> StepResult:
+def run(
+    cfg: TrainVQVAEConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None,
+    wrap_task: TaskWrap | None = None,
+) -> StepResult:  # fmt: skip
     """Train ``cfg.model`` on the shards of ``inputs["shard"]``; write the autoencoder artifact to ``out``.
 
     Raises:
@@ -142,7 +145,8 @@ def run(cfg: TrainVQVAEConfig, inputs: Mapping[str, str], out: str, sink: Metric
         datasets["val"] = val
     writer = AutoencoderWriter(out)
     task = AutoencoderTask(model_cfg, cfg.grid_images)
-    result = fit(task, cfg.train, datasets, storage=writer.train_state, name="train_vqvae", sink=sink)
+    result = fit(task, cfg.train, datasets, storage=writer.train_state, name="train_vqvae", sink=sink,
+                 wrap_task=wrap_task)  # fmt: skip
     payload = final_payload(result)
     metrics = {k.replace("/", "_"): float(v) for k, v in (result.metrics or {}).items()}
     grid = checkpoint_file(result, RECON_GRID) if val is not None else None

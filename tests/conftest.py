@@ -150,7 +150,7 @@ class Artifacts:
         import pyarrow as pa
 
         from steps.artifacts.samples import SamplesWriter, sample_id, samples_schema
-        from steps.pixels import encode_png, grid_png, hwc
+        from steps.io.pixels import encode_png, grid_png, hwc
 
         writer = SamplesWriter(str(out))
         writer.resume({}, 1)  # an empty folder

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from steps import storage
 from steps.artifacts.checkpoints import CheckpointFile, TrainedWriter
+from steps.io import storage
 from steps.nn import registry
 from steps.nn.checkpoint import to_bytes
 

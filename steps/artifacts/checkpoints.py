@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from steps import storage
-from steps.common import MissingInputError
+from steps.core.step import MissingInputError
+from steps.io import storage
 from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, load_model, read_checkpoint
 

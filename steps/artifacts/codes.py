@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from steps import storage
 from steps.artifacts.splits import SPLITS, is_legacy, split_folder
-from steps.common import MissingInputError
+from steps.core.step import MissingInputError
+from steps.io import storage
 
 CODES_META_KEY = b"vqvae2.codes"
 METADATA_FILE = "_codes.json"

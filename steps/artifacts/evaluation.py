@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps import storage
+from steps.io import storage
 
 REPORT = "metrics.json"
 GRID = "real_vs_samples.png"

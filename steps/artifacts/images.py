@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from steps import storage
 from steps.artifacts.splits import SPLITS, check_split, is_legacy, split_folder, split_folders
-from steps.pixels import decode_png
+from steps.io import storage
+from steps.io.pixels import decode_png
 
 IMAGE_META_KEY = b"vqvae2.images"
 MANIFEST = "_manifest.json"

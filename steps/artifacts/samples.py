@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from steps import storage
-from steps.pixels import decode_png
+from steps.io import storage
+from steps.io.pixels import decode_png
 
 META_KEY = b"vqvae2.samples"
 METADATA = "samples.json"

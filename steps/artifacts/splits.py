@@ -22,7 +22,7 @@ Outputs written before this layout (``<out>/train/``, ``<out>/val/``, records wi
 
 from __future__ import annotations
 
-from steps import storage
+from steps.io import storage
 
 SPLITS = ("train", "val")
 SPLIT_COLUMN = "split"

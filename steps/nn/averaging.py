@@ -1,4 +1,5 @@
-"""Weight averaging for training (``TrainConfig.ema_decay`` in steps/training.py): an exponential moving average of a
+"""Weight averaging for training (``TrainConfig.ema_decay`` in steps/training/loop.py): an exponential moving average of
+a
 model's floating-point parameters, Polyak style, which samples better than the last iterate of a short, noisy run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults injected into real `python -m pipeline` runs (the scenarios of pipeline.faults), and what must hold after.
+"""Faults injected into real `python -m pipeline` runs (the scenarios of tests/drills), and what must hold after.
 
 A killed driver takes its local Ray along (SIGKILL to the process group), as a preempted head node would. The
 artifact root is then checked with ``pipeline.verify``, the tool users run after an incident.
@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import faults, faults_compare
+from drills import compare, scenarios
+from drills.workspace import TRAIN_LONGER, Workspace
 from pipeline.verify import verify
 from steps.artifacts.codes import CodeDataset
 from steps.artifacts.images import SPLITS, ImageShards
@@ -29,9 +30,9 @@ def assert_sound(root: Path) -> None:
 
 
 def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
-    ws = faults.Workspace(tmp_path)
+    ws = Workspace(tmp_path)
 
-    encode = faults.driver_kill_encode(ws)
+    encode = scenarios.driver_kill_encode(ws)
     assert encode["killed"], "the driver was killed while encode was writing"
     assert encode["interrupted"] and not encode["looked_finished_after_kill"], "no partial output looks complete"
     assert encode["rerun_rc"] == 0 and encode["finished_after_rerun"], encode
@@ -43,7 +44,7 @@ def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
         expected = pq.read_table(ImageShards.open(shards).split_uri(split), columns=["id"]).column("id").to_pylist()
         assert sorted(ids) == sorted(expected), f"{split}: each id exactly once"
 
-    sample = faults.driver_kill_sample(ws)
+    sample = scenarios.driver_kill_sample(ws)
     assert sample["killed"] and sample["interrupted"] and not sample["looked_finished_after_kill"], sample
     assert sample["resumed"], "the rerun kept the shards the killed run had finished"
     assert sample["rerun_rc"] == 0 and sample["finished_after_rerun"], sample
@@ -51,8 +52,8 @@ def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
 
 
 def test_two_pipelines_on_one_root(tmp_path):
-    ws = faults.Workspace(tmp_path)
-    facts = faults.concurrent(ws)
+    ws = Workspace(tmp_path)
+    facts = scenarios.concurrent(ws)
     assert facts["rcs"] == [0, 0], [log.read_text()[-3000:] for log in sorted(tmp_path.glob("*.log"))]
     assert set(facts["outputs_per_step"].values()) == {1}, facts
     assert facts["survived"], facts
@@ -61,12 +62,12 @@ def test_two_pipelines_on_one_root(tmp_path):
 
 def test_driver_killed_mid_training_resumes_exactly(tmp_path):
     """The driver is SIGKILLed once train_vqvae wrote a checkpoint; the rerun resumes from it and ends with the weights
-    and metric values of an uninterrupted run, bitwise (CPU): steps.resume restores data order, random streams,
+    and metric values of an uninterrupted run, bitwise (CPU): steps.training.resume restores data order, random streams,
     optimiser and metric window."""
-    clean = faults.Workspace(tmp_path / "clean")
-    assert clean.run(*faults.TRAIN_LONGER)[0] == 0
-    ws = faults.Workspace(tmp_path / "killed")
-    facts = faults.driver_kill_train(ws)
+    clean = Workspace(tmp_path / "clean")
+    assert clean.run(*TRAIN_LONGER)[0] == 0
+    ws = Workspace(tmp_path / "killed")
+    facts = scenarios.driver_kill_train(ws)
     assert facts["killed"] and not facts["looked_finished_after_kill"], facts
     assert facts["rerun_rc"] == 0 and facts["resumed"], f"the rerun resumed mid-training: {facts}"
-    assert faults_compare.compare_to_clean(ws, clean) == {"identical": True, "compared": 1, "differ": []}
+    assert compare.compare_to_clean(ws, clean) == {"identical": True, "compared": 1, "differ": []}

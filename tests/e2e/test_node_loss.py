@@ -1,6 +1,6 @@
 """A node lost mid-run on a real two-node Ray cluster: the pipeline finishes on the node that is left, nothing lost.
 
-The cluster is two ``ray start`` processes on this machine (tests/e2e/ray_cluster.py): a token-authenticated head
+The cluster is two ``ray start`` processes on this machine (tests/ray_cluster.py): a token-authenticated head
 with 3 CPUs, which runs the driver, and a worker node with 2. ``train_vqvae`` asks for 2 training workers of 2 CPUs
 each, so neither node holds both: one worker runs on each. ``encode`` runs 2 actors, which Ray Data spreads. Once the
 worker node holds a training worker (or an encode actor) and the step has made progress (a checkpoint, a code file),
@@ -24,16 +24,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from ray_cluster import LocalCluster, WorkerNode, actors_on, nodes, start_head, start_worker_node
 
-from pipeline import faults
-
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # ray_cluster.py sits next to this file; --import-mode=importlib adds no path
-    sys.path.insert(0, str(HERE))
-from ray_cluster import LocalCluster, WorkerNode, actors_on, nodes, start_head, start_worker_node  # noqa: E402
+from drills.workspace import Workspace, kill
 
 pytestmark = pytest.mark.e2e
 
@@ -59,9 +54,9 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> faults.Workspace:
+def workspace(tmp_path_factory) -> Workspace:
     """One artifacts root for both scenarios: encode's scenario reuses the shards and VQ-VAE of training's."""
-    return faults.Workspace(tmp_path_factory.mktemp("node-loss"))
+    return Workspace(tmp_path_factory.mktemp("node-loss"))
 
 
 @pytest.fixture
@@ -74,7 +69,7 @@ def node(head: LocalCluster):
 
 
 def run_and_lose_node(
-    ws: faults.Workspace, head: LocalCluster, node: WorkerNode, steps: str, actor: str, progress: str
+    ws: Workspace, head: LocalCluster, node: WorkerNode, steps: str, actor: str, progress: str
 ) -> tuple[int, str]:
     """Run the pipeline's ``steps`` as a driver on the head; kill ``node`` once an ``actor`` runs on it and a file
     matching ``<root>/<progress>`` exists. Returns (exit status, the driver's output)."""
@@ -98,7 +93,7 @@ def run_and_lose_node(
         rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         if proc.poll() is None:
-            faults._kill(proc)
+            kill(proc)
     return rc, log_path.read_text(errors="replace")
 
 
@@ -107,7 +102,7 @@ def assert_node_lost(head: LocalCluster, node: WorkerNode) -> None:
     assert states.get(node.node_id) == "DEAD", f"the killed node should be DEAD in the GCS: {states}"
 
 
-def assert_verified(ws: faults.Workspace, *steps: str) -> dict:
+def assert_verified(ws: Workspace, *steps: str) -> dict:
     """``python -m pipeline.verify --json <root>``: exit 0, nothing in progress, every row of ``steps`` once."""
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.verify", "--json", str(ws.root)], capture_output=True, text=True, timeout=300
@@ -125,7 +120,7 @@ def assert_verified(ws: faults.Workspace, *steps: str) -> dict:
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 300)
-def test_node_loss_train(head: LocalCluster, node: WorkerNode, workspace: faults.Workspace):
+def test_node_loss_train(head: LocalCluster, node: WorkerNode, workspace: Workspace):
     """The worker node dies after the step-5 checkpoint; the head alone trains steps 6-10 from it."""
     rc, output = run_and_lose_node(
         workspace, head, node, "[shard,train_vqvae]", "RayTrainWorker", "train_vqvae/*.partial/**/checkpoint_*/model.pt"
@@ -134,14 +129,14 @@ def test_node_loss_train(head: LocalCluster, node: WorkerNode, workspace: faults
     assert_node_lost(head, node)
     assert "train_vqvae: resumed from step 5" in output, output[-10000:]
     # One MLflow run for the step; the restart marked at step 5; every loss point logged once, the last at step 10.
-    assert faults.metric_steps(workspace.db, "train_vqvae", "train/resumed_from") == [[5]]
-    assert faults.metric_steps(workspace.db, "train_vqvae", "train/loss") == [[5, 10]]
+    assert workspace.metric_steps("train_vqvae", "train/resumed_from") == [[5]]
+    assert workspace.metric_steps("train_vqvae", "train/loss") == [[5, 10]]
     assert len(workspace.finished("train_vqvae")) == 1 and not workspace.partial("train_vqvae")
     assert_verified(workspace, "shard")
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 300)
-def test_node_loss_encode(head: LocalCluster, node: WorkerNode, workspace: faults.Workspace):
+def test_node_loss_encode(head: LocalCluster, node: WorkerNode, workspace: Workspace):
     """The worker node dies while one of its encode actors works through the image files; the head does the rest."""
     rc, output = run_and_lose_node(
         workspace, head, node, "[shard,train_vqvae,encode]", "MapWorker(MapBatches(FileEncoder))",

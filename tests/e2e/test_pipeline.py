@@ -57,7 +57,7 @@ def workdir(tmp_path_factory):
 
 
 def test_the_console_shows_progress_and_not_ray_chatter(workdir):
-    """Each long step says how far it got (steps/progress.py); Ray's INFO chatter is off (ray.log_level)."""
+    """Each long step says how far it got (steps/core/progress.py); Ray's INFO chatter is off (ray.log_level)."""
     output = (workdir / "console.txt").read_text()
     for done in ("shard  rows 200/200 (100%)", "encode  rows 200/200 (100%)", "train_vqvae  step 10/10 (100%)"):
         assert done in output, f"no progress line {done!r} in:\n{output[-5000:]}"

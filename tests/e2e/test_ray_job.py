@@ -1,6 +1,6 @@
 """The cluster path, end to end on one machine: a token-authenticated Ray head, ``ray job submit --working-dir``.
 
-The head is a real ``ray start --head`` (tests/e2e/ray_cluster.py) with its own ports, temp dir and token, so it
+The head is a real ``ray start --head`` (tests/ray_cluster.py) with its own ports, temp dir and token, so it
 never meets the in-process ``ray_local`` fixture. Jobs go through the same CLI as on a GPU cluster
 (docs/cluster.md); only the addresses differ.
 """
@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray_cluster import ClusterError, LocalCluster, start_head
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # ray_cluster.py sits next to this file; --import-mode=importlib adds no path
-    sys.path.insert(0, str(HERE))
-from ray_cluster import ClusterError, LocalCluster, start_head  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

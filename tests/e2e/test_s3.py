@@ -9,13 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from s3_server import s3_api
 
 from steps.artifacts.samples import Samples
-
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # s3_server.py sits in tests/; --import-mode=importlib adds no path
-    sys.path.insert(0, str(TESTS))
-from s3_server import s3_api  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 STEPS = ["shard", "train_vqvae", "encode", "train_prior", "sample", "evaluate"]

@@ -127,7 +127,7 @@ def test_mlflow_models_serve_answers_with_pngs_and_400s(mlflow_png):
 
 def test_ray_serve_app_batches_and_draws_the_same_images(workdir, mlflow_png):
     port = 8000  # serve run's HTTP proxy
-    cmd = [str(Path(sys.executable).parent / "serve"), "run", "pipeline.serve:app", f"model={MODEL}",
+    cmd = [str(Path(sys.executable).parent / "serve"), "run", "pipeline.serving.ray_serve:app", f"model={MODEL}",
            "max_batch_size=8", "batch_wait_timeout_s=0.2"]  # fmt: skip
     with server(cmd, workdir, workdir / "ray-serve.log") as proc:
         url = f"http://127.0.0.1:{port}/"

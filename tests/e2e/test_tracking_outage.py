@@ -7,14 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # mlflow_server.py sits in tests/; --import-mode=importlib adds no path
-    sys.path.insert(0, str(TESTS))
-from mlflow_server import TrackingServer  # noqa: E402
+from mlflow_server import TrackingServer
 
 pytestmark = pytest.mark.e2e
 OUTAGE_S = 60  # the outage the issue names: a restart of the tracking server

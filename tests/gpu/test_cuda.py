@@ -212,7 +212,7 @@ def test_training_collectives_on_nccl(tmp_path):
     import torch.distributed as dist
 
     from steps.nn.vqvae import VQVAE2, VQVAE2Config
-    from steps.training import _check_replicas, _nonfinite_ranks
+    from steps.training.loop import _check_replicas, _nonfinite_ranks
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")

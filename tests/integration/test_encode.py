@@ -16,18 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from steps import encode, storage
+from steps import encode
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors, read_code_meta, schema_code_meta
 from steps.artifacts.images import ImageShards
 from steps.artifacts.splits import SPLITS
-from steps.common import MissingInputError
+from steps.core.step import MissingInputError
 from steps.encode import run
+from steps.io import storage
+from steps.io.pixels import decode_batch, encode_png
 from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, save_checkpoint
 from steps.nn.classifier import ClassifierConfig, ImageClassifier
 from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
-from steps.pixels import decode_batch, encode_png
 
 SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 

@@ -21,13 +21,13 @@ from steps.artifacts.codes import METADATA_FILE, CodeDataset, CodeDatasetMismatc
 from steps.artifacts.images import ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
-from steps.common import MissingInputError
+from steps.core.step import MissingInputError
 from steps.evaluate import run
+from steps.io.pixels import to_float, to_uint8_chw
+from steps.io.storage import write_json
 from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, save_checkpoint
 from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
-from steps.pixels import to_float, to_uint8_chw
-from steps.storage import write_json
 
 QUICK = dict(max_val_images=48, max_samples=16, batch_size=32, num_kid_subsets=10, kid_subset_size=16)
 

@@ -1,4 +1,5 @@
-"""Exact resume (steps/resume.py): a training run whose worker is SIGKILLed at step k, and restarted by Ray Train from
+"""Exact resume (steps/training/resume.py): a training run whose worker is SIGKILLed at step k, and restarted by Ray
+Train from
 the last checkpoint, ends with bitwise the same weights and logs the same metric values at the same steps as a run
 that was never interrupted; so does a run that failed and is run again on the same work directory (what a rerun of a
 killed driver does: tests/e2e/test_faults.py kills a real one).
@@ -16,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.faults import Faults, injected
+from pipeline.faults import Faults
 from steps import train_prior, train_vqvae
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.codes import CodeMeta
 from steps.artifacts.priors import Priors
-from steps.common import JsonlSink
-from steps.resume import UNREPRODUCIBLE
+from steps.core.step import JsonlSink
+from steps.training.resume import UNREPRODUCIBLE
 
 SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 # 192 training digits, one worker: 6 batches an epoch, so 12 steps cross 2 epochs.
@@ -53,20 +54,19 @@ def assert_same_checkpoint(clean, resumed) -> None:
 
 
 def resumed_runs(run, tmp_path, name: str, ways: tuple[str, ...]):
-    """Runs of ``run(out, sink, max_failures)``: ``clean``, and each of ``ways``: ``worker_kill`` (rank 0 SIGKILLed
-    after KILL_AT, Ray Train restarts the workers), ``last_step_kill`` (the same after the last step, its checkpoint
-    reported but maybe not yet registered by Ray Train), ``rerun`` (an exception after KILL_AT without retries, then
-    a second call on the same output). Returns their outputs and metric histories."""
+    """Runs of ``run(out, sink, max_failures, wrap_task=None)``: ``clean``, and each of ``ways``: ``worker_kill``
+    (rank 0 SIGKILLed after KILL_AT, Ray Train restarts the workers), ``last_step_kill`` (the same after the last
+    step, its checkpoint reported but maybe not yet registered by Ray Train), ``rerun`` (an exception after KILL_AT
+    without retries, then a second call on the same output). Returns their outputs and metric histories."""
     outs = {k: tmp_path / k for k in ("clean", *ways)}
     sinks = {k: JsonlSink(str(tmp_path / f"{k}.jsonl")) for k in outs}
     run(outs["clean"], sinks["clean"], 0)
     for way, at in (("worker_kill", KILL_AT), ("last_step_kill", TRAIN["steps"])):
         if way in ways:
-            with injected(Faults(kill_at={name: at})):
-                run(outs[way], sinks[way], 1)
+            run(outs[way], sinks[way], 1, Faults(kill_at={name: at}).wrap)
     if "rerun" in ways:
-        with pytest.raises(Exception, match="injected fault"), injected(Faults({name: KILL_AT}, mode="raise")):
-            run(outs["rerun"], sinks["rerun"], 0)
+        with pytest.raises(Exception, match="injected fault"):
+            run(outs["rerun"], sinks["rerun"], 0, Faults({name: KILL_AT}, mode="raise").wrap)
         run(outs["rerun"], sinks["rerun"], 0)
     rows = {k: [json.loads(line) for line in Path(s.path).read_text().splitlines()] for k, s in sinks.items()}
     resumed = {k: [r["step"] for r in rs for key in r if key.endswith("train/resumed_from")] for k, rs in rows.items()}
@@ -78,9 +78,9 @@ def resumed_runs(run, tmp_path, name: str, ways: tuple[str, ...]):
 def test_train_vqvae_resumes_bitwise(ray_local, digit_shards, tmp_path, tiny):
     cfg = tiny(*SMALL, "model.quantizer.restart_after=2", *tiny.overrides("train_vqvae.train", **TRAIN)).train_vqvae
 
-    def run(out, sink, max_failures):
+    def run(out, sink, max_failures, wrap_task=None):
         once = replace(cfg, train=replace(cfg.train, max_failures=max_failures))
-        train_vqvae.run(once, {"shard": digit_shards}, str(out), sink=sink)
+        train_vqvae.run(once, {"shard": digit_shards}, str(out), sink=sink, wrap_task=wrap_task)
 
     ways = ("worker_kill", "last_step_kill", "rerun")
     outs, logged = resumed_runs(run, tmp_path, "train_vqvae", ways)
@@ -111,9 +111,9 @@ def test_train_prior_resumes_bitwise(ray_local, tmp_path, artifacts, tiny):
                            "prior.top.dropout=0.2", **train)  # fmt: skip
     codes = write_codes(tmp_path / "codes", artifacts)
 
-    def run(out, sink, max_failures):
+    def run(out, sink, max_failures, wrap_task=None):
         once = replace(cfg, train=replace(cfg.train, max_failures=max_failures))
-        train_prior.run(once, {"encode": codes}, str(out), sink=sink)
+        train_prior.run(once, {"encode": codes}, str(out), sink=sink, wrap_task=wrap_task)
 
     outs, logged = resumed_runs(run, tmp_path, "train_prior", ("worker_kill",))
     clean = Priors.open(str(outs["clean"])).checkpoint("top")

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from pipeline import Generator
-from pipeline.generator import pixels_of_base64
-from steps import storage
+from pipeline.serving.generator import pixels_of_base64
 from steps.artifacts.autoencoder import Autoencoder
-from steps.common import MissingInputError
+from steps.core.step import MissingInputError
+from steps.io import storage
+from steps.io.pixels import encode_png, hwc
 from steps.nn.checkpoint import CheckpointError
 from steps.nn.pixelcnn import PixelCNNConfig
-from steps.pixels import encode_png, hwc
 from steps.sample import run as sample_run
 
 TOP = PixelCNNConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2, dropout=0.0, num_classes=3)
@@ -141,7 +141,7 @@ def store(outputs, tmp_path_factory, monkeypatch_module):
     """A SQLite store holding the registered generator and encoder (alias "current")."""
     import mlflow
 
-    from pipeline import models
+    from pipeline.serving import registration as models
 
     root = tmp_path_factory.mktemp("mlflow")
     monkeypatch_module.chdir(root)  # a SQLite store keeps artifacts under ./mlruns
@@ -213,7 +213,7 @@ def test_alias_policy_and_reuse(store, outputs):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import models
+    from pipeline.serving import registration as models
 
     client = MlflowClient()
     with mlflow.start_run():

@@ -9,16 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from s3_server import s3_api
 
 from pipeline.cache import ArtifactStore
 from pipeline.lease import Lease, LeaseLostError
-from steps import storage
+from steps.io import storage
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # s3_server.py sits in tests/; --import-mode=importlib adds no path
-    sys.path.insert(0, str(TESTS))
-from s3_server import s3_api  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[2]
 TTL, POLL = 3.0, 0.3  # seconds: short, so that expiry is tested in seconds
 FP = "0123456789abcdef"
 
@@ -68,7 +65,7 @@ HOLD += "print('held', flush=True); time.sleep(600)"
 def test_a_killed_holders_lease_expires_and_is_taken_over(s3, root):
     uri, said = f"{root}/x.lock", []
     proc = subprocess.Popen([sys.executable, "-c", HOLD, uri, str(TTL)], stdout=subprocess.PIPE, text=True,
-                            cwd=TESTS.parent)  # fmt: skip
+                            cwd=REPO)  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "held"
     finally:

@@ -21,8 +21,8 @@ from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import META_KEY as SAMPLES_META_KEY
 from steps.artifacts.samples import Samples
-from steps.common import MissingInputError
-from steps.generation import sample_seed
+from steps.core.step import MissingInputError
+from steps.generation.generator import sample_seed
 from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, load_model, save_checkpoint
 from steps.nn.classifier import ClassifierConfig, ImageClassifier
@@ -75,7 +75,7 @@ def pngs(out: Path) -> dict[str, bytes]:
 
 
 def grid_side(n: int, size: int, pad: int = 2) -> tuple[int, int]:
-    """(width, height) of steps.pixels.grid_png for n images of side size."""
+    """(width, height) of steps.io.pixels.grid_png for n images of side size."""
     nrow = math.ceil(math.sqrt(n))
     return nrow * (size + pad) + pad, math.ceil(n / nrow) * (size + pad) + pad
 

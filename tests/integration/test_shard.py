@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from steps import storage
 from steps.artifacts.images import IMAGE_META_KEY, SPLITS, ImageShards, image_meta, image_schema
-from steps.common import MissingInputError
+from steps.core.step import MissingInputError
+from steps.io import storage
 from steps.shard import run
 
 

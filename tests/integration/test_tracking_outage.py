@@ -7,24 +7,18 @@ down past ``mlflow.outage_limit_s`` fails the sink, and the training step, with 
 """
 
 import pickle
-import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from mlflow_server import TrackingServer
 
 from pipeline.config import ConfigError
 from pipeline.tracking import Tracker
 from pipeline.tracking_buffer import MLflowSink, Outage, TrackingUnavailableError
 from steps import train_vqvae
-from steps.common import SinkUnavailableError
-
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # mlflow_server.py sits in tests/; --import-mode=importlib adds no path
-    sys.path.insert(0, str(TESTS))
-from mlflow_server import TrackingServer  # noqa: E402
+from steps.core.step import SinkUnavailableError
 
 OUTAGE_S = 5  # how long the tests keep the server down: several of the sink's retries
 

@@ -10,7 +10,7 @@ import torch
 from steps import train_prior
 from steps.artifacts.codes import CodeMeta
 from steps.artifacts.priors import Priors
-from steps.common import JsonlSink, MissingInputError
+from steps.core.step import JsonlSink, MissingInputError
 from steps.nn import registry
 
 TRAIN = dict(steps=12, lr=3e-3, checkpoint_every=6, log_every=6, val_batches=2, max_failures=0)

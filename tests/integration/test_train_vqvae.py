@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.faults import Faults, injected
+from pipeline.faults import Faults
 from steps import train_vqvae
 from steps.artifacts.autoencoder import Autoencoder
-from steps.common import JsonlSink, MissingInputError
-from steps.training import NonFiniteLossError
+from steps.core.step import JsonlSink, MissingInputError
+from steps.training.loop import NonFiniteLossError
 
 # debug=tiny with small codebooks, 12 steps, a log line every 3 and a checkpoint every 6 steps.
 SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
@@ -59,9 +59,8 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(ray_local, digit_sha
     """Rank 0's process is killed (SIGKILL) after step 10, past the step-6 checkpoint and the step-9 log line: Ray
     Train restarts the workers from step 6, not from 0, and step 9 is not logged a second time."""
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
-    with injected(Faults(kill_at={"train_vqvae": 10})):
-        train_vqvae.run(replace(cfg, train=replace(cfg.train, max_failures=1)), {"shard": digit_shards},
-                        str(tmp_path / "out"), sink=sink)  # fmt: skip
+    train_vqvae.run(replace(cfg, train=replace(cfg.train, max_failures=1)), {"shard": digit_shards},
+                    str(tmp_path / "out"), sink=sink, wrap_task=Faults(kill_at={"train_vqvae": 10}).wrap)  # fmt: skip
     logged = read_sink(tmp_path / "metrics.jsonl")
     steps = [r["step"] for r in logged if "train/loss" in r]
     # Steps 3, 6, 9 logged, crash after 10, resume from the step-6 checkpoint: 9 is not repeated, 12 follows.
@@ -72,8 +71,9 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(ray_local, digit_sha
 
 def test_crash_without_retries_fails_then_rerun_resumes(ray_local, digit_shards, tmp_path, cfg):
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
-    with pytest.raises(Exception, match="injected fault"), injected(Faults(kill_at={"train_vqvae": 8}, mode="raise")):
-        train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"), sink=sink)
+    crash = Faults(kill_at={"train_vqvae": 8}, mode="raise").wrap
+    with pytest.raises(Exception, match="injected fault"):
+        train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"), sink=sink, wrap_task=crash)
     assert not (tmp_path / "out" / "model.pt").exists()
     train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"), sink=sink)  # same out: resumes
     steps = [r["step"] for r in read_sink(tmp_path / "metrics.jsonl") if "train/loss" in r]
@@ -87,8 +87,9 @@ def test_nonfinite_loss_stops_every_rank_at_once_and_keeps_the_last_checkpoint(r
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
     out = tmp_path / "out"
     diverged = r"rank\(s\) \[0\] at step 8.*last good checkpoint \(step 6\)"
-    with pytest.raises(NonFiniteLossError, match=diverged), injected(Faults(nan_at={"train_vqvae": 8})):
-        train_vqvae.run(two, {"shard": digit_shards}, str(out), sink=sink)
+    nan = Faults(nan_at={"train_vqvae": 8})
+    with pytest.raises(NonFiniteLossError, match=diverged):
+        train_vqvae.run(two, {"shard": digit_shards}, str(out), sink=sink, wrap_task=nan.wrap)
     logged = read_sink(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in logged if "train/loss" in r] == [3, 6]
     assert not any("train/resumed_from" in r for r in logged), "a diverged run is not retried"

@@ -159,7 +159,7 @@ def test_the_new_prior_trains_checks_and_generates_without_other_changes(plugged
     from steps.artifacts.codes import CodeMeta
     from steps.artifacts.compat import check_compatible
     from steps.artifacts.priors import Priors
-    from steps.generation import ImageGenerator, sample_seed
+    from steps.generation.generator import ImageGenerator, sample_seed
     from steps.train_prior import prior_config
 
     autoencoder = Autoencoder.open(artifacts.autoencoder(tmp_path / "vq", artifacts.small_vqvae2()))

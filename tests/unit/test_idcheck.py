@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from steps.idcheck import IdCounts, bucket_of, count
+from steps.io.idcheck import IdCounts, bucket_of, count
 
 
 def chunks(ids: list[str], size: int = 37) -> list[pa.Array]:

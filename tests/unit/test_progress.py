@@ -1,4 +1,5 @@
-"""Console progress lines (steps/progress.py) and the switch for Ray's output (pipeline/ray_logs.py), without Ray."""
+"""Console progress lines (steps/core/progress.py) and the switch for Ray's output (pipeline/ray_logs.py), without
+Ray."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from pipeline import ray_logs
-from steps.progress import Progress, duration, line, watch
+from steps.core.progress import Progress, duration, line, watch
 
 
 class Clock:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from steps import reading, sources
+from steps.io import reading, sources
 
 
 def finishes(fn, *args, within: float = 20.0):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from steps import sources
+from steps.io import sources
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:

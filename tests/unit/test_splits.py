@@ -10,7 +10,7 @@ from pipeline.verify import verify
 from steps.artifacts.codes import CodeDataset, CodeMeta, read_code_meta
 from steps.artifacts.images import ImageShards
 from steps.artifacts.splits import SPLITS, is_legacy, split_folder, split_folders
-from steps.pixels import encode_png
+from steps.io.pixels import encode_png
 
 BLANK = encode_png(np.zeros((32, 32), np.uint8))
 META = CodeMeta(("top",), {"top": (4, 4)}, {"top": 16}, vqvae="0" * 16, image_size=32)

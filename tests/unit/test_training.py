@@ -1,5 +1,5 @@
 """The training loop's resume, without Ray: the newest loadable checkpoint directory wins, and the data order and
-random streams a checkpoint records continue exactly (steps/resume.py)."""
+random streams a checkpoint records continue exactly (steps/training/resume.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from steps import resume
-from steps.resume import STATE_FILE, BatchStream
-from steps.resume import resume_state as _resume_state
+from steps.training import resume
+from steps.training.resume import STATE_FILE, BatchStream
+from steps.training.resume import resume_state as _resume_state
 
 
 class Registered:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from pipeline.verify import main, verify
 from steps.artifacts.codes import CodeDataset, CodeMeta
-from steps.pixels import encode_png
+from steps.io.pixels import encode_png
 
 BLANK = encode_png(np.zeros((32, 32), np.uint8))
 META = CodeMeta(("top",), {"top": (4, 4)}, {"top": 16}, vqvae="0" * 16, image_size=32)

@@ -1,4 +1,5 @@
-"""Exact resume for :mod:`steps.training`: what a training checkpoint holds so that a run killed at step k (a worker
+"""Exact resume for :mod:`steps.training.loop`: what a training checkpoint holds so that a run killed at step k (a
+worker
 SIGKILLed and restarted by Ray Train, or a killed driver rerun on the same work directory) ends with the same weights
 and logs the same metrics as a run that was never interrupted (bitwise on CPU).
 
@@ -31,9 +32,9 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
+from steps.io.storage import filesystem, join, read_bytes
 from steps.nn.averaging import WeightAverage
 from steps.nn.checkpoint import checkpoint_dict, unwrap
-from steps.storage import filesystem, join, read_bytes
 
 log = logging.getLogger(__name__)
 STATE_FILE = "model.pt"

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from pipeline.faults import SAMPLE_LONGER, TRAIN_LONGER, Workspace
-from steps import resume, storage
+from steps.io import storage
+from steps.training import resume
 
 
 def _stepwise(key: str) -> bool:

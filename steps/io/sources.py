@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from steps import reading
-from steps.pixels import MAX_PIXELS, decode_image, fit_square, from_gray, to_channels
-from steps.storage import filesystem, is_local, read_bytes
+from steps.io import reading
+from steps.io.pixels import MAX_PIXELS, decode_image, fit_square, from_gray, to_channels
+from steps.io.storage import filesystem, is_local, read_bytes
 
-__all__ = ["MAX_PIXELS", "decode_image", "fit_square", "to_channels"]  # image decoding lives in steps.pixels
+__all__ = ["MAX_PIXELS", "decode_image", "fit_square", "to_channels"]  # image decoding lives in steps.io.pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_FILE_BYTES = 64 * 1024 * 1024  # data.max_file_mb's default
@@ -64,7 +64,7 @@ def split_of(image_id: str, val_fraction: float, salt: str = "") -> str:
 
 # ------------------------------------------------------------------------------------------------ listing
 def walk_files(root: str, wanted: Callable[[str], bool] = lambda rel: True) -> tuple[list[str], list[dict], int]:
-    """``(files, skipped, ignored)`` under ``root`` (see :func:`steps.reading.walk`); hidden names are left out.
+    """``(files, skipped, ignored)`` under ``root`` (see :func:`steps.io.reading.walk`); hidden names are left out.
 
     Local folders follow symlinks but visit each real directory once, so a link loop cannot hang the walk; entries
     that are not regular files (FIFOs, sockets, devices, broken links) are skipped with a reason, never opened.

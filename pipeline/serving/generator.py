@@ -9,9 +9,8 @@
     again = gen.decode(codes)
 
 Image ``i`` of ``generate(n, seed=s)`` is the sample step's image ``i`` for ``sample.seed=s``: the same per-image seed
-(:func:`steps.generation.sample_seed`), the same label cycle, the same models and sampler. One MLflow prediction row
-``{"label": l, "seed": s}`` is ``generate(1, labels=[l], seed=s)``.
-"""
+(:func:`steps.generation.generator.sample_seed`), the same label cycle, the same models and sampler. One MLflow
+prediction row ``{"label": l, "seed": s}`` is ``generate(1, labels=[l], seed=s)``."""
 
 from __future__ import annotations
 
@@ -23,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps import storage
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.compat import check_compatible
 from steps.artifacts.priors import Priors
-from steps.common import MissingInputError
-from steps.generation import ImageGenerator, sample_seed
+from steps.core.step import MissingInputError
+from steps.generation.generator import ImageGenerator, sample_seed
+from steps.io import storage
+from steps.io.pixels import decode_png, encode_png, hwc, to_float, to_uint8_chw
 from steps.nn.draw import check_controls
-from steps.pixels import decode_png, encode_png, hwc, to_float, to_uint8_chw
 
 MAX_IMAGES = 65536  # per call: more is a mistake (or a job for the sample step)
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -152,7 +151,7 @@ class Generator:
         guidance_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (uint8 (n, C, S, S)) and codes per level ((n, H, W)) for generator ``seeds`` (one per image, as
-        :func:`steps.generation.sample_seed` makes them) and ``labels`` (one per image, or None)."""
+        :func:`steps.generation.generator.sample_seed` makes them) and ``labels`` (one per image, or None)."""
         check_controls(temperature, top_k, top_p, guidance_scale)
         if guidance_scale != 1 and not self._images.guidable:
             raise ValueError(

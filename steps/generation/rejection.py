@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps.generation import ImageGenerator, sample_seed
-from steps.pixels import chw, to_float, to_uint8
+from steps.generation.generator import ImageGenerator, sample_seed
+from steps.io.pixels import chw, to_float, to_uint8
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The trained models as MLflow models that predict: one generator per pipeline run, and an encoder.
 
-Both are logged "from code" (``pipeline/mlflow_generator.py``, ``pipeline/mlflow_encoder.py``: no pickled Python
-objects) with the artifact folders they need, copied from the pipeline's outputs, and load them with
-``torch.load(weights_only=True)`` through :class:`pipeline.generator.Generator`:
+Both are logged "from code" (``pipeline/serving/mlflow_generator.py``, ``pipeline/serving/mlflow_encoder.py``: no
+pickled Python objects) with the artifact folders they need, copied from the pipeline's outputs, and load them with
+``torch.load(weights_only=True)`` through :class:`pipeline.serving.generator.Generator`:
 
 * **generator** (``<experiment>-generator``): rows ``{"label": int (optional for unconditional priors), "seed": int}``
   and params ``temperature``, ``top_k``, ``top_p``, ``guidance_scale`` -> rows ``{"png": base64 PNG, "label", "seed",
@@ -26,7 +26,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from steps.generation import sample_seed
+from steps.generation.generator import sample_seed
 from steps.nn.draw import CONTROLS
 
 MAX_ROWS = 4096  # per request
@@ -63,13 +63,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     """Draws one image per input row (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        from pipeline.generator import Generator
+        from pipeline.serving.generator import Generator
 
         priors = context.artifacts.get("priors")
         self.generator = Generator.from_artifacts(context.artifacts["autoencoder"], priors, device="cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from pipeline.generator import png_base64
+        from pipeline.serving.generator import png_base64
 
         gen, params = self.generator, params or {}
         if not 1 <= len(model_input) <= MAX_ROWS:
@@ -102,7 +102,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
     """Codes of the images of the input rows (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        from pipeline.generator import Generator
+        from pipeline.serving.generator import Generator
 
         self.generator = Generator.from_artifacts(context.artifacts["autoencoder"], None, device="cpu")
 

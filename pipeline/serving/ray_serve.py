@@ -1,20 +1,19 @@
 """Serve the generator over HTTP with Ray Serve, batching concurrent requests into one sampler batch.
 
     pip install -e '.[serve]'
-    serve run pipeline.serve:app model=models:/vqvae2-generator@current        # or a train_prior output folder
+    serve run pipeline.serving.ray_serve:app model=models:/vqvae2-generator@current   # or a train_prior output folder
     curl -X POST http://127.0.0.1:8000/ -d '{"label": 3, "seed": 0, "temperature": 0.9}'
 
 Options after the import path (``key=value``): ``model`` (required), ``max_batch_size`` (16),
 ``batch_wait_timeout_s`` (0.02), ``device`` (default: CUDA if available), ``num_replicas`` (1).
 
-A request is one image: ``{"seed": int, "label": int (class-conditional priors only), "temperature", "top_k",
-"top_p", "guidance_scale"}``; the answer ``{"png": base64 PNG, "label", "seed"}`` is the same image as
-``Generator.generate(1, labels=[label], seed=seed, ...)`` and the MLflow model's row (pipeline/serving.py).
-Concurrent requests wait up to ``batch_wait_timeout_s`` to be drawn together (``@serve.batch``): the cached sampler's
-cost per position barely grows with the batch, so a batch of 16 costs little more than one image. Requests with
-different sampling controls are drawn in separate batches; the ``X-Batch-Size`` response header says how many images
-the request's batch drew. A bad request gets HTTP 400 with the reason; the server stays up.
-"""
+A request is one image: ``{"seed": int, "label": int (class-conditional priors only), "temperature", "top_k", "top_p",
+"guidance_scale"}``; the answer ``{"png": base64 PNG, "label", "seed"}`` is the same image as ``Generator.generate(1,
+labels=[label], seed=seed, ...)`` and the MLflow model's row (pipeline/serving/mlflow_models.py). Concurrent requests
+wait up to ``batch_wait_timeout_s`` to be drawn together (``@serve.batch``): the cached sampler's cost per position
+barely grows with the batch, so a batch of 16 costs little more than one image. Requests with different sampling
+controls are drawn in separate batches; the ``X-Batch-Size`` response header says how many images the request's batch
+drew. A bad request gets HTTP 400 with the reason; the server stays up."""
 
 from __future__ import annotations
 
@@ -60,10 +59,10 @@ def parse(body: Any, num_classes: int) -> dict[str, Any]:
 
 @serve.deployment
 class GeneratorServer:
-    """One replica: a :class:`pipeline.generator.Generator` and the batching queue in front of it."""
+    """One replica: a :class:`pipeline.serving.generator.Generator` and the batching queue in front of it."""
 
     def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float, device: str | None) -> None:
-        from pipeline.generator import Generator
+        from pipeline.serving.generator import Generator
 
         self.generator = Generator.load(model, device=device)
         self.draw_batch.set_max_batch_size(max_batch_size)
@@ -75,8 +74,8 @@ class GeneratorServer:
 
         Each answer comes with the size of the sampler batch that drew it (the ``X-Batch-Size`` response header).
         """
-        from pipeline.generator import png_base64
-        from steps.generation import sample_seed
+        from pipeline.serving.generator import png_base64
+        from steps.generation.generator import sample_seed
 
         answers: list[dict[str, Any] | None] = [None] * len(requests)
         sizes = [0] * len(requests)
@@ -125,12 +124,15 @@ def server(
 
 
 def app(args: dict[str, str]) -> serve.Application:
-    """The application ``serve run pipeline.serve:app model=<uri> [key=value ...]`` builds (module docstring)."""
+    """The application ``serve run pipeline.serving.ray_serve:app model=<uri> [key=value ...]`` builds (see the
+    module docstring)."""
     if "model" not in args:
-        raise ValueError("serve run pipeline.serve:app needs model=<models:/... | runs:/... | a train_prior output>")
+        raise ValueError(
+            "serve run pipeline.serving.ray_serve:app needs model=<models:/... | runs:/... | a train_prior output>"
+        )
     unknown = sorted(set(args) - {"model", "max_batch_size", "batch_wait_timeout_s", "device", "num_replicas"})
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for pipeline.serve:app (see its docstring)")
+        raise ValueError(f"unknown option(s) {unknown} for pipeline.serving.ray_serve:app (see its docstring)")
     return server(
         args["model"],
         max_batch_size=int(args.get("max_batch_size", 16)),

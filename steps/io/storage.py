@@ -126,7 +126,7 @@ def read_record(uri: str, name: str, missing: str) -> Any:
     Raises:
         MissingInputError: no such record; the message is ``missing`` (say which step to run).
     """
-    from steps.common import MissingInputError
+    from steps.core.step import MissingInputError
 
     path = join(uri, name)
     if not exists(path):

@@ -1,7 +1,9 @@
 """What every step shares: the step signature, its result, the missing-input error, and the metrics sinks.
 
-A step is ``run(cfg, inputs, out, sink=None) -> StepResult`` (:class:`StepRun`). ``inputs`` maps upstream step names
-to their output URIs and ``out`` is the URI this step writes to (storage: :mod:`steps.storage`). A step opens its
+A step is ``run(cfg, inputs, out, sink=None) -> StepResult`` (:class:`StepRun`); a training step also takes
+``wrap_task`` (:class:`TrainingStepRun`), a function the orchestrator may pass to wrap its training tasks (the fault
+injector of ``python -m pipeline.faults`` does; None in normal use). ``inputs`` maps upstream step names
+to their output URIs and ``out`` is the URI this step writes to (storage: :mod:`steps.io.storage`). A step opens its
 inputs through the artifact handles of :mod:`steps.artifacts` and never reads another step's files by name.
 
 Steps never open MLflow runs. The orchestrator hands them a :class:`MetricsSink`; training workers of rank 0 call it,
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +38,19 @@ class StepRun(Protocol[C]):
     def __call__(
         self, cfg: C, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None
     ) -> StepResult: ...  # pragma: no cover - protocol
+
+
+# A function applied to each task a training step trains (``task = wrap_task(task)``): the one hook into the loop.
+TaskWrap = Callable[[Any], Any]
+
+
+class TrainingStepRun(Protocol[C]):
+    """A training step's ``run``: :class:`StepRun` plus the task hook."""
+
+    def __call__(
+        self, cfg: C, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None,
+        wrap_task: TaskWrap | None = None,
+    ) -> StepResult: ...  # pragma: no cover - protocol  # fmt: skip
 
 
 class MissingInputError(FileNotFoundError):

@@ -7,7 +7,7 @@ gradient clipping, an optional moving average of the weights (``ema_decay``: val
 then use the average, and ``live`` keeps the optimiser's weights), periodic checkpoints carrying model, optimiser,
 scheduler, step, every rank's random streams and data position, and the metric window, resuming from
 ``ray.train.get_checkpoint()`` after a worker failure or a restarted driver exactly where the uninterrupted run would be
-(:mod:`steps.resume`), and rank-0 metrics to the sink.
+(:mod:`steps.training.resume`), and rank-0 metrics to the sink.
 
 Training counts optimiser steps, not epochs: every worker runs exactly ``steps`` updates, cycling over its data
 shard as often as needed, so ranks never disagree about how many collectives remain.
@@ -22,21 +22,21 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from steps import resume
-from steps.common import MetricsSink, SinkUnavailableError
+from steps.core.progress import Progress
+from steps.core.step import MetricsSink, SinkUnavailableError, TaskWrap
+from steps.io.storage import delete, exists, join, read_json, write_json
 from steps.nn.averaging import WeightAverage
 from steps.nn.checkpoint import read_checkpoint, unwrap
 from steps.nn.config import ConfigBase, no_effect
-from steps.progress import Progress
-from steps.resume import STATE_FILE
-from steps.storage import delete, exists, join, read_json, write_json
+from steps.training import resume
+from steps.training.resume import STATE_FILE
 
 log = logging.getLogger(__name__)
 NONFINITE_FILE = "nonfinite.json"  # in the run's storage: written by rank 0 when the loss diverges
@@ -142,11 +142,6 @@ class TrainTask:
 
     def end_step(self, step: int, rank: int, run_dir: str) -> None:
         """Called after update ``step`` and its checkpoint, if any (a hook for wrappers)."""
-
-
-# Functions applied to every task :func:`fit` trains, in order (``task = wrap(task)``): the one extension point of
-# the loop, used by pipeline.faults to inject faults into real runs. Empty in normal operation.
-TASK_WRAPPERS: list[Callable[[TrainTask], TrainTask]] = []
 
 
 def _check_replicas(model: nn.Module, step: int) -> None:
@@ -363,6 +358,7 @@ def fit(
     storage: str,
     name: str,
     sink: MetricsSink | None = None,
+    wrap_task: TaskWrap | None = None,
 ):  # -> ray.train.Result
     """Train ``task`` on ``datasets`` ({"train": ..., "val": ...} Ray Datasets) and return the final checkpoint.
 
@@ -373,8 +369,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    for wrap in TASK_WRAPPERS:
-        task = wrap(task)
+    if wrap_task is not None:  # e.g. pipeline.faults: the one hook into the loop
+        task = wrap_task(task)
     run_dir = join(storage, name)
     nonfinite_marker = join(run_dir, NONFINITE_FILE)
     delete(nonfinite_marker)  # a record from an earlier attempt of this run is history now

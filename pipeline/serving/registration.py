@@ -2,9 +2,9 @@
 
 After the steps, a run that has both a train_vqvae and a train_prior output (a train_vqvae output alone for the VAE)
 logs the generator (and, for models with codes, the encoder) in its parent MLflow run and registers them
-(:mod:`pipeline.serving` says what they predict). A version is tagged with the parent run's id, the fingerprints of
-the outputs it bundles and the evaluate step's headline metrics; another run over the same outputs (a cached run)
-reuses that version instead of logging a copy.
+(:mod:`pipeline.serving.mlflow_models` says what they predict). A version is tagged with the parent run's id, the
+fingerprints of the outputs it bundles and the evaluate step's headline metrics; another run over the same outputs (a
+cached run) reuses that version instead of logging a copy.
 
 Alias policy: ``mlflow.model_alias`` ("current") is moved to the new version unless ``mlflow.move_alias`` says no;
 by default it is not moved by debug runs (``debug=...``) or members of a multirun, so trying a change never
@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.serving import encoder_signature, generator_signature
+from pipeline.serving.mlflow_models import encoder_signature, generator_signature
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
-from steps.pixels import encode_png
+from steps.io.pixels import encode_png
 
 log = logging.getLogger("pipeline")
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = [HERE, os.path.join(os.path.dirname(HERE), "steps")]  # the code the models run: pipeline/ and steps/
+PIPELINE = os.path.dirname(HERE)
+PACKAGES = [PIPELINE, os.path.join(os.path.dirname(PIPELINE), "steps")]  # the code the models run: pipeline/, steps/
 REQUIREMENTS = ["torch", "numpy", "pillow", "pandas", "pyarrow", "mlflow"]
 # The evaluate step's figures a model version carries as tags (and the parent run as metrics): what to compare.
 HEADLINE = ("fd_effnet", "kid_effnet", "precision", "recall", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real")

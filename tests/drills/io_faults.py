@@ -1,7 +1,7 @@
 """Fault scenarios of input and output: a hostile input folder, a read-only root, a disk that fills up mid-step.
 
-They complete :data:`pipeline.faults.SCENARIOS` for ``bench/faults.py`` and run the same way: ``python -m pipeline
-debug=tiny`` as subprocesses on a :class:`~pipeline.faults.Workspace` of their own.
+They complete :data:`drills.scenarios.SCENARIOS` for ``bench/faults.py`` and run the same way: ``python -m pipeline
+debug=tiny`` as subprocesses on a :class:`~drills.workspace.Workspace` of their own.
 
 * ``hostile_folder``: an image folder holding a FIFO, a socket, a link to ``/dev/zero``, a link loop, a broken link and
   a file over ``data.max_file_mb`` beside good images. Survived: the shard step finishes (no hang) with every good
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.faults import Workspace
+from drills.workspace import Workspace
 from pipeline.verify import verify
 from steps.artifacts.images import ImageShards
 

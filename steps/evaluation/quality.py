@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from steps.artifacts.codes import CodeDataset, batch_to_tensors
+from steps.io.pixels import to_float, to_uint8_chw
 from steps.nn.metrics import (
     code_histogram,
     codebook_stats,
@@ -30,7 +31,6 @@ from steps.nn.metrics import (
     psnr,
     ssim,
 )
-from steps.pixels import to_float, to_uint8_chw
 
 
 def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:

@@ -1,0 +1,1 @@
+"""The evaluate step's measurements: reconstruction, codes, priors, feature-space distances."""

@@ -34,7 +34,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from steps.artifacts.autoencoder import Autoencoder, AutoencoderWriter
-from steps.artifacts.codes import CodeMeta, codes_to_arrow
+from steps.artifacts.code_format import CodeMeta, codes_to_arrow
 from steps.artifacts.images import ShardWriter
 from steps.encode import EncodeConfig, run
 from steps.io.pixels import decode_batch, encode_png

@@ -53,7 +53,7 @@ def section_encode(device: torch.device, tiny: bool, model: torch.nn.Module) -> 
     import ray
 
     from steps.artifacts.autoencoder import Autoencoder, AutoencoderWriter
-    from steps.artifacts.codes import CodeMeta, codes_to_arrow
+    from steps.artifacts.code_format import CodeMeta, codes_to_arrow
     from steps.artifacts.images import ShardWriter
     from steps.encode import EncodeConfig, run
     from steps.io.pixels import decode_batch

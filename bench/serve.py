@@ -36,8 +36,9 @@ def make_generator(root: str) -> str:
     """The recipe's models with random weights, written as the pipeline writes them; returns the priors folder."""
     import torch
 
+    from steps.artifacts import records
     from steps.artifacts.autoencoder import Autoencoder, AutoencoderWriter
-    from steps.artifacts.codes import CodeMeta
+    from steps.artifacts.code_format import CodeMeta
     from steps.artifacts.priors import PriorsWriter
     from steps.io import storage
     from steps.nn import registry
@@ -62,8 +63,8 @@ def make_generator(root: str) -> str:
         torch.nn.init.normal_(prior.head[-1].weight, std=0.05)  # random but not uniform predictions
         writer.write_level(level, checkpoint_dict(prior), vqvae=autoencoder.digest)
     writer.finish(list(meta.levels), autoencoder.digest, {})
-    storage.write_json(os.path.join(encode, storage.SUCCESS), {"inputs": {"train_vqvae": vq}})
-    storage.write_json(os.path.join(priors, storage.SUCCESS), {"inputs": {"encode": encode}})
+    storage.write_json(os.path.join(encode, records.SUCCESS), {"inputs": {"train_vqvae": vq}})
+    storage.write_json(os.path.join(priors, records.SUCCESS), {"inputs": {"encode": encode}})
     return priors
 
 

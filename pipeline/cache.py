@@ -26,8 +26,8 @@ from collections.abc import Iterator, Mapping
 
 from pipeline import __version__
 from pipeline.lease import POLL, TTL, Lease
+from steps.artifacts import records
 from steps.io import storage
-from steps.io.storage import SUCCESS
 from steps.nn.config import ConfigBase
 
 
@@ -60,8 +60,7 @@ class ArtifactStore:
 
     def record(self, step: str, fp: str) -> dict | None:
         """The ``_SUCCESS`` record of a finished output, or None."""
-        uri = storage.join(self.final(step, fp), SUCCESS)
-        return storage.read_json(uri) if storage.exists(uri) else None
+        return records.read(self.final(step, fp))
 
     @contextlib.contextmanager
     def lock(self, step: str, fp: str) -> Iterator[None]:
@@ -100,10 +99,10 @@ class ArtifactStore:
         if not self.local:
             if (step, fp) in self._leases:
                 self._leases[(step, fp)].check()  # a lease lost in a stall: the pipeline that took it over publishes
-            storage.write_json(storage.join(final, SUCCESS), record)
+            records.write(final, record)
             return final
         work_path, final_path = storage.filesystem(work)[1], storage.filesystem(final)[1]
-        storage.write_json(storage.join(work, SUCCESS), record)
+        records.write(work, record)
         if os.path.exists(final_path):  # a forced rerun replaces the old output
             old = f"{final_path}.old-{int(time.time())}"
             os.replace(final_path, old)

@@ -1,7 +1,8 @@
 """Typed configuration: the Hydra schema is derived from the steps' own config dataclasses, and converted back.
 
-The whole run is one frozen :class:`PipelineConfig` whose fields are the steps' configs (``steps.shard.ShardConfig``,
-...) plus Ray, MLflow and the artifact root. Nothing here mirrors a step's fields by hand:
+The whole run is one frozen :class:`PipelineConfig` whose fields are the steps' configs, one per row of the step
+graph (``pipeline/graph.py``: ``shard`` holds a ``steps.shard.ShardConfig``...), plus Ray, MLflow and the artifact
+root. Nothing here mirrors a step or its fields by hand:
 
 * :func:`schema` derives an OmegaConf-friendly (mutable) dataclass from a config class, field by field (tuples become
   lists, derived fields such as a prior's code-map shape are left out); :func:`register` puts the whole tree into
@@ -27,17 +28,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import ray_logs
+from pipeline.graph import GRAPH
 from pipeline.outputs import write_problem
 from pipeline.tracking_buffer import DEFAULT_OUTAGE_LIMIT_S
-from steps.encode import EncodeConfig
-from steps.evaluate import EvaluateConfig
 from steps.io.storage import is_local
 from steps.nn import registry
 from steps.nn.config import ConfigBase, FieldError, hints, is_config_type, is_derived, is_role_base, optional_inner
-from steps.sample import SampleConfig
-from steps.shard import ShardConfig
-from steps.train_prior import TrainPriorConfig
-from steps.train_vqvae import TrainVQVAEConfig
 
 # The user's key of a config subtree (a Hydra group) -> where it lives in PipelineConfig. Everything else sits
 # under its own name: train_vqvae.train.lr is PipelineConfig.train_vqvae.train.lr.
@@ -98,20 +94,8 @@ class RayConf(ConfigBase):
 
 
 @dataclass(frozen=True)
-class PipelineConfig(ConfigBase):
-    """The whole run, typed and validated: what ``pipeline/`` hands to the step graph (one field per step)."""
-
-    shard: ShardConfig = field(default_factory=ShardConfig)
-    train_vqvae: TrainVQVAEConfig = field(default_factory=TrainVQVAEConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    train_prior: TrainPriorConfig = field(default_factory=TrainPriorConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    ray: RayConf = field(default_factory=RayConf)
-    mlflow: MLflowConf = field(default_factory=MLflowConf)
-    artifacts: ArtifactsConf = field(default_factory=ArtifactsConf)
-    steps: tuple[str, ...] = ()  # run only these steps (their upstream must be cached)
-    force: tuple[str, ...] = ()  # rerun these steps (and what depends on them) despite the cache
+class _Run(ConfigBase):
+    """What :class:`PipelineConfig` adds to its fields."""
 
     @property
     def root(self) -> str:
@@ -120,6 +104,24 @@ class PipelineConfig(ConfigBase):
     @property
     def model_kind(self) -> str:
         return self.train_vqvae.kind
+
+
+# The whole run, typed and validated: what ``pipeline/`` hands to the step graph. One field per step of the graph,
+# named after it and typed with its settings, then the rest.
+PipelineConfig = dataclasses.make_dataclass(
+    "PipelineConfig",
+    [(s.name, s.config_cls, field(default_factory=s.config_cls)) for s in GRAPH]
+    + [
+        ("ray", RayConf, field(default_factory=RayConf)),
+        ("mlflow", MLflowConf, field(default_factory=MLflowConf)),
+        ("artifacts", ArtifactsConf, field(default_factory=ArtifactsConf)),
+        ("steps", tuple[str, ...], field(default=())),  # run only these steps (their upstream must be cached)
+        ("force", tuple[str, ...], field(default=())),  # rerun these steps (and what depends on them) despite the cache
+    ],
+    bases=(_Run,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": "The whole run, typed and validated (see above)."},
+)
 
 
 # ------------------------------------------------------------------------------------------------ schema

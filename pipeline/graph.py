@@ -1,10 +1,14 @@
-"""The step graph, as data: name, step function, upstream steps.
+"""The step graph, as data: name, step function, upstream steps, and the kind of output each step writes.
 
     shard -> train_vqvae -> encode -> train_prior -> sample -> evaluate
 
-Read top to bottom, this is the whole pipeline. A step's settings are the field of the same name in
-:class:`~pipeline.config.PipelineConfig`. A step is switched off for some models (an autoencoder without codes, the
-Gaussian VAE, skips encode and train_prior); a step's inputs are its upstream steps that are switched on.
+Read top to bottom, this is the whole pipeline. Each row names a step's function, its settings (a config dataclass:
+:class:`~pipeline.config.PipelineConfig` gets one field of that name and type per row, and so does the Hydra
+schema), its upstream steps, and its output: a handle class of :mod:`steps.artifacts` (the one protocol of
+:class:`steps.artifacts.base.Artifact`), which everything downstream asks instead of the step's name: verify, the
+datasets logged to MLflow, the parent run's metrics, model registration. A step is switched off for some models (an
+autoencoder without codes, the Gaussian VAE, skips encode and train_prior); a step's inputs are its upstream steps
+that are switched on.
 """
 
 from __future__ import annotations
@@ -13,56 +17,79 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import PipelineConfig
 from steps import encode, evaluate, sample, shard, train_prior, train_vqvae
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.base import Artifact
+from steps.artifacts.codes import CodeDataset
+from steps.artifacts.evaluation import Evaluation
+from steps.artifacts.images import ImageShards
+from steps.artifacts.priors import Priors
+from steps.artifacts.samples import Samples
 from steps.core.step import StepRun
 from steps.nn import registry
+from steps.nn.config import ConfigBase
+
+Config = Any  # a pipeline.config.PipelineConfig (which is built from this graph, so it cannot be imported here)
 
 
-def _has_codes(cfg: PipelineConfig) -> bool:
+def _has_codes(cfg: Config) -> bool:
     return registry.makes_codes(cfg.model_kind)
 
 
-def _always(cfg: PipelineConfig) -> bool:
+def _always(cfg: Config) -> bool:
     return True
 
 
 @dataclass(frozen=True)
 class Step:
-    name: str  # also the PipelineConfig field holding its settings
+    name: str  # also the PipelineConfig field (and the user's config key) holding its settings
     run: StepRun[Any]
+    config_cls: type[ConfigBase]  # its settings
     upstream: tuple[str, ...]
-    enabled: Callable[[PipelineConfig], bool] = _always
-    trains: bool = False  # streams live metrics from rank-0 workers
+    output: type[Artifact]  # the handle of what it writes
+    enabled: Callable[[Config], bool] = _always
+    trains: bool = False  # Ray Train: streams live metrics from rank-0 workers, takes the task hook (wrap_task)
 
-    def config(self, cfg: PipelineConfig) -> Any:
-        """The step's own (frozen, validated) settings."""
+    def config(self, cfg: Config) -> Any:
+        """The step's own (frozen, validated) settings in a PipelineConfig."""
         return getattr(cfg, self.name)
 
 
+# fmt: off
 GRAPH: tuple[Step, ...] = (
-    Step("shard", shard.run, ()),
-    Step("train_vqvae", train_vqvae.run, ("shard",), trains=True),
-    Step("encode", encode.run, ("shard", "train_vqvae"), enabled=_has_codes),
-    Step("train_prior", train_prior.run, ("encode",), enabled=_has_codes, trains=True),
-    Step("sample", sample.run, ("train_vqvae", "train_prior")),
-    Step("evaluate", evaluate.run, ("shard", "train_vqvae", "encode", "train_prior", "sample")),
+    #    name           function          settings                        upstream                      output
+    Step("shard",       shard.run,        shard.ShardConfig,              (),                           ImageShards),
+    Step("train_vqvae", train_vqvae.run,  train_vqvae.TrainVQVAEConfig,   ("shard",),                   Autoencoder,
+         trains=True),
+    Step("encode",      encode.run,       encode.EncodeConfig,            ("shard", "train_vqvae"),     CodeDataset,
+         enabled=_has_codes),
+    Step("train_prior", train_prior.run,  train_prior.TrainPriorConfig,   ("encode",),                  Priors,
+         enabled=_has_codes, trains=True),
+    Step("sample",      sample.run,       sample.SampleConfig,            ("train_vqvae", "train_prior"), Samples),
+    Step("evaluate",    evaluate.run,     evaluate.EvaluateConfig,
+         ("shard", "train_vqvae", "encode", "train_prior", "sample"), Evaluation),
 )
+# fmt: on
 NAMES = tuple(s.name for s in GRAPH)
-DATASETS = ("shard", "encode")  # steps whose output is a Parquet dataset (logged as MLflow inputs where read)
+STEPS = {s.name: s for s in GRAPH}
 
 
-def active(cfg: PipelineConfig) -> list[Step]:
+def writer_of(output: type[Artifact]) -> Step:
+    """The step that writes outputs of handle class ``output``."""
+    return next(s for s in GRAPH if s.output is output)
+
+
+def active(cfg: Config) -> list[Step]:
     """The steps this config uses, in dependency order."""
     return [s for s in GRAPH if s.enabled(cfg)]
 
 
-def inputs_of(step: Step, cfg: PipelineConfig) -> tuple[str, ...]:
+def inputs_of(step: Step, cfg: Config) -> tuple[str, ...]:
     on = {s.name for s in active(cfg)}
     return tuple(u for u in step.upstream if u in on)
 
 
-def downstream(names: set[str], cfg: PipelineConfig) -> set[str]:
+def downstream(names: set[str], cfg: Config) -> set[str]:
     """``names`` and every active step that depends on them, transitively."""
     out = set(names)
     for step in active(cfg):

@@ -11,13 +11,15 @@ from typing import Any
 
 from pipeline import __version__, cache, graph, outputs, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
-from pipeline.serving import registration as models
+from pipeline.serving import registration
 from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
 from pipeline.tracking_buffer import MLflowSink
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.priors import Priors
 from steps.core.step import TaskWrap
-from steps.nn import registry
 
 log = logging.getLogger("pipeline")
+RUN_ONLY = ("seconds", "steps_run")  # parent-run metrics that say nothing about a model
 
 
 class MissingUpstreamError(RuntimeError):
@@ -127,8 +129,8 @@ def execute(
         tracker.log_text(resolved_yaml, "config.yaml")
         for p in planned:
             _execute_one(p, cfg, store, tracker, wrap_task)
-        made = {p.step.name: (store.final(p.step.name, p.fingerprint), p.fingerprint) for p in planned if p.record}
-        datasets = {name: made[name] for name in graph.DATASETS if name in made}
+        datasets = {p.step.name: (store.final(p.step.name, p.fingerprint), p.fingerprint) for p in planned
+                    if p.record and p.step.output.is_dataset}  # fmt: skip
         tracker.log_run(run_params(overrides, choices), _run_metrics(planned), datasets)
         if cfg.mlflow.register_models:
             move = cfg.mlflow.move_alias if cfg.mlflow.move_alias is not None else not trial
@@ -143,7 +145,7 @@ def _execute_one(
 ) -> None:
     step, fp = p.step, p.fingerprint
     step_cfg = step.config(cfg)
-    datasets = {u: (uri, p.input_fps[u]) for u, uri in p.inputs.items() if u in graph.DATASETS}
+    datasets = {u: (uri, p.input_fps[u]) for u, uri in p.inputs.items() if graph.STEPS[u].output.is_dataset}
     with tracker.step(step.name, fp, p.inputs, flatten(step_cfg), datasets) as run_id:
         if p.action == "cached":
             log.info("%s: cached (%s)", step.name, store.final(step.name, fp))
@@ -191,31 +193,34 @@ def _execute_one(
 
 
 def _run_metrics(planned: list[Planned]) -> dict[str, float]:
-    """The parent run's metrics: the evaluate step's headline figures (run or cached) and the seconds spent."""
-    evaluate = next((p for p in planned if p.step.name == "evaluate" and p.record), None)
-    metrics = models.headline(evaluate.record.get("metrics", {})) if evaluate else {}
+    """The parent run's metrics: the headline figures of every finished output (run or cached; the evaluate step's
+    are the only ones today, :meth:`steps.artifacts.base.Artifact.headline`) and the seconds spent."""
+    metrics: dict[str, float] = {}
+    for p in planned:
+        if p.record:
+            metrics.update(p.step.output.headline(p.record.get("metrics", {})))
     metrics["seconds"] = sum(p.seconds for p in planned)
     metrics["steps_run"] = sum(p.action == "run" for p in planned)
     return metrics
 
 
 def _register_models(planned: list[Planned], cfg: PipelineConfig, store: cache.ArtifactStore, move: bool) -> None:
-    """Register the run's generator and encoder (pipeline/serving/registration.py) when its outputs include a whole
-    generator."""
+    """Register the run's generator and encoder (:mod:`pipeline.serving.registration`) when its outputs include a
+    whole generator: the autoencoder, and the priors if this config trains any."""
     done = {p.step.name: p for p in planned if p.record is not None}
-    vq, priors = done.get("train_vqvae"), done.get("train_prior")
-    if vq is None or (registry.makes_codes(cfg.model_kind) and priors is None):
+    needed = [graph.writer_of(Autoencoder), graph.writer_of(Priors)]
+    needed = [s for s in needed if s in graph.active(cfg)]
+    if any(s.name not in done for s in needed):
         return  # a run of some steps only: nothing new to register
     import mlflow
 
-    fingerprints = "/".join(p.fingerprint for p in (vq, priors) if p is not None)
-    evaluation = done["evaluate"].record.get("metrics", {}) if "evaluate" in done else {}
+    made = {s.output: store.final(s.name, done[s.name].fingerprint) for s in needed}
+    fingerprints = "/".join(done[s.name].fingerprint for s in needed)
     tags = {"pipeline_run_id": mlflow.active_run().info.run_id, "model_kind": cfg.model_kind}
-    tags |= {f"metric.{k}": f"{v:.6g}" for k, v in models.headline(evaluation).items()}
+    tags |= {f"metric.{k}": f"{v:.6g}" for k, v in _run_metrics(planned).items() if k not in RUN_ONLY}
     try:
-        models.register(cfg.mlflow.experiment, store.final("train_vqvae", vq.fingerprint),
-                        store.final("train_prior", priors.fingerprint) if priors else None, fingerprints,
-                        cfg.mlflow.model_alias, move, tags)  # fmt: skip
+        registration.register(cfg.mlflow.experiment, made[Autoencoder], made.get(Priors), fingerprints,
+                              cfg.mlflow.model_alias, move, tags)  # fmt: skip
     except Exception as exc:  # registration is a convenience: never fail a finished pipeline over it
         log.warning("could not register the generator in MLflow: %s", exc)
 

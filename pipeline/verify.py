@@ -4,11 +4,12 @@ What it proves, per output of ``<root>/<step>/``:
 
 * a directory that looks finished (no ``.partial`` in its name) has its ``_SUCCESS`` record, for its own step and
   fingerprint, and every artifact the record names exists;
-* image shards, code datasets and sampled codes hold each id exactly once, and as many rows as they should: a code
-  dataset one row per image of the shards it was encoded from (``missing``, ``extra``, ``duplicates`` count the
-  differences), the sampled codes ``num_samples`` rows;
-* checkpoints load (weights only) as the kind their step writes, and code datasets and priors still belong to the
-  autoencoder they were made from (``steps.artifacts.compat.check_compatible``).
+* what the output holds, as its step's output handle checks it (``verify`` of :class:`steps.artifacts.base.Artifact`)
+  against the upstream outputs it was made from (found through the run records): image shards, code datasets and
+  sampled codes hold each id exactly once, and as many rows as they should (a code dataset one row per image of the
+  shards it was encoded from: ``missing``, ``extra``, ``duplicates`` count the differences; the sampled codes
+  ``num_samples`` rows); checkpoints load (weights only) as the kind their step writes; code datasets, priors and
+  sampled codes still belong to the autoencoder they were made from.
 
 ``.partial`` directories are work in progress or interrupted work (a rerun of the same config resumes or restarts
 them); they are listed, never judged. Exit status 1 if anything is wrong, so it can gate a job.
@@ -20,25 +21,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.graph import NAMES
-from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import CodeDataset
-from steps.artifacts.compat import check_compatible
-from steps.artifacts.images import SPLITS, ImageShards
-from steps.artifacts.priors import Priors
-from steps.artifacts.samples import Samples
+from pipeline.graph import GRAPH, STEPS, Step
+from steps.artifacts import records
+from steps.artifacts.base import Upstream
+from steps.artifacts.records import SUCCESS
 from steps.core.step import MissingInputError
 from steps.io import storage
 from steps.io.idcheck import IdCounts as Rows
-from steps.io.idcheck import count
-from steps.io.storage import SUCCESS
 from steps.nn.checkpoint import CheckpointError
 
 
@@ -76,74 +71,37 @@ def _judge(report: Report, key: str, rows: Rows) -> None:
         report.errors.append(f"{key}: {rows.found} rows where {rows.expected} belong ({wrong or 'count differs'})")
 
 
-def _check_output(report: Report, step: str, uri: str, record: dict[str, Any]) -> None:
+def _upstream(report: Report, uri: str) -> Upstream:
+    """The outputs ``uri`` was made from, by handle class, through the run records (a warning for each one gone)."""
+    outputs: dict[type, str | None] = {}
+    for step, found in records.lineage(uri).items():
+        if step not in STEPS:  # a record of a step this version no longer has
+            continue
+        if not found.finished:
+            report.warnings.append(f"{uri}: its input {step} ({found.uri}) is gone; checks against it skipped")
+        outputs[STEPS[step].output] = found.uri if found.finished else None
+    return Upstream(outputs)
+
+
+def _check_output(report: Report, step: Step, uri: str, record: dict[str, Any]) -> None:
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    key = f"{step}/{name}"
-    if record.get("step") != step or record.get("fingerprint") != name:
+    if record.get("step") != step.name or record.get("fingerprint") != name:
         report.errors.append(f"{uri}: its {SUCCESS} is for {record.get('step')}/{record.get('fingerprint')}")
     for label, artifact in record.get("artifacts", {}).items():
         if not storage.exists(artifact):
             report.errors.append(f"{uri}: artifact {label!r} ({artifact}) is missing")
-    inputs = record.get("inputs", {})
-    if step == "shard":
-        shards = ImageShards.open(uri)
-        for split in SPLITS:
-            rows = shards.rows(split)
-            _judge(report, f"{key}/{split}", count(_ids(shards.files(split)), rows, rows))
-    elif step == "train_vqvae":
-        Autoencoder.open(uri).load()
-    elif step == "encode":
-        codes = CodeDataset.open(uri)
-        shards = _upstream(report, uri, inputs, "shard", ImageShards.open)
-        rows = codes.check_files()  # from the files' footers; the ids stream file by file
-        for split in SPLITS:
-            expected = _ids(shards.files(split)) if shards else rows[split]
-            _judge(report, f"{key}/{split}", count(_ids(codes.files(split)), expected, rows[split]))
-        autoencoder = _upstream(report, uri, inputs, "train_vqvae", Autoencoder.open)
-        if autoencoder:
-            check_compatible(autoencoder, codes=codes)
-    elif step == "train_prior":
-        priors = Priors.open(uri)
-        for level in priors.summary["levels"]:
-            priors.load(level)
-        encode = _record(inputs.get("encode"))
-        autoencoder = encode and _upstream(report, uri, encode.get("inputs", {}), "train_vqvae", Autoencoder.open)
-        if autoencoder:
-            check_compatible(autoencoder, priors=priors)
-    elif step == "sample":
-        samples = Samples.open(uri)
-        if samples.code_files():
-            _judge(report, f"{key}/codes", count(_ids(samples.code_files()), samples.num_samples, samples.num_samples))
-
-
-def _ids(files: list[str]) -> Iterator[pa.Array]:
-    """The id column of ``files``, one file at a time (memory: one file's ids)."""
-    for uri in files:
-        yield storage.read_column([uri], "id").combine_chunks()
-
-
-def _record(uri: str | None) -> dict[str, Any] | None:
-    """The ``_SUCCESS`` record of a finished upstream output, or None if it is gone."""
-    path = storage.join(uri, SUCCESS) if uri else None
-    return storage.read_json(path) if path and storage.exists(path) else None
-
-
-def _upstream(report: Report, uri: str, inputs: dict[str, str], name: str, opener):
-    """The handle of upstream ``name`` if that output still exists (else a warning, and None)."""
-    if _record(inputs.get(name)) is None:
-        report.warnings.append(f"{uri}: its input {name} ({inputs.get(name)}) is gone; checks against it skipped")
-        return None
-    return opener(inputs[name])
+    for part, rows in step.output.open(uri).verify(_upstream(report, uri)).items():
+        _judge(report, f"{step.name}/{name}/{part}", rows)
 
 
 def verify(root: str) -> Report:
     """Check every output under ``root`` (see the module docstring)."""
     report = Report(root=root)
     local = storage.is_local(root)
-    for step in NAMES:
-        for info in storage.listdir(storage.join(root, step)):
+    for step in GRAPH:
+        for info in storage.listdir(storage.join(root, step.name)):
             name = info.base_name
-            uri = storage.join(root, step, name)
+            uri = storage.join(root, step.name, name)
             if name.endswith(".lock") or info.type != pafs.FileType.Directory:
                 continue
             if name.endswith(".partial"):
@@ -162,7 +120,7 @@ def verify(root: str) -> Report:
             report.outputs.append(uri)
             try:
                 _check_output(report, step, uri, storage.read_json(success))
-            except (OSError, ValueError, KeyError, CheckpointError, MissingInputError) as exc:
+            except (OSError, ValueError, KeyError, CheckpointError, MissingInputError, pa.ArrowException) as exc:
                 report.errors.append(f"{uri}: cannot be read ({type(exc).__name__}: {exc})")
     return report
 

@@ -30,7 +30,8 @@ import ray
 import torch
 
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import CodeDataset, CodeMeta, CodeWriter, codes_to_arrow
+from steps.artifacts.code_format import CodeMeta, codes_to_arrow
+from steps.artifacts.codes import CodeDataset, CodeWriter
 from steps.artifacts.images import SPLITS, ImageShards
 from steps.core.progress import Progress, watch
 from steps.core.step import MetricsSink, StepResult, require_input
@@ -227,12 +228,9 @@ def _verify(codes: CodeDataset, units: list[Unit], in_rows: dict[str, int]) -> d
             )
     by_name = {(u.split, u.name): u for u in units}
     for split in SPLITS:
-        for uri in codes.files(split):
-            name = posixpath.basename(storage.filesystem(uri)[1]).removesuffix(".parquet")
+        for name, uri in codes.parts(split).items():
             unit = by_name.get((split, name))
             if unit is None:
-                if name == "part-empty" and not in_rows[split]:
-                    continue
                 raise RuntimeError(f"encode: {uri} has no image file of that name; not finishing the code dataset")
             written, given = storage.read_column([uri], "id"), storage.read_column([unit.src], "id")
             if len(written) != len(given) or not pc.all(pc.equal(written, given)).as_py():

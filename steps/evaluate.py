@@ -36,7 +36,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -132,20 +132,20 @@ def sample_images(samples: Samples, autoencoder: Autoencoder, model: torch.nn.Mo
 
 
 # ------------------------------------------------------------------------------------------------ the task
-def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[str, Any]:
-    """Everything the step measures; runs inside one Ray task (or in-process, e.g. in a test)."""
-    torch.set_num_threads(cfg.num_cpus)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.use_gpu else "cpu")
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    metrics: dict[str, float] = {}
-    counts: dict[str, Any] = {}
+@dataclass
+class Report:
+    """What evaluate measured so far: the metrics, the counts behind them, and notes for the reader."""
 
+    metrics: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _open(inputs: Mapping[str, str]) -> tuple[ImageShards, Autoencoder, Samples, CodeDataset | None, Priors | None]:
+    """The upstream outputs, checked to belong together before any image is read or reconstructed."""
     shards = ImageShards.open(require_input(inputs, STEP, "shard"))
     autoencoder = Autoencoder.open(require_input(inputs, STEP, "train_vqvae"))
     samples = Samples.open(require_input(inputs, STEP, "sample"))
-    # Inputs that do not belong together fail here, before any image is read or reconstructed.
     codes = CodeDataset.open(inputs["encode"]) if "encode" in inputs else None
     priors = Priors.open(inputs["train_prior"]) if "train_prior" in inputs else None
     check_compatible(autoencoder, codes=codes, priors=priors)
@@ -154,94 +154,99 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
             f"shard images {shards.image_shape} do not fit the model's input (C, S, S) {autoencoder.image_shape} "
             f"of {autoencoder.model_uri}"
         )
-    model = autoencoder.load(device)
+    return shards, autoencoder, samples, codes, priors
 
+
+def _score_codes(report: Report, codes: CodeDataset, priors: Priors | None, image_shape, cfg, device) -> str:
+    """Codebook usage and perplexity per level, the priors' bits per code and the bits per dim; returns the log
+    line's details."""
+    level_priors = {lv: priors.load(lv) for lv in codes.meta.levels} if priors is not None else {}
+    code_m, code_info = code_metrics(codes, level_priors, cfg.batch_size, device)
+    report.metrics.update(code_m)
+    report.counts.update(code_info)
+    meta = codes.meta
+    if all(f"nll_bits_{lv}" in code_m for lv in meta.levels):
+        total_bits = sum(code_m[f"nll_bits_{lv}"] * meta.numel(lv) for lv in meta.levels)  # per image
+        report.metrics["bits_per_dim"] = total_bits / (image_shape[0] * meta.image_size**2)
+    if code_info["code_split"] != "val":
+        report.notes.append("the code dataset has no val split: code metrics use the train codes")
+    scored = [lv for lv in level_priors if f"nll_bits_{lv}" in code_m]
+    bits = "".join(f", {lv} prior {code_m[f'nll_bits_{lv}']:.3f} bits/code" for lv in scored)
+    return f"codes of {code_info['code_rows']} images{bits}"
+
+
+def _score_features(report: Report, sets: dict[str, np.ndarray], cfg: EvaluateConfig, device) -> None:
+    """Feature-space distances: samples against real half A, the floor (half B against A, and its spread over other
+    splits) and, with ``recon_fd``, the reconstructions of B against A."""
+    from steps.nn.features import FeatureExtractor  # deferred: loads 17 MB of weights
+
+    extractor = FeatureExtractor().to(device)
+    t0 = time.perf_counter()
+    feats = {name: features(extractor, images, cfg.batch_size, device) for name, images in sets.items()}
+    report.counts["feature_images_per_s"] = sum(len(f) for f in feats.values()) / (time.perf_counter() - t0)
+    n, n_real = len(feats["samples"]), len(feats["a"])
+    if n < 2 or n_real < 2:
+        report.notes.append(f"too few images for feature distances ({n} samples, {n_real} real): skipped")
+        return
+    settings = (cfg.num_kid_subsets, cfg.kid_subset_size, cfg.knn_k, cfg.seed)
+    report.metrics.update(distances(feats["samples"], feats["a"], *settings))
+    report.metrics.update(distances(feats["b"], feats["a"], *settings, suffix="_real"))
+    if "recon" in feats:
+        report.metrics.update(distances(feats["recon"], feats["a"], *settings, suffix="_recon"))
+    if cfg.floor_resamples and report.counts["real_images"] >= n_real + n:
+        report.metrics.update(floor_spread(feats["a"], feats["b"], n, cfg.floor_resamples, cfg.knn_k, cfg.seed))
+    if n <= cfg.knn_k:
+        report.notes.append(f"precision/recall need more than knn_k={cfg.knn_k} images per set: skipped")
+
+
+def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[str, Any]:
+    """Everything the step measures; runs inside one Ray task (or in-process, e.g. in a test)."""
+    torch.set_num_threads(cfg.num_cpus)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    t0 = time.perf_counter()
+    report = Report()
+
+    def say(what: str) -> None:
+        log.info("evaluate: %s (after %s)", what, duration(time.perf_counter() - t0))
+
+    shards, autoencoder, samples, codes, priors = _open(inputs)
+    model = autoencoder.load(device)
     real, split = real_images(shards, cfg.max_val_images)
     if split != "val":
-        notes.append("the shards have no val split: real images come from the train split")
-    counts.update(real_images=len(real), real_split=split)
-
+        report.notes.append("the shards have no val split: real images come from the train split")
+    report.counts.update(real_images=len(real), real_split=split)
     rec, recons = reconstruction(model, real, cfg.batch_size, device)
-    metrics.update(rec)
-    log.info(
-        "evaluate: reconstruction of %d images: MSE %.5f (after %s)",
-        len(real),
-        rec["recon_mse"],
-        duration(time.perf_counter() - t0),
-    )
-
+    report.metrics.update(rec)
+    say(f"reconstruction of {len(real)} images: MSE {rec['recon_mse']:.5f}")
     if codes is not None:
-        level_priors = {lv: priors.load(lv) for lv in codes.meta.levels} if priors is not None else {}
-        code_m, code_info = code_metrics(codes, level_priors, cfg.batch_size, device)
-        metrics.update(code_m)
-        counts.update(code_info)
-        meta = codes.meta
-        if all(f"nll_bits_{lv}" in code_m for lv in meta.levels):
-            total_bits = sum(code_m[f"nll_bits_{lv}"] * meta.numel(lv) for lv in meta.levels)  # per image
-            metrics["bits_per_dim"] = total_bits / (autoencoder.image_shape[0] * meta.image_size**2)
-        if code_info["code_split"] != "val":
-            notes.append("the code dataset has no val split: code metrics use the train codes")
-        bits = "".join(
-            f", {lv} prior {code_m[f'nll_bits_{lv}']:.3f} bits/code"
-            for lv in level_priors
-            if f"nll_bits_{lv}" in code_m
-        )
-        log.info(
-            "evaluate: codes of %d images%s (after %s)",
-            code_info["code_rows"],
-            bits,
-            duration(time.perf_counter() - t0),
-        )
+        say(_score_codes(report, codes, priors, autoencoder.image_shape, cfg, device))
 
     fakes = sample_images(samples, autoencoder, model, cfg)
     if fakes.shape[1:] != real.shape[1:]:
         raise ValueError(f"samples {fakes.shape[1:]} and real images {real.shape[1:]} differ in shape")
     perm = np.random.default_rng(cfg.seed).permutation(len(real))
     half_a, half_b = perm[: len(real) // 2], perm[len(real) // 2 :]
-    n = min(len(fakes), len(half_b))
+    n = min(len(fakes), len(half_b))  # FD is biased by the set size: samples and B are cut to the same count
     half_b, fakes = half_b[:n], fakes[:n]
-    counts.update(real_a=len(half_a), real_b=n, samples=n)
+    report.counts.update(real_a=len(half_a), real_b=n, samples=n)
     # Distances compare only between runs scored with the same counts: keep the counts next to them in MLflow.
-    metrics.update(n_samples=float(n), n_real=float(len(half_a)))
-    from steps.nn.features import FeatureExtractor  # deferred: loads 17 MB of weights
-
-    extractor = FeatureExtractor().to(device)
-    t_feat = time.perf_counter()
-    sets = {"a": real[half_a], "b": real[half_b], "samples": fakes}
-    if cfg.recon_fd:
-        sets["recon"] = recons[half_b]
-    feats = {name: features(extractor, images, cfg.batch_size, device) for name, images in sets.items()}
-    featured = sum(len(f) for f in feats.values())
-    counts["feature_images_per_s"] = featured / (time.perf_counter() - t_feat)
-    log.info("evaluate: features of %d images (after %s)", featured, duration(time.perf_counter() - t0))
-    if n < 2 or len(half_a) < 2:
-        notes.append(f"too few images for feature distances ({n} samples, {len(half_a)} real): skipped")
-    else:
-        settings = (cfg.num_kid_subsets, cfg.kid_subset_size, cfg.knn_k, cfg.seed)
-        metrics.update(distances(feats["samples"], feats["a"], *settings))
-        metrics.update(distances(feats["b"], feats["a"], *settings, suffix="_real"))
-        if cfg.recon_fd:
-            metrics.update(distances(feats["recon"], feats["a"], *settings, suffix="_recon"))
-        if cfg.floor_resamples and len(real) >= len(half_a) + n:
-            metrics.update(floor_spread(feats["a"], feats["b"], n, cfg.floor_resamples, cfg.knn_k, cfg.seed))
-        if n <= cfg.knn_k:
-            notes.append(f"precision/recall need more than knn_k={cfg.knn_k} images per set: skipped")
+    report.metrics.update(n_samples=float(n), n_real=float(len(half_a)))
+    sets = {"a": real[half_a], "b": real[half_b], "samples": fakes} | (
+        {"recon": recons[half_b]} if cfg.recon_fd else {}
+    )
+    _score_features(report, sets, cfg, device)
+    say(f"features of {sum(len(s) for s in sets.values())} images")
     if cfg.inception_fid:
-        metrics["fid_inception"] = inception_fid(fakes, real[half_a], cfg.use_gpu)
+        report.metrics["fid_inception"] = inception_fid(fakes, real[half_a], cfg.use_gpu)
 
     grid_n = min(8, n, len(real))
     grid = grid_png(np.concatenate([real[half_a][:grid_n], fakes[:grid_n]]), nrow=grid_n)
-    counts["seconds"] = time.perf_counter() - t0
-    report = {
-        "metrics": metrics,
-        "counts": counts,
-        "notes": notes,
-        "feature_space": FEATURE_SPACE,
-        "config": cfg.to_dict(),
-        "inputs": dict(inputs),
-    }
-    EvaluationWriter(out).write(report, grid)
-    return report
+    report.counts["seconds"] = time.perf_counter() - t0
+    record = {"metrics": report.metrics, "counts": report.counts, "notes": report.notes,
+              "feature_space": FEATURE_SPACE, "config": cfg.to_dict(), "inputs": dict(inputs)}  # fmt: skip
+    EvaluationWriter(out).write(record, grid)
+    return record
 
 
 def run(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str, sink: MetricsSink | None = None) -> StepResult:

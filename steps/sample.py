@@ -27,24 +27,26 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 from ray.util import ActorPool
 
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.checkpoints import CheckpointFile
+from steps.artifacts.code_format import CodeMeta
 from steps.artifacts.compat import check_classifier, check_compatible
 from steps.artifacts.priors import Priors
-from steps.artifacts.samples import SamplesWriter, sample_id, samples_schema
+from steps.artifacts.samples import REJECTION, SamplesWriter, sample_id, sampled_codes
 from steps.core.step import MetricsSink, StepResult, require_input
 from steps.generation.generator import ImageGenerator, sample_seed
 from steps.generation.rejection import Rejection, draw_accepted
 from steps.io import storage
 from steps.io.pixels import chw, encode_png, grid_png, to_uint8
 from steps.nn.config import ConfigBase, no_effect
+from steps.nn.draw import ControlError, SamplingControls
 
 log = logging.getLogger(__name__)
+REJECTED = tuple(f.name for f in REJECTION)  # the rejection outcome per sample, beside its codes
 
 STEP = "sample"
 
@@ -99,10 +101,10 @@ class SampleConfig(ConfigBase):
     def validate(self) -> None:
         self.require_min(1, "num_samples", "shard_size", "num_actors", "cpus_per_actor", "grid_size", "max_attempts")
         self.require("seed", 0 <= self.seed < 2**32, "an int in [0, 2**32)")
-        self.require("top_k", self.top_k >= 0, "an int >= 0")
-        self.require("temperature", self.temperature > 0, "a number > 0")
-        self.require("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1: off)")
-        self.require("guidance_scale", 0 <= self.guidance_scale < float("inf"), "a number >= 0 (1: off)")
+        try:
+            self.controls  # noqa: B018 - the controls' own check, named as this config's fields
+        except ControlError as exc:
+            raise self.error(exc.field, exc.problem) from None
         self.require("reject_threshold", 0 <= self.reject_threshold < 1, "a number in [0, 1)")
         self.require("classifier", self.classifier is None or bool(self.classifier), "None or a checkpoint URI")
         if self.reject_threshold > 0 and self.classifier is None:
@@ -112,9 +114,8 @@ class SampleConfig(ConfigBase):
             self.require("labels", ok, "None or a non-empty list of ints >= 0")
 
     @property
-    def controls(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "guidance_scale": self.guidance_scale}  # fmt: skip
+    def controls(self) -> SamplingControls:
+        return SamplingControls(**{name: getattr(self, name) for name in SamplingControls.names()})
 
 
 # ------------------------------------------------------------------------------------------------ plan (driver)
@@ -127,6 +128,7 @@ class SamplePlan:
     priors: Priors | None
     classifier: CheckpointFile | None
     label_cycle: Optional[list[int]]  # noqa: UP045
+    num_classes: int = 0
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -145,9 +147,10 @@ class SamplePlan:
             out["classifier"] = self.classifier.digest
         return out
 
-    def schema(self) -> pa.Schema:
-        ae = self.autoencoder
-        return samples_schema(self.levels, ae.shapes, ae.codebook_sizes, ae.digest, self.classifier is not None)
+    @property
+    def meta(self) -> CodeMeta:
+        """What the sampled codes are (the code format of the code dataset)."""
+        return CodeMeta.of(self.autoencoder, self.num_classes or None)
 
 
 def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
@@ -170,18 +173,15 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
     priors = Priors.open(require_input(inputs, STEP, "train_prior"))
     num_classes = check_compatible(autoencoder, priors=priors)
     cycle = _label_cycle(cfg, num_classes)
-    if cfg.guidance_scale != 1 and not any(priors.guidable(lv) for lv in autoencoder.levels):
-        raise ValueError(
-            f"sample.guidance_scale={cfg.guidance_scale} needs class-conditional priors trained with class_dropout > 0 "
-            f"(train_prior: prior.<level>.class_dropout); the priors at {priors.uri} have none"
-        )
+    guidable = any(priors.guidable(lv) for lv in autoencoder.levels)
+    cfg.controls.check_guidance(guidable, where=f"the priors at {priors.uri} have none (sample.guidance_scale)")
     classifier = None
     if cfg.classifier is not None:
         uri = storage.absolute(cfg.classifier)  # actors may run elsewhere
         hint = "see python -m steps.train_classifier"
         classifier = CheckpointFile.open(uri, "classifier", "sample.classifier (a classifier checkpoint)", hint)
         check_classifier(classifier, autoencoder, num_classes)
-    return SamplePlan(autoencoder, priors, classifier, cycle)
+    return SamplePlan(autoencoder, priors, classifier, cycle, num_classes)
 
 
 def _label_cycle(cfg: SampleConfig, num_classes: int) -> list[int] | None:
@@ -219,23 +219,19 @@ class ShardSampler:
         labels = plan.labels_of(indices)
         t0 = time.perf_counter()
         if self.rejection is not None:
-            pixels, codes, info = draw_accepted(
-                self.generator, self.rejection, indices, labels, cfg.seed, **cfg.controls
-            )
+            pixels, codes, info = draw_accepted(self.generator, self.rejection, indices, labels, cfg.seed, cfg.controls)
             seeds = info["seed"].tolist()
         else:
             seeds = [sample_seed(cfg.seed, i) for i in indices]
-            images, codes = self.generator.draw(seeds, labels, **cfg.controls)
+            images, codes = self.generator.draw(seeds, labels, cfg.controls)
             pixels, info = to_uint8(images), {"draws": count}  # (count, S, S) or (count, S, S, 3)
         if cfg.write_pngs:
             for i in range(count):
                 self.writer.write_image(start + i, encode_png(pixels[i]))
         if codes:
-            columns = {"id": [sample_id(i) for i in indices], "label": labels or [None] * count, "seed": seeds}
-            if self.rejection is not None:
-                columns.update({k: info[k].tolist() for k in ("attempt", "class_prob", "accepted")})
-            columns.update({lv: _code_column(c) for lv, c in codes.items()})
-            self.writer.write_codes(shard, pa.table(columns, schema=plan.schema()))
+            rejection = {k: info[k].tolist() for k in REJECTED} if self.rejection is not None else None
+            ids = [sample_id(i) for i in indices]
+            self.writer.write_codes(shard, sampled_codes(ids, labels, codes, plan.meta, seeds, rejection))
         in_grid = max(0, min(count, cfg.grid_size - start))
         record = {
             "shard": shard,
@@ -248,11 +244,6 @@ class ShardSampler:
         }
         self.writer.write_record(shard, record)  # last: the shard is complete
         return {**record, "grid": pixels[:in_grid].copy() if in_grid else None}
-
-
-def _code_column(codes: torch.Tensor) -> pa.FixedSizeListArray:
-    flat = codes.reshape(-1).cpu().numpy().astype(np.int16)  # (count * H * W,), raster order per sample
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int16()), math.prod(codes.shape[1:]))
 
 
 def _pool_size(cfg: SampleConfig, num_shards: int) -> int:
@@ -331,7 +322,7 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
         "shard_size": cfg.shard_size,
         "num_shards": num_shards,
         "resumed_shards": kept,
-        **cfg.controls,
+        **cfg.controls.to_dict(),
         "labels": plan.label_cycle,  # cycled over the samples; per-sample labels are in the codes
         "kind": ae.kind,
         "vqvae": ae.digest,

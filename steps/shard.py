@@ -25,14 +25,13 @@ from steps.io.pixels import encode_png
 from steps.nn.config import ConfigBase, no_effect
 
 log = logging.getLogger(__name__)
-SOURCES = ("digits", "image_folder", "parquet", "idx")
 
 
 @dataclass(frozen=True)
 class ShardConfig(ConfigBase):
     """Where the images come from and what the shards look like (see the module docstring)."""
 
-    source: str = "digits"
+    source: str = "digits"  # a name in steps.io.sources.SOURCES
     path: str | None = None
     image_size: int = 32
     channels: int = 1
@@ -48,12 +47,13 @@ class ShardConfig(ConfigBase):
     max_file_mb: int = no_effect(64)  # a larger image file is a bad file (never read)
 
     def validate(self) -> None:
-        self.require("source", self.source in SOURCES, f"one of {', '.join(SOURCES)}")
-        if self.source == "digits":
-            ok = self.path is None
-            self.require("path", ok, "unset for source=digits (the digits are bundled; did you mean image_folder?)")
-        else:
+        known = sources.names()
+        self.require("source", self.source in known, f"one of {', '.join(known)}")
+        source = sources.get(self.source)
+        if source.needs_path:
             self.require("path", bool(self.path), f"set for source={self.source}")
+        else:
+            self.require("path", self.path is None, f"unset for source={self.source}{source.path_hint}")
         ok = self.image_size % 8 == 0 and 32 <= self.image_size <= 256
         self.require("image_size", ok, "a multiple of 8 in [32, 256]")
         self.require("channels", self.channels in (1, 3), "1 or 3")
@@ -72,17 +72,8 @@ class ShardConfig(ConfigBase):
 
 # ------------------------------------------------------------------------------------------------ the step
 def _list(cfg: ShardConfig) -> sources.Listing:
-    if cfg.source == "digits":
-        return sources.list_digits(cfg.limit)
-    path = storage.absolute(cfg.path)
-    if cfg.source == "image_folder":
-        listing = sources.list_image_folder(path)
-        if cfg.limit is not None:
-            listing.items = listing.items[: cfg.limit]
-        return listing
-    if cfg.source == "parquet":
-        return sources.list_parquet(path, cfg.image_column, cfg.label_column, cfg.id_column, cfg.limit)
-    return sources.list_idx(path, cfg.limit)
+    """The items of ``cfg.source``, listed on the driver (see :mod:`steps.io.sources`)."""
+    return sources.get(cfg.source).list(cfg)
 
 
 def _writer(cfg: ShardConfig, out: str) -> ShardWriter:
@@ -92,10 +83,7 @@ def _writer(cfg: ShardConfig, out: str) -> ShardWriter:
 def _shard_unit(split: str, part: int, items: list[dict], cfg: ShardConfig, out: str) -> dict[str, Any]:
     """Decode one chunk of items and write it as one shard file; stops at the first bad file under "fail"."""
     ids, labels, images, skipped = [], [], [], []
-    loaded = sources.load_items(
-        cfg.source, items, cfg.image_size, cfg.channels, cfg.image_column, cfg.read_timeout_s, cfg.max_file_mb << 20
-    )
-    for item, pixels, reason, where in loaded:
+    for item, pixels, reason, where in sources.get(cfg.source).load(items, cfg):
         if pixels is None:
             skipped.append({"path": where, "reason": reason})
             if cfg.on_bad_file == "fail":

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors
+from steps.artifacts.code_format import CodeMeta, batch_to_tensors
+from steps.artifacts.codes import CodeDataset
 from steps.artifacts.priors import PriorsWriter
 from steps.core.step import MetricsSink, MissingInputError, PrefixSink, StepResult, TaskWrap, require_input
 from steps.nn import registry

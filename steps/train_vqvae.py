@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steps.artifacts.autoencoder import AutoencoderWriter
+from steps.artifacts.autoencoder import RECON_GRID, AutoencoderWriter
 from steps.artifacts.images import ImageShards
 from steps.core.step import MetricsSink, StepResult, TaskWrap, require_input
 from steps.io.pixels import decode_batch, grid_png
@@ -26,8 +26,6 @@ from steps.nn.config import ConfigBase
 from steps.nn.metrics import psnr
 from steps.nn.vqvae import VQVAE2Config
 from steps.training.loop import TrainConfig, TrainTask, checkpoint_file, final_payload, fit
-
-RECON_GRID = "recon.png"  # what AutoencoderTask.finalize writes next to the final training checkpoint
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class Tiny:
     one step's settings with ``settings`` overridden (the step's user key: data.*, sample.*, ...)."""
 
     overrides = staticmethod(overrides)
+    # The one set of overrides that makes the debug=tiny model smaller still, for tests that build or train one:
+    # 1-channel images, 32 codes of 8 dimensions per level.
+    SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 
     def __call__(self, *args: str):
         return compose(*args)
@@ -80,10 +83,6 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny() -> Tiny:
     return Tiny()
-
-
-# Small models for hand-made artifacts: the debug=tiny model with small codebooks.
-SMALL_CODES = ("data.channels=1", "model.quantizer.codebook_size=16", "model.quantizer.dim=8")
 
 
 class Artifacts:
@@ -133,7 +132,8 @@ class Artifacts:
     @staticmethod
     def codes(out: Path, meta, splits: dict[str, tuple[list[str], object, dict[str, np.ndarray]]]) -> str:
         """A code dataset from ``{split: (ids, labels, {level: codes (N, H, W)})}``."""
-        from steps.artifacts.codes import CodeWriter, codes_to_arrow
+        from steps.artifacts.code_format import codes_to_arrow
+        from steps.artifacts.codes import CodeWriter
 
         writer = CodeWriter(str(out), meta)
         writer.clear()
@@ -147,9 +147,9 @@ class Artifacts:
     @staticmethod
     def samples(out: Path, images: np.ndarray, codes: dict[str, torch.Tensor] | None, pngs: bool = True) -> str:
         """A sample output of uint8 ``images`` (N, C, S, S) and, optionally, the codes per level (N, H, W)."""
-        import pyarrow as pa
 
-        from steps.artifacts.samples import SamplesWriter, sample_id, samples_schema
+        from steps.artifacts.code_format import CodeMeta
+        from steps.artifacts.samples import SamplesWriter, sample_id, sampled_codes
         from steps.io.pixels import encode_png, grid_png, hwc
 
         writer = SamplesWriter(str(out))
@@ -158,25 +158,21 @@ class Artifacts:
             for i, pixels in enumerate(hwc(images)):
                 writer.write_image(i, encode_png(pixels))
         if codes:
-            levels = tuple(codes)
             shapes = {lv: tuple(c.shape[1:]) for lv, c in codes.items()}
             sizes = {lv: int(c.max()) + 1 for lv, c in codes.items()}
-            columns = {"id": [sample_id(i) for i in range(len(images))], "label": [None] * len(images)}
-            columns["seed"] = list(range(len(images)))
-            for lv, c in codes.items():  # (N, H, W) -> fixed-size lists of H*W int16, as the sample step writes them
-                flat = pa.array(c.reshape(-1).numpy().astype(np.int16))
-                columns[lv] = pa.FixedSizeListArray.from_arrays(flat, c[0].numel())
-            writer.write_codes(0, pa.table(columns, schema=samples_schema(levels, shapes, sizes, "0" * 16, False)))
+            meta = CodeMeta(tuple(codes), shapes, sizes, vqvae="0" * 16, image_size=images.shape[-1])
+            ids, seeds = [sample_id(i) for i in range(len(images))], list(range(len(images)))
+            writer.write_codes(0, sampled_codes(ids, None, codes, meta, seeds))
         writer.finish(grid_png(images), {"num_samples": len(images)}, pngs=pngs, codes=bool(codes))
         return str(out)
 
     @staticmethod
     def small_vqvae2(seed: int = 0, **overrides):
-        """The debug=tiny VQ-VAE-2 on 1-channel 32 px images with 16 codes of 8 dims per level."""
+        """The debug=tiny VQ-VAE-2 on 1-channel 32 px images with 32 codes of 8 dims per level (``Tiny.SMALL``)."""
         from steps.nn import registry
 
         torch.manual_seed(seed)
-        cfg = compose(*SMALL_CODES).train_vqvae.model
+        cfg = compose(*Tiny.SMALL).train_vqvae.model
         return registry.build(replace(cfg, **overrides)).eval()
 
 

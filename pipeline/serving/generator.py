@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steps.artifacts import bundle, records
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.compat import check_compatible
 from steps.artifacts.priors import Priors
@@ -29,7 +30,7 @@ from steps.core.step import MissingInputError
 from steps.generation.generator import ImageGenerator, sample_seed
 from steps.io import storage
 from steps.io.pixels import decode_png, encode_png, hwc, to_float, to_uint8_chw
-from steps.nn.draw import check_controls
+from steps.nn.draw import DEFAULT, SamplingControls
 
 MAX_IMAGES = 65536  # per call: more is a mistake (or a job for the sample step)
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -78,7 +79,7 @@ class Generator:
             raise MissingInputError(f"no generator at {source}: expected a train_prior output or an MLflow model URI")
         if Autoencoder.found_at(folder):  # a train_vqvae output: a VAE draws on its own
             return cls(Autoencoder.open(folder), None, device, **kwargs)
-        return cls(Autoencoder.open(_autoencoder_of(folder)), Priors.open(folder), device, **kwargs)
+        return cls(Autoencoder.open(autoencoder_of(folder)), Priors.open(folder), device, **kwargs)
 
     @classmethod
     def from_artifacts(
@@ -89,7 +90,7 @@ class Generator:
 
     @classmethod
     def from_mlflow(cls, uri: str, device: str | torch.device | None = None, **kwargs: Any) -> Generator:
-        """A generator from a logged generator model (its artifacts: the autoencoder and the priors)."""
+        """A generator from a logged generator model (the models it carries: :mod:`steps.artifacts.bundle`)."""
         import mlflow
 
         if "MLFLOW_TRACKING_URI" not in os.environ:
@@ -98,12 +99,7 @@ class Generator:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         except Exception as exc:  # MLflow raises several types for a model, version or run that does not exist
             raise MissingInputError(f"no MLflow model at {uri}: {exc}") from None
-        artifacts = os.path.join(local, "artifacts")
-        priors = os.path.join(artifacts, "priors")
-        if not os.path.isdir(os.path.join(artifacts, "autoencoder")):
-            raise MissingInputError(f"{uri} is not a generator model of this project (no autoencoder artifact)")
-        return cls.from_artifacts(os.path.join(artifacts, "autoencoder"), priors if os.path.isdir(priors) else None,
-                                  device, **kwargs)  # fmt: skip
+        return cls(*bundle.open_mlflow_model(local, where=uri), device, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- drawing
     @property
@@ -127,45 +123,31 @@ class Generator:
         Args:
             labels: for class-conditional priors, one class for all images, one per image, or None to cycle through
                 the classes (as the sample step does); must be None for unconditional priors.
-            temperature, top_k, top_p: sampling controls (see ``sample.temperature`` ...).
+            temperature, top_k, top_p, guidance_scale: the sampling controls (:class:`SamplingControls`; the sample
+                step's settings of the same names); guidance needs priors trained with ``class_dropout``.
             seed: the ``sample.seed`` of the images.
-            guidance_scale: classifier-free guidance (1: off; ``sample.guidance_scale``), for priors trained with
-                ``class_dropout``.
 
         Raises:
             ValueError: a bad ``n``, ``seed``, control or label, naming it.
         """
+        controls = SamplingControls(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         n, offset = _count("n", n, 1, MAX_IMAGES), _count("offset", offset, 0, None)
         seed = _count("seed", seed, 0, 2**32 - 1)
-        indices = range(offset, offset + n)
-        return self.draw([sample_seed(seed, i) for i in indices], self._labels(labels, n, offset), temperature,
-                         top_k, top_p, guidance_scale)[0]  # fmt: skip
+        seeds = [sample_seed(seed, i) for i in range(offset, offset + n)]
+        return self.draw(seeds, self._labels(labels, n, offset), controls)[0]
 
     def draw(
-        self,
-        seeds: Sequence[int],
-        labels: Sequence[int] | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        guidance_scale: float = 1.0,
+        self, seeds: Sequence[int], labels: Sequence[int] | None = None, controls: SamplingControls = DEFAULT
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (uint8 (n, C, S, S)) and codes per level ((n, H, W)) for generator ``seeds`` (one per image, as
         :func:`steps.generation.generator.sample_seed` makes them) and ``labels`` (one per image, or None)."""
-        check_controls(temperature, top_k, top_p, guidance_scale)
-        if guidance_scale != 1 and not self._images.guidable:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs priors trained with class_dropout > 0 "
-                "(train_prior: prior.<level>.class_dropout); these priors have none"
-            )
+        self._images.check(controls)
         if labels is not None:
             self._check_labels(labels)
         images, codes = [], {lv: [] for lv in self.autoencoder.levels}
         for start in range(0, len(seeds), self.batch_size):
             part = slice(start, start + self.batch_size)
-            x, c = self._images.draw(seeds[part], labels[part] if labels is not None else None,
-                                     temperature=temperature, top_k=top_k, top_p=top_p,
-                                     guidance_scale=guidance_scale)  # fmt: skip
+            x, c = self._images.draw(seeds[part], labels[part] if labels is not None else None, controls)
             images.append(torch.from_numpy(to_uint8_chw(x)))
             for lv, maps in c.items():
                 codes[lv].append(maps.cpu())
@@ -252,19 +234,12 @@ def _count(name: str, value: Any, low: int, high: int | None) -> int:
     return int(value)
 
 
-def _autoencoder_of(priors: str) -> str:
-    """The train_vqvae output a train_prior output was trained from, through the outputs' run records."""
-    record = _record(priors)
-    encode = record.get("inputs", {}).get("encode") if record else None
-    vq = (_record(encode) or {}).get("inputs", {}).get("train_vqvae") if encode else None
-    if not vq or not Autoencoder.found_at(vq):
-        raise MissingInputError(
-            f"cannot find the VQ-VAE of the priors at {priors}: its run record does not lead to a train_vqvae output "
-            "that still exists; use Generator.from_artifacts(<train_vqvae output>, <train_prior output>)"
-        )
-    return vq
-
-
-def _record(uri: str) -> dict[str, Any] | None:
-    path = storage.join(uri, storage.SUCCESS)
-    return storage.read_json(path) if storage.exists(path) else None
+def autoencoder_of(output: str) -> str:
+    """The autoencoder output ``output`` (a priors folder, say) was made from, through the outputs' run records."""
+    for ancestor in records.lineage(output).values():
+        if Autoencoder.found_at(ancestor.uri):  # an output made by hand may have no record of its own
+            return ancestor.uri
+    raise MissingInputError(
+        f"cannot find the autoencoder of {output}: its run record does not lead to a train_vqvae output that still "
+        "exists; use Generator.from_artifacts(<train_vqvae output>, <train_prior output>)"
+    )

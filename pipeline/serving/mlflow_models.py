@@ -1,8 +1,11 @@
 """The trained models as MLflow models that predict: one generator per pipeline run, and an encoder.
 
 Both are logged "from code" (``pipeline/serving/mlflow_generator.py``, ``pipeline/serving/mlflow_encoder.py``: no
-pickled Python objects) with the artifact folders they need, copied from the pipeline's outputs, and load them with
-``torch.load(weights_only=True)`` through :class:`pipeline.serving.generator.Generator`:
+pickled Python objects) with the models they need copied from the pipeline's outputs (a generator bundle,
+:mod:`steps.artifacts.bundle`), and load them with ``torch.load(weights_only=True)`` through
+:class:`pipeline.serving.generator.Generator`. Each class says what :mod:`pipeline.serving.registration` needs to log
+it (:class:`ServedModel`: its role, entry file, the models it carries, signature, input example); :data:`SERVED`
+lists them.
 
 * **generator** (``<experiment>-generator``): rows ``{"label": int (optional for unconditional priors), "seed": int}``
   and params ``temperature``, ``top_k``, ``top_p``, ``guidance_scale`` -> rows ``{"png": base64 PNG, "label", "seed",
@@ -16,38 +19,30 @@ with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 40
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+from steps.artifacts import bundle
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.priors import Priors
 from steps.generation.generator import sample_seed
-from steps.nn.draw import CONTROLS
+from steps.io.pixels import encode_png
+from steps.nn.draw import SamplingControls
 
 MAX_ROWS = 4096  # per request
 
 
 def _bad(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def generator_signature(levels: tuple[str, ...]) -> ModelSignature:
-    inputs = Schema([ColSpec(DataType.long, "label", required=False), ColSpec(DataType.long, "seed")])
-    outputs = [ColSpec(DataType.string, "png"), ColSpec(DataType.long, "label", required=False)]
-    outputs += [ColSpec(DataType.long, "seed")] + [ColSpec(Array(DataType.long), lv) for lv in levels]
-    kinds = {int: DataType.long, float: DataType.double}
-    params = ParamSchema([ParamSpec(name, kinds[type(default)], default) for name, default in CONTROLS.items()])
-    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
-
-
-def encoder_signature(levels: tuple[str, ...]) -> ModelSignature:
-    outputs = Schema([ColSpec(Array(DataType.long), lv) for lv in levels])
-    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "png")]), outputs=outputs)
 
 
 def _int(value: Any, name: str, row: int) -> int | None:
@@ -59,14 +54,52 @@ def _int(value: Any, name: str, row: int) -> int | None:
     return int(value)
 
 
-class GeneratorModel(mlflow.pyfunc.PythonModel):
-    """Draws one image per input row (see the module docstring)."""
+class ServedModel(mlflow.pyfunc.PythonModel):
+    """Base of the MLflow models: what registration logs for each, and how each loads its bundle."""
+
+    role: ClassVar[str]  # the registered name is ``<experiment>-<role>``; also the logged model's name
+    entry: ClassVar[str]  # the file beside this module that MLflow runs to load the model ("models from code")
+    carries_priors: ClassVar[bool]  # the bundle holds the priors too
+
+    @classmethod
+    def serves(cls, autoencoder: Autoencoder) -> bool:
+        """Whether a run with this autoencoder has such a model."""
+        return True
+
+    @classmethod
+    def signature(cls, autoencoder: Autoencoder) -> ModelSignature:
+        raise NotImplementedError
+
+    @classmethod
+    def example(cls, autoencoder: Autoencoder, priors: Priors | None) -> pd.DataFrame:
+        raise NotImplementedError
 
     def load_context(self, context) -> None:
         from pipeline.serving.generator import Generator
 
-        priors = context.artifacts.get("priors")
-        self.generator = Generator.from_artifacts(context.artifacts["autoencoder"], priors, device="cpu")
+        autoencoder, priors = bundle.open_parts(context.artifacts, where=f"the {self.role} model")
+        self.generator = Generator(autoencoder, priors if self.carries_priors else None, device="cpu")
+
+
+class GeneratorModel(ServedModel):
+    """Draws one image per input row (see the module docstring)."""
+
+    role, entry, carries_priors = "generator", "mlflow_generator.py", True
+
+    @classmethod
+    def signature(cls, autoencoder: Autoencoder) -> ModelSignature:
+        inputs = Schema([ColSpec(DataType.long, "label", required=False), ColSpec(DataType.long, "seed")])
+        outputs = [ColSpec(DataType.string, "png"), ColSpec(DataType.long, "label", required=False)]
+        outputs += [ColSpec(DataType.long, "seed")] + [ColSpec(Array(DataType.long), lv) for lv in autoencoder.levels]
+        kinds = {int: DataType.long, float: DataType.double}
+        controls = dataclasses.fields(SamplingControls)
+        params = ParamSchema([ParamSpec(f.name, kinds[type(f.default)], f.default) for f in controls])
+        return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
+
+    @classmethod
+    def example(cls, autoencoder: Autoencoder, priors: Priors | None) -> pd.DataFrame:
+        conditional = priors is not None and any(priors.num_classes(lv) for lv in autoencoder.levels)
+        return pd.DataFrame({"label": [0], "seed": [0]} if conditional else {"seed": [0]})
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from pipeline.serving.generator import png_base64
@@ -85,11 +118,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise _bad(f"every row needs a label: the priors are conditioned on {gen.num_classes} classes")
         if not gen.num_classes and any(v is not None for v in labels):
             raise _bad("labels given, but the priors are not class-conditional")
-        controls = {k: type(d)(params.get(k, d)) for k, d in CONTROLS.items()}
         try:
-            images, codes = gen.draw(
-                [sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, **controls
-            )
+            controls = SamplingControls.parse({k: v for k, v in params.items() if k in SamplingControls.names()})
+            images, codes = gen.draw([sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, controls)
         except ValueError as exc:
             raise _bad(str(exc)) from None
         out = pd.DataFrame({"png": png_base64(images), "label": labels, "seed": seeds})
@@ -98,13 +129,24 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return out
 
 
-class EncoderModel(mlflow.pyfunc.PythonModel):
+class EncoderModel(ServedModel):
     """Codes of the images of the input rows (see the module docstring)."""
 
-    def load_context(self, context) -> None:
-        from pipeline.serving.generator import Generator
+    role, entry, carries_priors = "encoder", "mlflow_encoder.py", False
 
-        self.generator = Generator.from_artifacts(context.artifacts["autoencoder"], None, device="cpu")
+    @classmethod
+    def serves(cls, autoencoder: Autoencoder) -> bool:
+        return autoencoder.makes_codes
+
+    @classmethod
+    def signature(cls, autoencoder: Autoencoder) -> ModelSignature:
+        outputs = Schema([ColSpec(Array(DataType.long), lv) for lv in autoencoder.levels])
+        return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "png")]), outputs=outputs)
+
+    @classmethod
+    def example(cls, autoencoder: Autoencoder, priors: Priors | None) -> pd.DataFrame:
+        c, s, _ = autoencoder.image_shape
+        return pd.DataFrame({"png": [encode_png(np.zeros((s, s) if c == 1 else (s, s, c), np.uint8))]})
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "png" not in model_input or not 1 <= len(model_input) <= MAX_ROWS:
@@ -114,3 +156,6 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
         except ValueError as exc:
             raise _bad(str(exc)) from None
         return pd.DataFrame({lv: [m.flatten().tolist() for m in maps] for lv, maps in codes.items()})
+
+
+SERVED: tuple[type[ServedModel], ...] = (GeneratorModel, EncoderModel)  # what a pipeline run registers

@@ -26,7 +26,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from steps.nn.draw import CONTROLS, check_controls
+from steps.nn.draw import SamplingControls
 
 
 class BadRequest(ValueError):
@@ -34,12 +34,13 @@ class BadRequest(ValueError):
 
 
 def parse(body: Any, num_classes: int) -> dict[str, Any]:
-    """A request's fields, checked: ``seed``, ``label`` (None for unconditional priors) and the controls."""
+    """A request's fields, checked: ``seed``, ``label`` (None for unconditional priors) and ``controls``."""
     if not isinstance(body, Mapping):
         raise BadRequest('send a JSON object such as {"seed": 0, "label": 3}')
-    unknown = sorted(set(body) - {"seed", "label", *CONTROLS})
+    names = SamplingControls.names()
+    unknown = sorted(set(body) - {"seed", "label", *names})
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; fields are seed, label, {', '.join(CONTROLS)}")
+        raise BadRequest(f"unknown field(s) {unknown}; fields are seed, label, {', '.join(names)}")
     seed, label = body.get("seed"), body.get("label")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise BadRequest(f"seed must be an integer >= 0, got {seed!r}")
@@ -48,13 +49,11 @@ def parse(body: Any, num_classes: int) -> dict[str, Any]:
             raise BadRequest(f"label must be an integer in [0, {num_classes}) (the priors' classes), got {label!r}")
     elif label is not None:
         raise BadRequest("label given, but the priors are not class-conditional")
-    controls = {k: body.get(k, d) for k, d in CONTROLS.items()}
     try:
-        floats = {k: float(v) for k, v in controls.items() if k != "top_k"}
-        check_controls(top_k=controls["top_k"], **floats)
-    except (TypeError, ValueError) as exc:
+        controls = SamplingControls.parse({k: body[k] for k in names if k in body})
+    except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return {"seed": seed, "label": label, **controls}
+    return {"seed": seed, "label": label, "controls": controls}
 
 
 @serve.deployment
@@ -79,15 +78,14 @@ class GeneratorServer:
 
         answers: list[dict[str, Any] | None] = [None] * len(requests)
         sizes = [0] * len(requests)
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[SamplingControls, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(tuple(r[k] for k in CONTROLS), []).append(i)
-        for values, members in groups.items():
-            controls = dict(zip(CONTROLS, values, strict=True))
+            groups.setdefault(r["controls"], []).append(i)
+        for controls, members in groups.items():
             seeds = [sample_seed(requests[i]["seed"], 0) for i in members]
             labels = [requests[i]["label"] for i in members] if self.generator.num_classes else None
             # Off the event loop, so that requests arriving meanwhile queue up for the next batch.
-            images, _ = await asyncio.to_thread(self.generator.draw, seeds, labels, **controls)
+            images, _ = await asyncio.to_thread(self.generator.draw, seeds, labels, controls)
             for i, png in zip(members, png_base64(images), strict=True):
                 answers[i] = {"png": png, "label": requests[i]["label"], "seed": requests[i]["seed"]}
                 sizes[i] = len(members)

@@ -19,26 +19,16 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from pipeline.serving.mlflow_models import encoder_signature, generator_signature
+from pipeline.serving.mlflow_models import SERVED, ServedModel
+from steps.artifacts import bundle
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
-from steps.io.pixels import encode_png
 
 log = logging.getLogger("pipeline")
 HERE = os.path.dirname(os.path.abspath(__file__))
 PIPELINE = os.path.dirname(HERE)
 PACKAGES = [PIPELINE, os.path.join(os.path.dirname(PIPELINE), "steps")]  # the code the models run: pipeline/, steps/
 REQUIREMENTS = ["torch", "numpy", "pillow", "pandas", "pyarrow", "mlflow"]
-# The evaluate step's figures a model version carries as tags (and the parent run as metrics): what to compare.
-HEADLINE = ("fd_effnet", "kid_effnet", "precision", "recall", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real")
-HEADLINE_PREFIXES = ("nll_bits_", "usage_")
-
-
-def headline(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if k in HEADLINE or k.startswith(HEADLINE_PREFIXES)}
 
 
 def register(
@@ -61,15 +51,12 @@ def register(
     client = MlflowClient()
     autoencoder = Autoencoder.open(autoencoder_uri)
     priors = Priors.open(priors_uri) if priors_uri else None
-    roles = [("generator", "mlflow_generator.py")]
-    if autoencoder.makes_codes:
-        roles.append(("encoder", "mlflow_encoder.py"))
     registered = {}
-    for role, entry in roles:
-        name = f"{experiment}-{role}"
+    for model in (m for m in SERVED if m.serves(autoencoder)):
+        name = f"{experiment}-{model.role}"
         found = _version_of(client, name, fingerprints)
         if found is None:
-            info = _log(mlflow, role, entry, autoencoder, priors if role == "generator" else None)
+            info = _log(mlflow, model, autoencoder, priors if model.carries_priors else None)
             found = mlflow.register_model(info.model_uri, name, tags={"fingerprints": fingerprints}).version
             log.info("registered %s version %s", name, found)
         for key, value in tags.items():
@@ -77,7 +64,7 @@ def register(
         if move_alias:
             client.set_registered_model_alias(name, alias, found)
             log.info("%s@%s -> version %s", name, alias, found)
-        registered[role] = f"models:/{name}/{found}"
+        registered[model.role] = f"models:/{name}/{found}"
     return registered
 
 
@@ -89,27 +76,15 @@ def _version_of(client, name: str, fingerprints: str) -> str | None:
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def _log(mlflow, role: str, entry: str, autoencoder: Autoencoder, priors: Priors | None):
-    """Log one model in the active run: its artifact folders copied from the outputs, its code, signature, example."""
-    levels = autoencoder.levels
+def _log(mlflow, model: type[ServedModel], autoencoder: Autoencoder, priors: Priors | None):
+    """Log one model in the active run: its bundle copied from the outputs, its code, signature and example."""
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {"autoencoder": autoencoder.export(os.path.join(tmp, "autoencoder"))}
-        if priors is not None:
-            artifacts["priors"] = priors.export(os.path.join(tmp, "priors"), levels)
-        if role == "generator":
-            conditional = priors is not None and any(priors.num_classes(lv) for lv in levels)
-            example = pd.DataFrame({"label": [0], "seed": [0]} if conditional else {"seed": [0]})
-            signature = generator_signature(levels)
-        else:
-            c, s, _ = autoencoder.image_shape
-            blank = encode_png(np.zeros((s, s) if c == 1 else (s, s, c), np.uint8))
-            example, signature = pd.DataFrame({"png": [blank]}), encoder_signature(levels)
         return mlflow.pyfunc.log_model(
-            name=role,
-            python_model=os.path.join(HERE, entry),
-            artifacts=artifacts,
+            name=model.role,
+            python_model=os.path.join(HERE, model.entry),
+            artifacts=bundle.export(tmp, autoencoder, priors),
             code_paths=PACKAGES,
-            signature=signature,
-            input_example=example,
+            signature=model.signature(autoencoder),
+            input_example=model.example(autoencoder, priors),
             pip_requirements=REQUIREMENTS,
         )

@@ -11,12 +11,15 @@ without building the model; :meth:`Autoencoder.load` builds it. :class:`Autoenco
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 
+from steps.artifacts.base import Artifact, Upstream, digest_tensors
 from steps.artifacts.checkpoints import CheckpointFile, TrainedWriter
 from steps.io import storage
+from steps.io.idcheck import IdCounts
 from steps.nn import registry
 from steps.nn.checkpoint import to_bytes
 
@@ -26,7 +29,7 @@ METRICS = "metrics.json"
 WHAT = "an autoencoder (train_vqvae's model.pt: kind " + " or ".join(registry.kinds("autoencoder")) + ")"
 
 
-class Autoencoder:
+class Autoencoder(Artifact):
     """A train_vqvae output (or any folder holding its ``model.pt``), opened for reading."""
 
     def __init__(self, uri: str, checkpoint: CheckpointFile) -> None:
@@ -91,6 +94,17 @@ class Autoencoder:
     def load(self, device: torch.device | str | None = None) -> torch.nn.Module:
         """The model, in eval mode."""
         return self.checkpoint.load(device)
+
+    def verify(self, upstream: Upstream) -> dict[str, IdCounts]:
+        """The model builds from its checkpoint and loads its weights."""
+        self.load()
+        return {}
+
+    def content_digest(self) -> str:
+        """The weights, tensor by tensor."""
+        h = hashlib.sha256()
+        digest_tensors(h, self.checkpoint.state_dict())
+        return h.hexdigest()
 
     def export(self, folder: str) -> str:
         """Copy what :meth:`open` needs into ``folder`` (a self-contained copy, e.g. to package as a model)."""

@@ -5,7 +5,9 @@ A :class:`CheckpointFile` reads the bytes once, checks the kind against what the
 in every error. Pickled into a Ray task or actor it travels without its bytes; :meth:`CheckpointFile.load` there
 reads them again and refuses a file that changed since the driver checked it (digest).
 
-Training steps keep Ray Train's run state (checkpoints to resume from) under ``<out>/ray``: :func:`train_state_dir`.
+Training steps keep Ray Train's run state (checkpoints to resume from) under ``<out>/ray``: :func:`train_state_dir`;
+each of its checkpoints holds the whole training state in ``state.pt`` (:data:`TRAIN_STATE_FILE`, written and read by
+``steps.training``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, load_model, read_checkpoint
 
 TRAIN_STATE = "ray"
+TRAIN_STATE_FILE = "state.pt"  # in each of Ray Train's checkpoints: model, optimiser, data position, random streams
 
 
 def digest(data: bytes) -> str:
@@ -105,6 +108,10 @@ class CheckpointFile:
         if self.payload is None:
             self.payload = read_checkpoint(self.data, name=self.uri)
         return self.payload.get(key, default)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights as saved (without building the model)."""
+        return self.extra("model")
 
     def load(self, device: torch.device | str | None = None) -> torch.nn.Module:
         """The model, in eval mode, on ``device`` (default CPU)."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.checkpoints import CheckpointFile
-from steps.artifacts.codes import CodeDataset, CodeDatasetMismatch, check_code_meta
+from steps.artifacts.code_format import CodeDatasetMismatch
+from steps.artifacts.codes import CodeDataset
 from steps.artifacts.priors import Priors
 from steps.nn.checkpoint import CheckpointError
 
@@ -39,60 +40,8 @@ def check_compatible(
                              "makes no codes")  # fmt: skip
         return 0
     if codes is not None:
-        _check_codes(autoencoder, codes)
-    if priors is None:
-        return 0
-    classes = {lv: _check_prior(autoencoder, priors.checkpoint(lv), lv) for lv in autoencoder.levels}
-    counts = {k for k in classes.values() if k > 0}
-    if len(counts) > 1:
-        raise CheckpointError(
-            f"the priors at {priors.uri} disagree on the number of classes: {classes}; rerun train_prior"
-        )
-    return counts.pop() if counts else 0
-
-
-def _check_codes(autoencoder: Autoencoder, codes: CodeDataset) -> None:
-    try:
-        check_code_meta(
-            codes.meta,
-            levels=autoencoder.levels,
-            shapes=autoencoder.shapes,
-            codebook_size=autoencoder.codebook_sizes,
-            where=codes.uri,
-        )
-    except CodeDatasetMismatch as exc:
-        raise CodeDatasetMismatch(f"{exc} (expected by {autoencoder.model_uri}); rerun the encode step") from None
-    if codes.meta.vqvae != autoencoder.digest:  # the same architecture, other weights
-        raise CodeDatasetMismatch(
-            f"code dataset {codes.uri}: field 'vqvae' mismatch: made by VQ-VAE {codes.meta.vqvae}, but "
-            f"{autoencoder.model_uri} is {autoencoder.digest}; rerun the encode step"
-        )
-
-
-def _check_prior(autoencoder: Autoencoder, prior: CheckpointFile, level: str) -> int:
-    """The prior of ``level`` against the autoencoder; returns its number of classes."""
-    uri, cfg, model = prior.uri, prior.config, autoencoder.model_uri
-    if prior.extra("level") != level:
-        raise CheckpointError(f"{uri} holds a prior for level {prior.extra('level')!r}, expected {level!r}")
-    if prior.extra("vqvae") != autoencoder.digest:
-        raise CheckpointError(
-            f"{uri}: the {level} prior was trained on codes of VQ-VAE {prior.extra('vqvae')}, but {model} is "
-            f"{autoencoder.digest}; rerun train_prior"
-        )
-    shape, size = list(autoencoder.shapes[level]), autoencoder.codebook_sizes[level]
-    if list(cfg.shape) != shape or cfg.num_codes != size:
-        raise CheckpointError(
-            f"{uri} models {cfg.num_codes} codes on a {list(cfg.shape)} map, but {model} has {size} codes on a "
-            f"{shape} map at level {level!r}"
-        )
-    index = autoencoder.levels.index(level)
-    above = autoencoder.levels[index - 1] if index else None  # each level is conditioned on the one above it
-    want = (autoencoder.codebook_sizes[above], list(autoencoder.shapes[above])) if above else (0, None)
-    got = (cfg.cond_num_codes, list(cfg.cond_shape) if cfg.cond_num_codes else None)
-    if got != want:
-        expected = f"{want[0]} codes on the {above} map {want[1]}" if above else "no code map"
-        raise CheckpointError(f"{uri} is conditioned on {got[0]} codes on a {got[1]} map, expected {expected}")
-    return int(cfg.num_classes)
+        codes.check_against(autoencoder)
+    return priors.check_against(autoencoder) if priors is not None else 0
 
 
 def check_classifier(classifier: CheckpointFile, autoencoder: Autoencoder, num_classes: int) -> None:

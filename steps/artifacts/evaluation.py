@@ -6,15 +6,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
+from steps.artifacts.base import Artifact
 from steps.io import storage
 
 REPORT = "metrics.json"
 GRID = "real_vs_samples.png"
 
 
-class Evaluation:
+# The figures a parent run shows as metrics and a registered model version carries as tags: what runs are compared by.
+HEADLINE = ("fd_effnet", "kid_effnet", "precision", "recall", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real")
+HEADLINE_PREFIXES = ("nll_bits_", "usage_")
+
+
+class Evaluation(Artifact):
     """A finished evaluate output, opened for reading."""
 
     def __init__(self, uri: str, report: dict[str, Any]) -> None:
@@ -28,6 +37,14 @@ class Evaluation:
     @property
     def metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.report["metrics"].items()}
+
+    def content_digest(self) -> str:
+        """The metrics (the counts beside them hold timings)."""
+        return hashlib.sha256(json.dumps(self.metrics, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def headline(cls, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items() if k in HEADLINE or k.startswith(HEADLINE_PREFIXES)}
 
 
 class EvaluationWriter:

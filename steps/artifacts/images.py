@@ -14,6 +14,7 @@ split is an empty folder (no folder on an object store). Shards of the old layou
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from steps.artifacts import records
+from steps.artifacts.base import Artifact, Upstream, digest_tables, file_ids
 from steps.artifacts.splits import SPLITS, check_split, is_legacy, split_folder, split_folders
 from steps.io import storage
+from steps.io.idcheck import IdCounts, count
 from steps.io.pixels import decode_png
 
 IMAGE_META_KEY = b"vqvae2.images"
@@ -49,8 +53,10 @@ def image_meta(schema: pa.Schema, where: str = "image shards") -> dict:
     return json.loads(raw)
 
 
-class ImageShards:
+class ImageShards(Artifact):
     """A finished shard output, opened for reading."""
+
+    is_dataset = True
 
     def __init__(self, uri: str, manifest: dict[str, Any], legacy: bool = False) -> None:
         self.uri, self.manifest, self.legacy = uri, manifest, legacy
@@ -98,6 +104,17 @@ class ImageShards:
 
     def ids(self, split: str) -> pa.ChunkedArray:
         return storage.read_column(self.files(split), "id")
+
+    def verify(self, upstream: Upstream) -> dict[str, IdCounts]:
+        """Each split's files hold as many distinct ids as the manifest says, none twice (one file's ids in memory)."""
+        return {s: count(file_ids(self.files(s)), self.rows(s), self.rows(s)) for s in SPLITS}
+
+    def content_digest(self) -> str:
+        """The ids, labels and image bytes of each split, rows in id order."""
+        h = hashlib.sha256()
+        for split in SPLITS:
+            digest_tables(h, self.tables(split), ["id", "label", "image"])
+        return h.hexdigest()
 
     def check_images(self, image_size: int, channels: int, consumer: str) -> None:
         """Every file's schema metadata against the size and channels ``consumer`` (a file, a model) expects.
@@ -158,7 +175,7 @@ class ShardWriter:
         """Remove what an earlier attempt may have left in ``out``, and nothing else (``out`` may be a folder the
         caller also uses); a stale ``_SUCCESS`` goes too, since it vouches for the old contents."""
         for info in storage.listdir(self.out):
-            ours = (*split_folders(), MANIFEST, LEGACY_MANIFEST, storage.SUCCESS)
+            ours = (*split_folders(), MANIFEST, LEGACY_MANIFEST, records.SUCCESS)
             if info.base_name in ours or info.base_name.startswith(".tmp-"):
                 storage.delete(storage.join(self.out, info.base_name))
 

@@ -12,15 +12,19 @@ dataset is :func:`steps.artifacts.compat.check_compatible`'s to say. :class:`Pri
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.base import Artifact, Upstream, digest_tensors
 from steps.artifacts.checkpoints import CheckpointFile, TrainedWriter
 from steps.core.step import MissingInputError
 from steps.io import storage
+from steps.io.idcheck import IdCounts
 from steps.nn import registry
-from steps.nn.checkpoint import to_bytes
+from steps.nn.checkpoint import CheckpointError, to_bytes
 
 SUMMARY = "priors.json"
 WHAT = "a prior (train_prior's <level>.pt: kind " + " or ".join(registry.kinds("prior")) + ")"
@@ -30,7 +34,7 @@ def _level_file(level: str) -> str:
     return f"{level}.pt"
 
 
-class Priors:
+class Priors(Artifact):
     """A train_prior output, opened for reading; each level's checkpoint is read on first use."""
 
     def __init__(self, uri: str) -> None:
@@ -78,6 +82,40 @@ class Priors:
     def load(self, level: str, device: torch.device | str | None = None) -> torch.nn.Module:
         return self.checkpoint(level).load(device)
 
+    def verify(self, upstream: Upstream) -> dict[str, IdCounts]:
+        """Every level's prior loads, and belongs to the autoencoder whose codes it was trained on."""
+        for level in self.summary["levels"]:
+            self.load(level)
+        autoencoder = upstream.get(Autoencoder)
+        if autoencoder is not None:
+            self.check_against(autoencoder)
+        return {}
+
+    def check_against(self, autoencoder: Autoencoder) -> int:
+        """Check that the priors model the codes of ``autoencoder``, level by level; returns their number of classes
+        (0: unconditional).
+
+        Raises:
+            MissingInputError: a level's prior is missing.
+            CheckpointError: a prior of another level, code map, conditioning or VQ-VAE; levels that disagree on
+                the classes.
+        """
+        classes = {lv: _check_level(autoencoder, self.checkpoint(lv), lv) for lv in autoencoder.levels}
+        counts = {k for k in classes.values() if k > 0}
+        if len(counts) > 1:
+            raise CheckpointError(
+                f"the priors at {self.uri} disagree on the number of classes: {classes}; rerun train_prior"
+            )
+        return counts.pop() if counts else 0
+
+    def content_digest(self) -> str:
+        """The weights of every level's prior, tensor by tensor."""
+        h = hashlib.sha256()
+        for level in self.summary["levels"]:
+            h.update(level.encode())
+            digest_tensors(h, self.checkpoint(level).state_dict())
+        return h.hexdigest()
+
     def export(self, folder: str, levels: tuple[str, ...]) -> str:
         """Copy the priors of ``levels`` (and the summary) into ``folder``, a self-contained copy."""
         for level in levels:
@@ -94,6 +132,32 @@ class Priors:
         """
         missing = f"{storage.join(self.uri, SUMMARY)} does not exist: train_prior did not finish writing {self.uri}"
         return storage.read_record(self.uri, SUMMARY, missing)
+
+
+def _check_level(autoencoder: Autoencoder, prior: CheckpointFile, level: str) -> int:
+    """The prior of ``level`` against the autoencoder; returns its number of classes."""
+    uri, cfg, model = prior.uri, prior.config, autoencoder.model_uri
+    if prior.extra("level") != level:
+        raise CheckpointError(f"{uri} holds a prior for level {prior.extra('level')!r}, expected {level!r}")
+    if prior.extra("vqvae") != autoencoder.digest:
+        raise CheckpointError(
+            f"{uri}: the {level} prior was trained on codes of VQ-VAE {prior.extra('vqvae')}, but {model} is "
+            f"{autoencoder.digest}; rerun train_prior"
+        )
+    shape, size = list(autoencoder.shapes[level]), autoencoder.codebook_sizes[level]
+    if list(cfg.shape) != shape or cfg.num_codes != size:
+        raise CheckpointError(
+            f"{uri} models {cfg.num_codes} codes on a {list(cfg.shape)} map, but {model} has {size} codes on a "
+            f"{shape} map at level {level!r}"
+        )
+    index = autoencoder.levels.index(level)
+    above = autoencoder.levels[index - 1] if index else None  # each level is conditioned on the one above it
+    want = (autoencoder.codebook_sizes[above], list(autoencoder.shapes[above])) if above else (0, None)
+    got = (cfg.cond_num_codes, list(cfg.cond_shape) if cfg.cond_num_codes else None)
+    if got != want:
+        expected = f"{want[0]} codes on the {above} map {want[1]}" if above else "no code map"
+        raise CheckpointError(f"{uri} is conditioned on {got[0]} codes on a {got[1]} map, expected {expected}")
+    return int(cfg.num_classes)
 
 
 class PriorsWriter(TrainedWriter):

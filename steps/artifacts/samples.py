@@ -1,10 +1,12 @@
 """The samples contract: what the sample step writes and what evaluate and verify read.
 
     <out>/images/{index:06d}.png          one PNG per sample (unless sample.write_pngs=false)
-    <out>/codes/part-{shard:05d}.parquet  the sampled codes: id, label, seed, [attempt, class_prob, accepted,] one
-                                          int16 fixed-size list per level (none for the VAE). Only Parquet files
-                                          live in ``codes/``: it opens as one dataset in pyarrow.dataset, pandas,
-                                          duckdb and Ray Data (``<out>`` itself does not: PNGs and JSON beside)
+    <out>/codes/part-{shard:05d}.parquet  the sampled codes in the code format of the code dataset
+                                          (:mod:`steps.artifacts.code_format`: id, label, one int16 list per level,
+                                          the CodeMeta in the schema) plus seed [, attempt, class_prob, accepted];
+                                          none for the VAE. Only Parquet files live in ``codes/``: it opens as one
+                                          dataset in pyarrow.dataset, pandas, duckdb and Ray Data (``<out>`` itself
+                                          does not: PNGs and JSON beside)
     <out>/grid.png                        the first samples tiled
     <out>/shards/part-{shard:05d}.json    one record per finished shard (written last for that shard)
     <out>/shards/settings.json            what the samples depend on: an interrupted run resumes only with these
@@ -15,50 +17,51 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.base import Artifact, Upstream, digest_tables, file_ids
+from steps.artifacts.code_format import CODES_META_KEY, CodeMeta, check_code_meta, codes_to_arrow, schema_code_meta
 from steps.io import storage
+from steps.io.idcheck import IdCounts, count
 from steps.io.pixels import decode_png
 
-META_KEY = b"vqvae2.samples"
 METADATA = "samples.json"
 GRID = "grid.png"
 IMAGES, CODES, SHARDS = "images", "codes", "shards"
 SETTINGS = "settings.json"
 
 
-def samples_schema(
-    levels: tuple[str, ...],
-    shapes: Mapping[str, tuple[int, int]],
-    codebook_size: Mapping[str, int],
-    vqvae: str,
-    rejection: bool,
-) -> pa.Schema:
-    """Arrow schema of a codes part: id, label, seed, [attempt, class_prob, accepted,] one int16 list per level."""
-    cols = [pa.field("id", pa.string()), pa.field("label", pa.int32()), pa.field("seed", pa.int64())]
-    if rejection:
-        cols += [
-            pa.field("attempt", pa.int32()),
-            pa.field("class_prob", pa.float32()),
-            pa.field("accepted", pa.bool_()),
-        ]
-    cols += [pa.field(lv, pa.list_(pa.int16(), math.prod(shapes[lv]))) for lv in levels]
-    meta = {"vqvae": vqvae, "levels": list(levels), "codebook_size": dict(codebook_size)}
-    meta.update({f"{lv}_shape": list(shapes[lv]) for lv in levels})
-    return pa.schema(cols, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+SEED = pa.field("seed", pa.int64())  # the generator seed of the draw kept: steps.generation.generator.sample_seed
+REJECTION = (pa.field("attempt", pa.int32()), pa.field("class_prob", pa.float32()), pa.field("accepted", pa.bool_()))
+
+
+def sampled_codes(
+    ids: Sequence[str],
+    labels: Sequence[int | None] | None,
+    codes: Mapping[str, Any],
+    meta: CodeMeta,
+    seeds: Sequence[int],
+    rejection: Mapping[str, Sequence[Any]] | None = None,
+) -> pa.Table:
+    """One shard's sampled codes as a table of the code format, with the seed (and, with classifier rejection, the
+    ``attempt``, ``class_prob`` and ``accepted`` of the draw kept) after the levels."""
+    extra = [(SEED, seeds), *((f, rejection[f.name]) for f in (REJECTION if rejection is not None else ()))]
+    return codes_to_arrow(ids, labels, codes, meta, extra)
 
 
 def sample_id(index: int) -> str:
     return f"sample-{index:06d}"
 
 
-class Samples:
+class Samples(Artifact):
     """A finished sample output, opened for reading."""
 
     def __init__(self, uri: str, meta: dict[str, Any]) -> None:
@@ -89,12 +92,44 @@ class Samples:
     def ids(self) -> pa.ChunkedArray:
         return storage.read_column(self.code_files(), "id")
 
+    def verify(self, upstream: Upstream) -> dict[str, IdCounts]:
+        """The sampled codes hold each of the ``num_samples`` ids once, and were made in the code format of the
+        autoencoder the samples came from (outputs written before the format was shared carry no such metadata)."""
+        files = self.code_files()
+        if not files:
+            return {}
+        autoencoder = upstream.get(Autoencoder)
+        for uri in files if autoencoder is not None else ():
+            fs, path = storage.filesystem(uri)
+            schema = pq.read_schema(path, filesystem=fs)
+            if CODES_META_KEY in (schema.metadata or {}):
+                meta = schema_code_meta(schema, where=uri)
+                check_code_meta(meta, vqvae=autoencoder.digest, levels=autoencoder.levels, shapes=autoencoder.shapes,
+                                codebook_size=autoencoder.codebook_sizes, where=uri)  # fmt: skip
+        return {"codes": count(file_ids(files), self.num_samples, self.num_samples)}
+
+    def content_digest(self) -> str:
+        """The sampled codes (every column, rows in id order); for samples without codes (the VAE), the PNGs."""
+        h = hashlib.sha256()
+        tables = [storage.read_parquet(f, None) for f in self.code_files()]
+        if tables:
+            digest_tables(h, tables, sorted(tables[0].column_names))
+        else:
+            for name in self._png_names():
+                h.update(storage.read_bytes(storage.join(self.uri, IMAGES, name)))
+        return h.hexdigest()
+
+    def _png_names(self) -> list[str]:
+        return sorted(
+            i.base_name for i in storage.listdir(storage.join(self.uri, IMAGES)) if i.base_name.endswith(".png")
+        )
+
     def read_pngs(self, channels: int, limit: int) -> np.ndarray | None:
         """Up to ``limit`` sample PNGs as uint8 (N, C, S, S) in index order, or None if none were written."""
-        names = [i.base_name for i in storage.listdir(storage.join(self.uri, IMAGES)) if i.base_name.endswith(".png")]
+        names = self._png_names()
         if not names:
             return None
-        paths = [storage.join(self.uri, IMAGES, n) for n in sorted(names)[:limit]]
+        paths = [storage.join(self.uri, IMAGES, n) for n in names[:limit]]
         return np.stack([decode_png(storage.read_bytes(p), channels) for p in paths])
 
     def read_codes(self, levels: tuple[str, ...], limit: int) -> dict[str, np.ndarray]:

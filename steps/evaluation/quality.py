@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps.artifacts.codes import CodeDataset, batch_to_tensors
+from steps.artifacts.code_format import batch_to_tensors
+from steps.artifacts.codes import CodeDataset
 from steps.io.pixels import to_float, to_uint8_chw
 from steps.nn.metrics import (
     code_histogram,

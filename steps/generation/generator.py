@@ -22,6 +22,7 @@ import torch
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
 from steps.nn import registry
+from steps.nn.draw import DEFAULT, SamplingControls
 
 
 def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
@@ -56,43 +57,36 @@ class ImageGenerator:
         self.guidable = [lv for lv, model in models.items() if model.config.guidable]  # trained with class_dropout
         self.cache_bytes = dict.fromkeys(self.levels, 0)  # the largest sampler caches so far, per level
 
+    def check(self, controls: SamplingControls) -> None:
+        """Raise ValueError if these models cannot draw with ``controls`` (guidance without a guidable prior)."""
+        if not self.drawable:
+            raise ValueError("this generator has no priors: it encodes and decodes only (load a train_prior output)")
+        controls.check_guidance(bool(self.guidable))
+
     @torch.no_grad()
     def draw(
-        self,
-        seeds: Sequence[int],
-        labels: Sequence[int] | None = None,
-        *,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        guidance_scale: float = 1.0,
+        self, seeds: Sequence[int], labels: Sequence[int] | None = None, controls: SamplingControls = DEFAULT
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (n, C, S, S) in [-1, 1] and code maps per level (n, H, W) for ``seeds`` (and ``labels``, one per
         image, for class-conditional priors; levels whose prior is unconditional ignore them).
 
-        ``guidance_scale`` (1: off) applies classifier-free guidance at the levels whose prior was trained with
-        ``class_dropout``; a scale other than 1 with no such level is an error."""
-        if not self.drawable:
-            raise ValueError("this generator has no priors: it encodes and decodes only (load a train_prior output)")
-        if guidance_scale != 1 and not self.guidable:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs class-conditional priors trained with class_dropout > 0 "
-                f"(train_prior: prior.<level>.class_dropout, e.g. 0.1); these priors have none"
-            )
+        Guidance (``controls.guidance_scale`` other than 1) applies at the levels whose prior was trained with
+        ``class_dropout``; with no such level it is an error."""
+        self.check(controls)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # each level continues these streams
         if not self.levels:
             shape = self.model.config.latent_shape
             z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # (n, *latent)
-            return self.model.decode(z * temperature), {}
+            return self.model.decode(z * controls.temperature), {}
         labels_t = torch.as_tensor(list(labels), device=self.device) if labels is not None else None
         codes: dict[str, torch.Tensor] = {}
         cond = None
         for lv in self.levels:
             sampler = self.samplers[lv]
             lab = labels_t if self.num_classes[lv] else None
-            guidance = guidance_scale if lv in self.guidable else 1.0
-            controls = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance)
-            codes[lv] = sampler.sample(len(gens), lab, cond, generator=gens, **controls)  # (n, H, W)
+            codes[lv] = sampler.sample(
+                len(gens), lab, cond, generator=gens, controls=controls.at_level(lv in self.guidable)
+            )
             self.cache_bytes[lv] = max(self.cache_bytes[lv], sampler.cache_bytes)
-            cond = codes[lv]
+            cond = codes[lv]  # (n, H, W)
         return self.model.decode_codes(*codes.values()), codes

@@ -18,6 +18,7 @@ import torch
 
 from steps.generation.generator import ImageGenerator, sample_seed
 from steps.io.pixels import chw, to_float, to_uint8
+from steps.nn.draw import DEFAULT, SamplingControls
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def draw_accepted(
     indices: Sequence[int],
     labels: Sequence[int],
     seed: int,
-    **controls: Any,
+    controls: SamplingControls = DEFAULT,
 ) -> tuple[np.ndarray, dict[str, torch.Tensor], dict[str, Any]]:
     """Draw the samples at global ``indices`` (with their ``labels``) until each passes ``rule``.
 
@@ -56,7 +57,7 @@ def draw_accepted(
     for attempt in range(rule.max_attempts):
         seeds = [sample_seed(seed, indices[j], attempt) for j in pending]
         wanted = [labels[j] for j in pending]
-        images, drawn = generator.draw(seeds, wanted, **controls)
+        images, drawn = generator.draw(seeds, wanted, controls)
         px = to_uint8(images)
         prob = rule.class_prob(px, wanted, generator.device)
         draws += len(pending)

@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 
 # The record a finished output carries (written last by the orchestrator, pipeline/cache.py): an output folder
 # without it is incomplete, whatever else it holds.
-SUCCESS = "_SUCCESS"
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -1,4 +1,5 @@
-"""Drawing codes from a prior's logits: temperature, top-k, top-p, and one random stream per sample.
+"""Drawing codes from a prior's logits: the sampling controls (temperature, top-k, top-p, guidance), and one random
+stream per sample.
 
 Both samplers, :func:`steps.nn.prior.sample_naive` and the cached :mod:`steps.nn.sampler`, draw through
 :func:`draw_codes`, so given the same logits and the same random streams they pick the same codes.
@@ -17,30 +18,110 @@ al. 2020); the most likely code always survives. ``top_k=1`` is greedy decoding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Union
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor
+
+from steps.nn.config import ConfigBase, FieldError
 
 # One generator for the whole batch, one generator or int seed per sample, or None (torch's global generator).
 RandomSource = Union[torch.Generator, Sequence[Union[torch.Generator, int]], None]  # noqa: UP007
 
 
-# The sampling controls every sampler takes, with the values that leave the model's distribution as it is.
-CONTROLS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance_scale": 1.0}
+class ControlError(FieldError):
+    """A sampling control out of range; the message names the control as users spell it (``top_p must be ...``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__("SamplingControls", field, problem)
+        self.args = (f"{field} {problem}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):  # pickled across Ray and processes with its two fields
+        return type(self), (self.field, self.problem)
 
 
-def check_controls(temperature: float, top_k: int, top_p: float, guidance_scale: float = 1.0) -> None:
-    """Raise ValueError naming the first control that is out of range."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 <= guidance_scale < float("inf"):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: off), got {guidance_scale!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+@dataclass(frozen=True)
+class SamplingControls(ConfigBase):
+    """How codes are drawn from a prior's logits: one value, checked once where it is made, then carried unchanged
+    from the caller (the sample step, ``Generator``, the MLflow model, Ray Serve) to every sampler. The defaults leave
+    the model's distribution as it is.
+
+    Attributes:
+        temperature: divides the logits (scales the VAE's latent draws); < 1 gives safer samples.
+        top_k: keep only the ``top_k`` most likely codes at each position (0: off).
+        top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1.0: off).
+        guidance_scale: classifier-free guidance (Ho & Salimans 2022; 1.0: off, > 1 follows the class more closely
+            at some cost in diversity), at the levels whose prior learned a "no class" label (``class_dropout > 0``).
+
+    Raises:
+        ControlError: a value of the wrong type or out of range, naming the control.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ControlError:
+            raise
+        except FieldError as exc:  # a type error found by ConfigBase: the same error, named the same way
+            raise ControlError(exc.field, exc.problem) from None
+
+    def validate(self) -> None:
+        self.require("temperature", self.temperature > 0, "> 0")
+        self.require("top_k", self.top_k >= 0, "an int >= 0 (0: off)")
+        self.require("top_p", 0 < self.top_p <= 1, "in (0, 1] (1: off)")
+        ok = 0 <= self.guidance_scale < float("inf")
+        self.require("guidance_scale", ok, "a finite number >= 0 (1: off)")
+
+    def error(self, field: str, problem: str) -> ControlError:
+        return ControlError(field, problem)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any]) -> SamplingControls:
+        """Controls from loosely typed values (JSON, query or model params): an integral float is taken for
+        ``top_k`` and an int for the others; names not in :meth:`names` are refused."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise ControlError(unknown[0], f"is not a sampling control; they are {', '.join(cls.names())}")
+        given = dict(values)
+        k = given.get("top_k")
+        if isinstance(k, float) and k.is_integer():
+            given["top_k"] = int(k)
+        return cls(**given)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1
+
+    def check_guidance(self, guidable: bool, where: str = "these priors have none") -> None:
+        """The one check that guidance has a prior to act on: ``guidable`` says whether any prior in use learned the
+        "no class" label (was trained with ``class_dropout > 0``); ``where`` ends the message."""
+        if self.guided and not guidable:
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale} needs class-conditional priors trained with class_dropout > 0 "
+                f"(prior.<level>.class_dropout of train_prior, e.g. 0.1); {where}"
+            )
+
+    def at_level(self, guidable: bool) -> SamplingControls:
+        """The controls a level's sampler uses: guidance only where the prior learned the "no class" label."""
+        return self if guidable or not self.guided else dataclasses.replace(self, guidance_scale=1.0)
+
+
+DEFAULT = SamplingControls()
 
 
 def uniforms(n: int, count: int, source: RandomSource, device: torch.device | str) -> Tensor:
@@ -88,9 +169,11 @@ def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top
     return probs
 
 
-def draw_codes(logits: Tensor, u: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """One code per row of ``logits`` (B, K), by inverse CDF with the uniforms ``u`` (B,): returns (B,) int64."""
-    cdf = filtered_probs(logits, temperature, top_k, top_p).cumsum(dim=-1)  # (B, K)
+def draw_codes(logits: Tensor, u: Tensor, controls: SamplingControls = DEFAULT) -> Tensor:
+    """One code per row of ``logits`` (B, K), by inverse CDF with the uniforms ``u`` (B,): returns (B,) int64.
+    Guidance is the caller's (it mixes two streams' logits first: :func:`steps.nn.prior.guided_logits`)."""
+    probs = filtered_probs(logits, controls.temperature, controls.top_k, controls.top_p)
+    cdf = probs.cumsum(dim=-1)  # (B, K)
     target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
     # The first code whose cumulative probability exceeds the target; codes of probability 0 are never chosen.
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)

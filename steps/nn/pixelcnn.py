@@ -27,41 +27,28 @@ from steps.nn.prior import ConditionNet, Prior, PriorConfig
 
 @dataclass(frozen=True)
 class PixelCNNConfig(PriorConfig):
-    """A :class:`PixelCNNPrior` (kind ``pixelcnn``): what it models (:class:`PriorConfig`) and its architecture.
+    """A :class:`PixelCNNPrior` (kind ``pixelcnn``): what it models and the settings of every prior
+    (:class:`PriorConfig`: ``channels`` is the width C of both stacks, ``layers`` the number of gated blocks,
+    ``dropout`` inside the gated and attention blocks), and its own architecture.
 
     Attributes:
-        channels: width C of both stacks.
-        layers: number of gated blocks.
         kernel_size: odd kernel size k (>= 3) of the stacks' convolutions.
-        dropout: dropout rate inside the gated and attention blocks.
         attn_heads: heads of the causal self-attention; 0 means no attention blocks.
         attn_every: an attention block follows every ``attn_every`` gated blocks.
-        cond_channels: width of the conditioning network (used when conditioned on a code map).
-        cond_res_blocks: residual blocks of the conditioning network.
     """
 
-    channels: int = 128
-    layers: int = 10
     kernel_size: int = 5
-    dropout: float = 0.1
     attn_heads: int = 0
     attn_every: int = 2
-    cond_channels: int = 64
-    cond_res_blocks: int = 2
 
     def validate(self) -> None:
         super().validate()
-        self.require("channels", self.channels >= 1, ">= 1")
-        self.require("layers", self.layers >= 1, ">= 1")
         self.require("kernel_size", self.kernel_size >= 3 and self.kernel_size % 2 == 1, "odd and >= 3")
-        self.require("dropout", 0 <= self.dropout < 1, "in [0, 1)")
         self.require("attn_heads", self.attn_heads >= 0, ">= 0")
         self.require("attn_every", self.attn_every >= 1, ">= 1")
         if self.attn_heads > 0:
             self.require("attn_heads", self.channels % self.attn_heads == 0, f"a divisor of channels={self.channels}")
             self.require("attn_every", self.attn_every <= self.layers, f"<= layers={self.layers}")
-        self.require("cond_channels", self.cond_channels >= 1, ">= 1")
-        self.require("cond_res_blocks", self.cond_res_blocks >= 0, ">= 0")
 
 
 def _shift_down(x: Tensor) -> Tensor:

@@ -22,16 +22,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steps.nn.config import ConfigBase, derived, is_int
-from steps.nn.draw import RandomSource, check_controls, draw_codes, uniforms
+from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, draw_codes, uniforms
 
 CODE_DATASET = "the code dataset"
 
 
 @dataclass(frozen=True)
 class PriorConfig(ConfigBase):
-    """What a prior models (the role ``prior``); the pipeline fills these from the code dataset.
+    """What a prior models (the role ``prior``; the pipeline fills these from the code dataset), and the settings every
+    prior architecture has, so that experiments and presets (``debug=tiny``) set them for any kind.
 
     Attributes:
+        channels: width of the network (the PixelCNN's stacks, the transformer's token stream).
+        layers: depth (gated blocks, transformer blocks).
+        dropout: dropout rate inside the blocks (training only).
+        cond_channels: width of the conditioning network (:class:`ConditionNet`; used when conditioned on a code
+            map).
+        cond_res_blocks: residual blocks of the conditioning network.
         num_codes: codebook size K of the modelled code map.
         shape: (H, W) of the modelled code map.
         num_classes: number of class labels; 0 means no class conditioning.
@@ -44,6 +51,11 @@ class PriorConfig(ConfigBase):
 
     role: ClassVar[str] = "prior"
 
+    channels: int = 128
+    layers: int = 10
+    dropout: float = 0.1
+    cond_channels: int = 64
+    cond_res_blocks: int = 2
     num_codes: int = derived(512, CODE_DATASET)
     shape: tuple[int, int] = derived((8, 8), CODE_DATASET)
     num_classes: int = derived(0, "train_prior.class_conditional and the classes of " + CODE_DATASET)
@@ -62,6 +74,9 @@ class PriorConfig(ConfigBase):
         return self.num_classes + int(self.guidable)
 
     def validate(self) -> None:
+        self.require_min(1, "channels", "layers", "cond_channels")
+        self.require_min(0, "cond_res_blocks")
+        self.require("dropout", 0 <= self.dropout < 1, "in [0, 1)")
         self.require("num_codes", self.num_codes >= 1, ">= 1")
         self.require("shape", min(self.shape) >= 1, "a pair of ints >= 1")
         self.require("num_classes", self.num_classes >= 0, ">= 0")
@@ -163,25 +178,21 @@ def drop_labels(config: PriorConfig, labels: Tensor | None) -> Tensor | None:
 
 
 def guided_inputs(
-    config: PriorConfig, labels: Tensor | None, cond: Tensor | None, guidance_scale: float
+    config: PriorConfig, labels: Tensor | None, cond: Tensor | None, controls: SamplingControls
 ) -> tuple[Tensor | None, Tensor | None]:
     """The inputs of a guided batch: the conditional stream, then the same samples with the "no class" label.
 
-    With ``guidance_scale == 1`` (plain conditional sampling) the inputs are returned as they are.
+    Without guidance (``guidance_scale == 1``: plain conditional sampling) the inputs are returned as they are.
 
     Raises:
         ValueError: guidance asked of a prior that has no "no class" label, or without labels.
     """
-    if guidance_scale == 1:
+    if not controls.guided:
         return labels, cond
-    if not config.guidable:
-        raise ValueError(
-            f"guidance_scale={guidance_scale} needs a class-conditional prior trained with class_dropout > 0 "
-            f"(prior.<level>.class_dropout); this one has num_classes={config.num_classes}, "
-            f"class_dropout={config.class_dropout}"
-        )
+    where = f"this prior has num_classes={config.num_classes}, class_dropout={config.class_dropout}"
+    controls.check_guidance(config.guidable, where)
     if labels is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs labels")
+        raise ValueError(f"guidance_scale={controls.guidance_scale} needs labels")
     null = torch.full_like(labels, config.num_classes)
     return torch.cat([labels, null]), (torch.cat([cond, cond]) if cond is not None else None)
 
@@ -208,13 +219,10 @@ class NaiveSampler:
         labels: Tensor | None = None,
         cond: Tensor | None = None,
         *,
-        temperature: float = 1.0,
         generator: RandomSource = None,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        guidance_scale: float = 1.0,
+        controls: SamplingControls = DEFAULT,
     ) -> Tensor:
-        return sample_naive(self.model, n, labels, cond, temperature, generator, top_k, top_p, guidance_scale)
+        return sample_naive(self.model, n, labels, cond, generator=generator, controls=controls)
 
 
 @torch.no_grad()
@@ -223,11 +231,9 @@ def sample_naive(
     n: int,
     labels: Tensor | None = None,
     cond: Tensor | None = None,
-    temperature: float = 1.0,
+    *,
     generator: RandomSource = None,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    guidance_scale: float = 1.0,
+    controls: SamplingControls = DEFAULT,
 ) -> Tensor:
     """Draw ``n`` code maps in raster order, rerunning the full forward pass for every position.
 
@@ -239,25 +245,21 @@ def sample_naive(
         n: number of samples.
         labels: (n,) class labels for a class-conditional prior.
         cond: (n, *cond_shape) conditioning codes for a spatially conditioned prior.
-        temperature: divides the logits; < 1 sharpens, > 1 flattens.
         generator: the random streams (see :func:`steps.nn.draw.uniforms`): one generator for the batch, one
             generator or int seed per sample, or None.
-        top_k: keep only the ``top_k`` most likely codes (0: off).
-        top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1: off).
-        guidance_scale: classifier-free guidance (:func:`guided_logits`; 1: off), for priors trained with
-            ``class_dropout > 0``.
+        controls: temperature, top-k, top-p and classifier-free guidance (:func:`guided_logits`), the last for
+            priors trained with ``class_dropout > 0``.
 
     Returns:
         (n, H, W) int64 codes.
     """
     if not is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    check_controls(temperature, top_k, top_p, guidance_scale)
     height, width = model.config.shape
     device = next(model.parameters()).device
     u = uniforms(n, height * width, generator, device)  # (n, H*W)
-    labels, cond = guided_inputs(model.config, labels, cond, guidance_scale)
-    streams = 1 if guidance_scale == 1 else 2
+    labels, cond = guided_inputs(model.config, labels, cond, controls)
+    streams = 2 if controls.guided else 1
     codes = torch.zeros(streams * n, height, width, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -266,8 +268,8 @@ def sample_naive(
             for c in range(width):
                 logits = model(codes, labels, cond)[:, :, r, c]  # (streams * n, K)
                 if streams == 2:
-                    logits = guided_logits(logits, guidance_scale)
-                drawn = draw_codes(logits, u[:, r * width + c], temperature, top_k, top_p)  # (n,)
+                    logits = guided_logits(logits, controls.guidance_scale)
+                drawn = draw_codes(logits, u[:, r * width + c], controls)  # (n,)
                 codes[:, r, c] = drawn.repeat(streams)
     finally:
         model.train(was_training)

@@ -33,7 +33,7 @@ from torch import nn
 
 from steps.nn.config import ConfigBase
 
-MAX_CODEBOOK = 32767  # codes are stored as int16 downstream
+MAX_CODEBOOK = 1 << 15  # codes are stored as int16 downstream: codes 0 .. 32767
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class EMAQuantizerConfig(QuantizerConfig):
     """Hyper-parameters of one EMA codebook (kind ``ema``).
 
     Attributes:
-        codebook_size: number of codes K (stored as int16 downstream, so at most 32767).
+        codebook_size: number of codes K (stored as int16 downstream, so at most 32768: codes 0 .. 32767).
         dim: dimension D of each code vector.
         beta: commitment loss weight (the paper's beta).
         decay: EMA decay of the codebook statistics.

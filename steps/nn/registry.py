@@ -118,8 +118,8 @@ def makes_codes(kind: str) -> bool:
 
 def sampler(prior: Any) -> Any:
     """A sampler of ``prior`` (a built prior model): its kind's fast sampler, else the naive one. Build it once per
-    model and reuse it: a sampler reads the weights when it is built. ``.sample(n, labels, cond, *, temperature,
-    generator, top_k, top_p, guidance_scale)`` -> codes (n, H, W); ``.cache_bytes`` -> the memory of its caches in
-    the last batch."""
+    model and reuse it: a sampler reads the weights when it is built. ``.sample(n, labels, cond, *, generator,
+    controls)`` (:class:`steps.nn.draw.SamplingControls`) -> codes (n, H, W); ``.cache_bytes`` -> the memory of its
+    caches in the last batch."""
     entry = get(kind_of(prior), "prior")
     return _load(entry.sampler or "steps.nn.prior:NaiveSampler")(prior)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from steps.nn.cuda_graph import GraphSequence
-from steps.nn.draw import RandomSource, check_controls, draw_codes, uniforms
+from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, draw_codes, uniforms
 from steps.nn.pixelcnn import PixelCNNPrior
 from steps.nn.prior import guided_inputs, guided_logits
 from steps.nn.sampler_weights import AttentionWeights, LayerWeights, bias_row
@@ -196,11 +196,8 @@ class CachedSampler:
         labels: Tensor | None = None,
         cond: Tensor | None = None,
         *,
-        temperature: float = 1.0,
         generator: RandomSource = None,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        guidance_scale: float = 1.0,
+        controls: SamplingControls = DEFAULT,
     ) -> Tensor:
         """Draw ``n`` code maps in raster order from the caches.
 
@@ -208,15 +205,13 @@ class CachedSampler:
             n: number of samples.
             labels: (n,) class label per sample, for a class-conditional prior.
             cond: (n, *cond_shape) conditioning codes (the top codes), for a spatially conditioned prior.
-            temperature: divides the logits; < 1 sharpens, > 1 flattens.
             generator: the random streams (:func:`steps.nn.draw.uniforms`): one generator for the batch, or one
                 generator or int seed per sample, so that a sample's codes do not depend on its batch; None uses
                 torch's global generator. The same streams give the same codes as ``sample_naive``.
-            top_k: keep only the ``top_k`` most likely codes (0: off).
-            top_p: keep the smallest set of most likely codes whose probability reaches ``top_p`` (1: off).
-            guidance_scale: classifier-free guidance (:func:`steps.nn.prior.guided_logits`; 1: off) for priors
-                trained with ``class_dropout``: the batch then holds each sample twice, with its label and with the
-                "no class" label, and both copies take the code drawn from the mixed logits.
+            controls: temperature, top-k, top-p and classifier-free guidance
+                (:func:`steps.nn.prior.guided_logits`) for priors trained with ``class_dropout``: a guided batch
+                holds each sample twice, with its label and with the "no class" label, and both copies take the code
+                drawn from the mixed logits.
 
         Returns:
             (n, H, W) int64 codes.
@@ -226,21 +221,19 @@ class CachedSampler:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
-        check_controls(temperature, top_k, top_p, guidance_scale)
         u = uniforms(n, self.height * self.width, generator, self.device)  # (n, H*W)
         self._check_inputs(n, labels, cond)
-        labels, cond = guided_inputs(self.model.config, labels, cond, guidance_scale)
-        if guidance_scale != 1:
+        labels, cond = guided_inputs(self.model.config, labels, cond, controls)
+        if controls.guided:
             n, u = 2 * n, torch.cat([u, u])
-        controls = (float(temperature), top_k, float(top_p), float(guidance_scale))
         if self.cuda_graphs:
             codes = self._sample_graphs(n, labels, cond, u, controls)
             if codes is not None:
-                return codes[: len(codes) // (1 if guidance_scale == 1 else 2)]
+                return codes[: len(codes) // (2 if controls.guided else 1)]
         buf = _Buffers(self, n, labels is not None, cond is not None)
         buf.load(labels, cond, u)
-        self._run(buf, functools.partial(self._rows, buf, self._drawer(buf, *controls)))
-        return buf.codes if guidance_scale == 1 else buf.codes[: n // 2].clone()
+        self._run(buf, functools.partial(self._rows, buf, self._drawer(buf, controls)))
+        return buf.codes[: n // 2].clone() if controls.guided else buf.codes
 
     def attention_for(self, batch: int) -> str:
         """How a batch of ``batch`` samples attends: "sdpa" (one fused kernel) or "bmm" (batched products)."""
@@ -278,27 +271,27 @@ class CachedSampler:
         codes = torch.zeros((), dtype=torch.long, device=self.device).expand(n, self.height, self.width)
         self.model.check_inputs(codes, labels, cond)
 
-    def _drawer(self, buf: _Buffers, temperature: float, top_k: int, top_p: float, guidance_scale: float) -> Pick:
-        if guidance_scale == 1:
+    def _drawer(self, buf: _Buffers, controls: SamplingControls) -> Pick:
+        if not controls.guided:
 
             def pick(i: int, logits: Tensor) -> Tensor:
-                return draw_codes(logits, buf.u[:, i], temperature, top_k, top_p)
+                return draw_codes(logits, buf.u[:, i], controls)
 
             return pick
 
         half = buf.u.shape[0] // 2  # the conditional stream, then the same samples without their class
 
         def guided(i: int, logits: Tensor) -> Tensor:
-            mixed = guided_logits(logits, guidance_scale)  # (half, K)
-            return draw_codes(mixed, buf.u[:half, i], temperature, top_k, top_p).repeat(2)
+            mixed = guided_logits(logits, controls.guidance_scale)  # (half, K)
+            return draw_codes(mixed, buf.u[:half, i], controls).repeat(2)
 
         return guided
 
     def _sample_graphs(
-        self, n: int, labels: Tensor | None, cond: Tensor | None, u: Tensor, controls: tuple[float, int, float, float]
+        self, n: int, labels: Tensor | None, cond: Tensor | None, u: Tensor, controls: SamplingControls
     ) -> Tensor | None:
         """Codes (n, H, W) replayed from the configuration's graphs (captured first if new); None if capture failed."""
-        key = (n, *controls, labels is not None, cond is not None, *_precision())
+        key = (n, controls, labels is not None, cond is not None, *_precision())
         entry = self._graphs.pop(key, None)
         if entry is None:
             while len(self._graphs) >= self.max_graphs:  # the least recently used goes before new buffers come
@@ -315,10 +308,10 @@ class CachedSampler:
         self._run(entry.buffers, entry.graphs.replay)
         return entry.buffers.codes.clone()  # the buffer is overwritten by the next replay
 
-    def _capture(self, n: int, labels: bool, cond: bool, controls: tuple[float, int, float, float]) -> _Captured:
+    def _capture(self, n: int, labels: bool, cond: bool, controls: SamplingControls) -> _Captured:
         """Buffers for one configuration and its rows captured as CUDA graphs (after an eager warm-up of two rows)."""
         buf = _Buffers(self, n, labels, cond)
-        pick = self._drawer(buf, *controls)
+        pick = self._drawer(buf, controls)
         steps = [functools.partial(self._row, buf, r, pick) for r in range(self.height)]
 
         def warm_up() -> None:  # row 0 (no row above, zero inputs) and a later row: every kind of kernel runs once
@@ -428,16 +421,12 @@ def sample(
     labels: Tensor | None = None,
     cond: Tensor | None = None,
     *,
-    temperature: float = 1.0,
     generator: RandomSource = None,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    guidance_scale: float = 1.0,
+    controls: SamplingControls = DEFAULT,
 ) -> Tensor:
     """Draw ``n`` code maps (n, H, W) with a fresh :class:`CachedSampler`; see :meth:`CachedSampler.sample`.
 
     Eager on every device: a fresh sampler could never replay CUDA graphs, only pay for capturing them. Keep a
     :class:`CachedSampler` to sample repeatedly.
     """
-    controls = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-    return CachedSampler(model, cuda_graphs=False).sample(n, labels, cond, generator=generator, **controls)
+    return CachedSampler(model, cuda_graphs=False).sample(n, labels, cond, generator=generator, controls=controls)

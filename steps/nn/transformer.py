@@ -30,39 +30,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steps.nn.draw import RandomSource, check_controls, draw_codes, uniforms
+from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, draw_codes, uniforms
 from steps.nn.prior import ConditionNet, Prior, PriorConfig, guided_inputs, guided_logits
 
 
 @dataclass(frozen=True)
 class TransformerConfig(PriorConfig):
-    """A :class:`TransformerPrior` (kind ``transformer``): what it models (:class:`PriorConfig`) and its architecture.
+    """A :class:`TransformerPrior` (kind ``transformer``): what it models and the settings of every prior
+    (:class:`PriorConfig`: ``channels`` is the width of the token stream, d_model; ``layers`` the number of blocks;
+    ``dropout`` on the residual branches and the input tokens), and its own architecture.
 
     Attributes:
-        channels: width of the token stream (d_model).
-        layers: number of transformer blocks.
         heads: attention heads per block; must divide ``channels``.
         mlp_ratio: hidden width of each block's feed-forward, in multiples of ``channels``.
-        dropout: dropout on the residual branches (attention and feed-forward outputs) and the input tokens.
-        cond_channels: width of the conditioning network (used when conditioned on a code map).
-        cond_res_blocks: residual blocks of the conditioning network.
     """
 
-    channels: int = 128
     layers: int = 6
     heads: int = 4
     mlp_ratio: int = 4
-    dropout: float = 0.1
-    cond_channels: int = 64
-    cond_res_blocks: int = 2
 
     def validate(self) -> None:
         super().validate()
-        self.require_min(1, "channels", "layers", "heads", "mlp_ratio")
+        self.require_min(1, "heads", "mlp_ratio")
         self.require("heads", self.channels % max(self.heads, 1) == 0, f"a divisor of channels={self.channels}")
-        self.require("dropout", 0 <= self.dropout < 1, "in [0, 1)")
-        self.require("cond_channels", self.cond_channels >= 1, ">= 1")
-        self.require("cond_res_blocks", self.cond_res_blocks >= 0, ">= 0")
 
 
 class Block(nn.Module):
@@ -186,11 +176,8 @@ class TransformerSampler:
         labels: Tensor | None = None,
         cond: Tensor | None = None,
         *,
-        temperature: float = 1.0,
         generator: RandomSource = None,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        guidance_scale: float = 1.0,
+        controls: SamplingControls = DEFAULT,
     ) -> Tensor:
         """Draw ``n`` code maps (n, H, W) int64; arguments as for :meth:`steps.nn.sampler.CachedSampler.sample`.
 
@@ -199,18 +186,17 @@ class TransformerSampler:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
-        check_controls(temperature, top_k, top_p, guidance_scale)
         model, (h, w) = self.model, self.model.config.shape
         device = next(model.parameters()).device
         u = uniforms(n, h * w, generator, device)  # (n, H*W)
         model.check_inputs(torch.zeros((), dtype=torch.long, device=device).expand(n, h, w), labels, cond)
-        labels, cond = guided_inputs(model.config, labels, cond, guidance_scale)
-        streams = 1 if guidance_scale == 1 else 2
+        labels, cond = guided_inputs(model.config, labels, cond, controls)
+        streams = 2 if controls.guided else 1
 
         def pick(i: int, logits: Tensor) -> Tensor:  # (streams * n, K) -> (streams * n,)
             if streams == 2:
-                logits = guided_logits(logits, guidance_scale)
-            return draw_codes(logits, u[:, i], temperature, top_k, top_p).repeat(streams)
+                logits = guided_logits(logits, controls.guidance_scale)
+            return draw_codes(logits, u[:, i], controls).repeat(streams)
 
         return self._run(streams * n, labels, cond, pick)[:n]
 

@@ -32,12 +32,13 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
+from steps.artifacts.checkpoints import TRAIN_STATE_FILE
 from steps.io.storage import filesystem, join, read_bytes
 from steps.nn.averaging import WeightAverage
 from steps.nn.checkpoint import checkpoint_dict, unwrap
 
 log = logging.getLogger(__name__)
-STATE_FILE = "model.pt"
+STATE_FILE = TRAIN_STATE_FILE  # a training checkpoint's file (steps.artifacts.checkpoints names it)
 SHUFFLE_WINDOW = 8  # batches whose rows are shuffled together (the local shuffle buffer of Ray Data before)
 UNREPRODUCIBLE = ("train/items_per_s", "train/resumed_from")  # metrics that differ between runs by nature
 

@@ -75,7 +75,7 @@ def driver_kill_train(ws: Workspace) -> dict[str, Any]:
     """The driver is killed once train_vqvae (TRAIN_LONGER: 60 steps) has written its first checkpoint; the rerun
     must resume mid-training (a ``train/resumed_from`` point before step 60 in the rerun's MLflow run) and finish."""
     checkpoint = f"train_vqvae/*.partial/ray/*/checkpoint_*/{STATE_FILE}"
-    facts = driver_kill(ws, "train_vqvae", checkpoint, *TRAIN_LONGER, settle_s=0.3)  # model.pt written whole
+    facts = driver_kill(ws, "train_vqvae", checkpoint, *TRAIN_LONGER, settle_s=0.3)  # the checkpoint written whole
     facts["resumed_from"] = [s for run in ws.metric_steps("train_vqvae", "train/resumed_from") for s in run]
     facts["resumed"] = len(facts["resumed_from"]) == 1 and 0 < facts["resumed_from"][0] < 60
     facts["survived"] = facts["survived"] and facts["resumed"]

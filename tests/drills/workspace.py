@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from steps.io import storage
+from steps.artifacts import records
 
 TIMEOUT_S = 900.0
 # The sample step of the kill scenario: 16 shards, so the driver can be killed between the first and the last.
@@ -90,7 +90,7 @@ class Workspace:
         return killed, log_path.read_text(errors="replace")
 
     def finished(self, step: str) -> list[str]:
-        return sorted(os.path.dirname(p) for p in glob.glob(str(self.root / step / "*" / storage.SUCCESS)))
+        return sorted(os.path.dirname(p) for p in glob.glob(str(self.root / step / "*" / records.SUCCESS)))
 
     def partial(self, step: str) -> list[str]:
         return sorted(glob.glob(str(self.root / step / "*.partial")))

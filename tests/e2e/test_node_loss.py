@@ -29,6 +29,7 @@ import pytest
 from ray_cluster import LocalCluster, WorkerNode, actors_on, nodes, start_head, start_worker_node
 
 from drills.workspace import Workspace, kill
+from steps.artifacts.checkpoints import TRAIN_STATE_FILE
 
 pytestmark = pytest.mark.e2e
 
@@ -122,9 +123,8 @@ def assert_verified(ws: Workspace, *steps: str) -> dict:
 @pytest.mark.timeout(RUN_TIMEOUT_S + 300)
 def test_node_loss_train(head: LocalCluster, node: WorkerNode, workspace: Workspace):
     """The worker node dies after the step-5 checkpoint; the head alone trains steps 6-10 from it."""
-    rc, output = run_and_lose_node(
-        workspace, head, node, "[shard,train_vqvae]", "RayTrainWorker", "train_vqvae/*.partial/**/checkpoint_*/model.pt"
-    )
+    checkpoint = f"train_vqvae/*.partial/**/checkpoint_*/{TRAIN_STATE_FILE}"
+    rc, output = run_and_lose_node(workspace, head, node, "[shard,train_vqvae]", "RayTrainWorker", checkpoint)
     assert rc == 0, output[-10000:]
     assert_node_lost(head, node)
     assert "train_vqvae: resumed from step 5" in output, output[-10000:]

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from steps.nn.draw import SamplingControls
 from steps.nn.sampler import CachedSampler
 
 pytestmark = [
@@ -153,9 +154,14 @@ def test_cuda_graphs_with_top_k_and_top_p(controls: dict):
     graphs = CachedSampler(model, cuda_graphs=True)
     for seed in (1, 2):  # capture, then replay
         ctx, seeds = inputs(model, 3, seed), [10 * seed, 10 * seed + 1, 10 * seed + 2]
-        codes = graphs.sample(3, **ctx, generator=seeds, **controls)
-        assert torch.equal(codes, CachedSampler(model, cuda_graphs=False).sample(3, **ctx, generator=seeds, **controls))
-        assert torch.equal(codes, sample_naive(model, 3, **ctx, generator=seeds, **controls))
+        codes = graphs.sample(3, **ctx, generator=seeds, controls=SamplingControls(**controls))
+        assert torch.equal(
+            codes,
+            CachedSampler(model, cuda_graphs=False).sample(
+                3, **ctx, generator=seeds, controls=SamplingControls(**controls)
+            ),
+        )
+        assert torch.equal(codes, sample_naive(model, 3, **ctx, generator=seeds, controls=SamplingControls(**controls)))
     assert graphs.captures == 1
 
 
@@ -198,9 +204,9 @@ def test_cuda_graph_configurations_are_kept_and_dropped():
         ({}, 3),
         (dict(temperature=0.5), 4),  # captured again
     ]:
-        codes = graphs.sample(2, **ctx, generator=[5, 6], **controls)
+        codes = graphs.sample(2, **ctx, generator=[5, 6], controls=SamplingControls(**controls))
         assert graphs.captures == captures
-        assert torch.equal(codes, eager.sample(2, **ctx, generator=[5, 6], **controls))
+        assert torch.equal(codes, eager.sample(2, **ctx, generator=[5, 6], controls=SamplingControls(**controls)))
     graphs.clear_graphs()
     assert torch.equal(graphs.sample(2, **ctx, generator=[5, 6]), eager.sample(2, **ctx, generator=[5, 6]))
     assert graphs.captures == 5

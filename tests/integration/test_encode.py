@@ -17,20 +17,19 @@ import pytest
 import torch
 
 from steps import encode
+from steps.artifacts import records
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import CodeDataset, CodeMeta, batch_to_tensors, read_code_meta, schema_code_meta
+from steps.artifacts.code_format import CodeMeta, batch_to_tensors, schema_code_meta
+from steps.artifacts.codes import CodeDataset, read_code_meta
 from steps.artifacts.images import ImageShards
 from steps.artifacts.splits import SPLITS
 from steps.core.step import MissingInputError
 from steps.encode import run
-from steps.io import storage
 from steps.io.pixels import decode_batch, encode_png
 from steps.nn import registry
 from steps.nn.checkpoint import CheckpointError, save_checkpoint
 from steps.nn.classifier import ClassifierConfig, ImageClassifier
 from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
-
-SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 
 
 def write_shards(root, artifacts, size: int = 32, splits=(("train", 80, 2), ("val", 20, 1))) -> dict[str, pa.Table]:
@@ -77,7 +76,7 @@ def check_against_model(out, split, model, table, meta):
 
 def model_of(tiny, *overrides: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return registry.build(tiny(*SMALL, *overrides).train_vqvae.model).eval()
+    return registry.build(tiny(*tiny.SMALL, *overrides).train_vqvae.model).eval()
 
 
 def test_encode_vqvae2_matches_model_encode(ray_local, tmp_path, tiny, artifacts, read_four_ways):
@@ -160,7 +159,7 @@ def test_encode_resumes_per_finished_file(ray_local, tmp_path, tiny, artifacts, 
 def check_readers(out, codes: CodeDataset, read_four_ways) -> None:
     """pyarrow.dataset, pandas, duckdb and Ray Data open the output folder as one dataset: the split a column from
     the hive folders, _codes.json and the pipeline's _SUCCESS skipped; the code metadata survives."""
-    (out / storage.SUCCESS).write_text("{}")  # as the pipeline publishes a finished output
+    (out / records.SUCCESS).write_text("{}")  # as the pipeline publishes a finished output
     assert sorted(p.name for p in out.glob("_*")) == ["_SUCCESS", "_codes.json"]
     rows = codes.check_files()
     for reader, seen in read_four_ways(str(out)).items():
@@ -191,7 +190,7 @@ def test_encode_one_level_vqvae_and_empty_split(ray_local, tmp_path, tiny, artif
     assert pq.read_table(val).schema.names == ["id", "label", "top"]
     check_against_model(out, "train", model, tables["train"], meta)
     # The empty split's file gives every reader the schema; it adds no rows.
-    (out / storage.SUCCESS).write_text("{}")
+    (out / records.SUCCESS).write_text("{}")
     for reader, seen in read_four_ways(str(out)).items():
         assert seen == {"columns": ["id", "label", "top", "split"], "rows": {"train": 40}}, reader
 

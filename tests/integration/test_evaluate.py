@@ -17,7 +17,8 @@ from PIL import Image
 
 from steps import evaluate
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import METADATA_FILE, CodeDataset, CodeDatasetMismatch, CodeMeta, batch_to_tensors
+from steps.artifacts.code_format import CodeDatasetMismatch, CodeMeta, batch_to_tensors
+from steps.artifacts.codes import METADATA_FILE, CodeDataset
 from steps.artifacts.images import ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
@@ -54,8 +55,8 @@ def upstream(digit_shards, tmp_path_factory, artifacts) -> dict[str, str]:
         with torch.no_grad():
             splits[split] = (ids, labels, dict(zip(model.levels, model.encode(x).codes, strict=True)))
     artifacts.codes(root / "encode", CodeMeta.of(autoencoder, num_classes=10), splits)
-    top = PixelCNNConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, num_classes=10)
-    bottom = PixelCNNConfig(num_codes=16, shape=(8, 8), channels=16, layers=2, cond_num_codes=16, cond_shape=(4, 4))
+    top = PixelCNNConfig(num_codes=32, shape=(4, 4), channels=16, layers=2, num_classes=10)
+    bottom = PixelCNNConfig(num_codes=32, shape=(8, 8), channels=16, layers=2, cond_num_codes=32, cond_shape=(4, 4))
     priors = artifacts.priors(root / "prior", autoencoder.digest, top=top, bottom=bottom)
 
     g = torch.Generator().manual_seed(1)
@@ -138,7 +139,7 @@ def test_code_metrics_match_a_direct_computation(vq2_run, upstream):
     assert m["nll_bits_top"] == pytest.approx(want_top, rel=1e-4)
     assert m["nll_bits_bottom"] == pytest.approx(want_bottom, rel=1e-4)
     assert m["bits_per_dim"] == pytest.approx((want_top * 16 + want_bottom * 64) / (32 * 32), rel=1e-4)
-    assert m["usage_top"] == pytest.approx(len(torch.unique(t["top"])) / 16)
+    assert m["usage_top"] == pytest.approx(len(torch.unique(t["top"])) / 32)
 
 
 def test_vae_gets_reconstruction_and_sample_metrics_only(ray_local, upstream, tmp_path, tiny, artifacts):
@@ -201,7 +202,7 @@ FOREIGN = {
     "codebook": (
         lambda up, d: {"encode": foreign_codes(up, d, codebook_size={"top": 512, "bottom": 512})},
         CodeDatasetMismatch,
-        r"code dataset {encode}: field 'codebook_size\.top' mismatch: expected 16, found 512",
+        r"code dataset {encode}: field 'codebook_size\.top' mismatch: expected 32, found 512",
     ),
     "levels": (
         lambda up, d: {
@@ -236,7 +237,7 @@ FOREIGN = {
             )
         },
         CheckpointError,
-        r"{train_prior}/top\.pt models 16 codes on a \[8, 8\] map, but {model} has 16 codes on a "
+        r"{train_prior}/top\.pt models 16 codes on a \[8, 8\] map, but {model} has 32 codes on a "
         r"\[4, 4\] map at level 'top'",
     ),
     "prior_kind": (

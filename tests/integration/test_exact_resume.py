@@ -20,12 +20,11 @@ import torch
 from pipeline.faults import Faults
 from steps import train_prior, train_vqvae
 from steps.artifacts.autoencoder import Autoencoder
-from steps.artifacts.codes import CodeMeta
+from steps.artifacts.code_format import CodeMeta
 from steps.artifacts.priors import Priors
 from steps.core.step import JsonlSink
 from steps.training.resume import UNREPRODUCIBLE
 
-SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 # 192 training digits, one worker: 6 batches an epoch, so 12 steps cross 2 epochs.
 TRAIN = dict(steps=12, batch_size=32, num_workers=1, checkpoint_every=4, log_every=3, val_batches=1, ema_decay=0.9)
 KILL_AT = 5
@@ -76,7 +75,9 @@ def resumed_runs(run, tmp_path, name: str, ways: tuple[str, ...]):
 
 
 def test_train_vqvae_resumes_bitwise(ray_local, digit_shards, tmp_path, tiny):
-    cfg = tiny(*SMALL, "model.quantizer.restart_after=2", *tiny.overrides("train_vqvae.train", **TRAIN)).train_vqvae
+    cfg = tiny(
+        *tiny.SMALL, "model.quantizer.restart_after=2", *tiny.overrides("train_vqvae.train", **TRAIN)
+    ).train_vqvae
 
     def run(out, sink, max_failures, wrap_task=None):
         once = replace(cfg, train=replace(cfg.train, max_failures=max_failures))

@@ -12,6 +12,7 @@ import torch
 
 from pipeline import Generator
 from pipeline.serving.generator import pixels_of_base64
+from steps.artifacts import records
 from steps.artifacts.autoencoder import Autoencoder
 from steps.core.step import MissingInputError
 from steps.io import storage
@@ -20,9 +21,9 @@ from steps.nn.checkpoint import CheckpointError
 from steps.nn.pixelcnn import PixelCNNConfig
 from steps.sample import run as sample_run
 
-TOP = PixelCNNConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2, dropout=0.0, num_classes=3)
+TOP = PixelCNNConfig(num_codes=32, shape=(4, 4), channels=16, layers=2, attn_heads=2, dropout=0.0, num_classes=3)
 BOTTOM = PixelCNNConfig(
-    num_codes=16, shape=(8, 8), channels=16, layers=2, cond_num_codes=16, cond_shape=(4, 4), dropout=0.0, num_classes=3
+    num_codes=32, shape=(8, 8), channels=16, layers=2, cond_num_codes=32, cond_shape=(4, 4), dropout=0.0, num_classes=3
 )
 
 
@@ -35,8 +36,8 @@ def outputs(tmp_path_factory, artifacts) -> dict[str, str]:
     priors = artifacts.priors(root / "train_prior" / "p1", digest, top=TOP, bottom=BOTTOM)
     encode = root / "encode" / "e1"
     encode.mkdir(parents=True)
-    storage.write_json(str(encode / storage.SUCCESS), {"step": "encode", "inputs": {"train_vqvae": vq}})
-    storage.write_json(str(root / "train_prior" / "p1" / storage.SUCCESS), {"inputs": {"encode": str(encode)}})
+    storage.write_json(str(encode / records.SUCCESS), {"step": "encode", "inputs": {"train_vqvae": vq}})
+    storage.write_json(str(root / "train_prior" / "p1" / records.SUCCESS), {"inputs": {"encode": str(encode)}})
     return {"train_vqvae": vq, "train_prior": priors}
 
 
@@ -83,7 +84,7 @@ def test_encode_and_decode(gen):
         ({"n": 1, "top_k": -1}, "top_k must be an int"),
         ({"n": 1, "seed": -1}, "seed must be an int"),
         ({"n": 1, "guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
-        ({"n": 1, "guidance_scale": 2.0}, r"needs priors trained with class_dropout > 0 \(train_prior: prior"),
+        ({"n": 1, "guidance_scale": 2.0}, r"needs class-conditional priors trained with class_dropout > 0 \(prior"),
     ],
 )
 def test_bad_requests_name_the_field(gen, kwargs, message):
@@ -95,7 +96,7 @@ def test_bad_sources_and_mismatched_models(outputs, artifacts, tmp_path):
     with pytest.raises(MissingInputError, match="no generator at"):
         Generator.load(str(tmp_path / "nowhere"))
     lonely = artifacts.priors(tmp_path / "lonely", "0" * 16, top=TOP, bottom=BOTTOM)
-    with pytest.raises(MissingInputError, match="cannot find the VQ-VAE of the priors"):
+    with pytest.raises(MissingInputError, match="cannot find the autoencoder of .*lonely: its run record does not lead to a train_vqvae output"):
         Generator.load(lonely)
     with pytest.raises(CheckpointError, match="trained on codes of VQ-VAE 0{16}"):
         Generator.from_artifacts(outputs["train_vqvae"], lonely)
@@ -119,12 +120,12 @@ def test_guidance_with_transformer_priors(outputs, artifacts, tmp_path):
     generator is deterministic per seed either way."""
     from steps.nn.transformer import TransformerConfig
 
-    shared = dict(num_codes=16, channels=16, layers=2, heads=2, dropout=0.0, num_classes=3, class_dropout=0.1)
+    shared = dict(num_codes=32, channels=16, layers=2, heads=2, dropout=0.0, num_classes=3, class_dropout=0.1)
     priors = artifacts.priors(
         tmp_path / "transformer",
         Autoencoder.open(outputs["train_vqvae"]).digest,
         top=TransformerConfig(shape=(4, 4), **shared),
-        bottom=TransformerConfig(shape=(8, 8), cond_num_codes=16, cond_shape=(4, 4), cond_channels=8, **shared),
+        bottom=TransformerConfig(shape=(8, 8), cond_num_codes=32, cond_shape=(4, 4), cond_channels=8, **shared),
     )
     gen = Generator.from_artifacts(outputs["train_vqvae"], priors)
     for level in ("top", "bottom"):  # classes that matter, so that guidance visibly changes the draws
@@ -187,7 +188,7 @@ def test_registered_generator_predicts_the_api_images(store, gen):
         model.predict(pd.DataFrame([{"label": 5, "seed": 1}]))
     with pytest.raises(Exception, match="temperature must be > 0"):
         model.predict(pd.DataFrame([{"label": 1, "seed": 1}]), params={"temperature": 0.0})
-    with pytest.raises(Exception, match="needs priors trained with class_dropout > 0"):
+    with pytest.raises(Exception, match="needs class-conditional priors trained with class_dropout > 0"):
         model.predict(pd.DataFrame([{"label": 1, "seed": 1}]), params={"guidance_scale": 2.0})
     loaded = Generator.load("models:/vqvae2-generator@current")  # the Python API over the same model
     assert torch.equal(loaded.generate(2, seed=3), gen.generate(2, seed=3))

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.code_format import CodeMeta, code_schema, schema_code_meta
 from steps.artifacts.priors import Priors
-from steps.artifacts.samples import META_KEY as SAMPLES_META_KEY
 from steps.artifacts.samples import Samples
 from steps.core.step import MissingInputError
 from steps.generation.generator import sample_seed
@@ -32,11 +32,9 @@ from steps.sample import run
 from steps.train_classifier import TrainClassifierConfig
 from steps.train_classifier import train as train_classifier
 
-SMALL_CODES = ("data.channels=1", "model.quantizer.codebook_size=16", "model.quantizer.dim=8")
-
-TOP = PixelCNNConfig(num_codes=16, shape=(4, 4), channels=16, layers=2, attn_heads=2, dropout=0.0)
+TOP = PixelCNNConfig(num_codes=32, shape=(4, 4), channels=16, layers=2, attn_heads=2, dropout=0.0)
 BOTTOM = PixelCNNConfig(
-    num_codes=16, shape=(8, 8), channels=16, layers=2, cond_num_codes=16, cond_shape=(4, 4), dropout=0.0
+    num_codes=32, shape=(8, 8), channels=16, layers=2, cond_num_codes=32, cond_shape=(4, 4), dropout=0.0
 )
 
 
@@ -107,15 +105,17 @@ def test_writes_images_codes_grid_and_metadata(base_run, vq2, read_four_ways):
         kind = table.schema.field(level).type
         assert pa.types.is_fixed_size_list(kind) and kind.list_size == size and kind.value_type == pa.int16()
         codes = np.array(table.column(level).to_pylist())
-        assert codes.min() >= 0 and codes.max() < 16
+        assert codes.min() >= 0 and codes.max() < 32
     # The codes folder alone is the dataset (PNGs and JSON live beside it, never in it); it has no split.
     assert Samples.open(str(out)).codes_uri == str(out / "codes")
     for reader, seen in read_four_ways(str(out / "codes")).items():
         assert seen == {"columns": table.column_names, "rows": {None: 10}}, reader
-    meta = json.loads(table.schema.metadata[SAMPLES_META_KEY])
-    assert meta["vqvae"] == vq2["digest"]
-    assert meta["top_shape"] == [4, 4] and meta["bottom_shape"] == [8, 8]
-    assert meta["codebook_size"] == {"top": 16, "bottom": 16}
+    # The code dataset's format: the same schema and metadata, the sample's own columns after the levels.
+    meta = schema_code_meta(table.schema)
+    assert meta == CodeMeta.of(Autoencoder.open(vq2["train_vqvae"]))
+    assert meta.shapes == {"top": (4, 4), "bottom": (8, 8)} and meta.codebook_size == {"top": 32, "bottom": 32}
+    code_schema_fields = list(code_schema(meta))
+    assert list(table.schema)[: len(code_schema_fields)] == code_schema_fields and table.column_names[-1] == "seed"
 
     info = json.loads((out / "samples.json").read_text())
     assert info["num_samples"] == 10 and info["num_shards"] == 3 and info["vqvae"] == vq2["digest"]
@@ -237,12 +237,12 @@ def test_class_conditional_priors_cycle_the_labels(ray_local, conditional, tmp_p
 
 def test_one_level_vqvae(ray_local, tmp_path, tiny, artifacts):
     torch.manual_seed(0)
-    model = registry.build(tiny(*SMALL_CODES, "model=vqvae", "model.downsample=8").train_vqvae.model)
+    model = registry.build(tiny(*tiny.SMALL, "model=vqvae", "model.downsample=8").train_vqvae.model)
     d = save_model(artifacts, tmp_path / "vqvae", model)
     inputs = {"train_vqvae": str(tmp_path / "vqvae"), "train_prior": artifacts.priors(tmp_path / "prior", d, top=TOP)}
     result = run(tiny.sample(num_samples=3, shard_size=2, num_actors=1), inputs, str(tmp_path / "out"))
     table = pq.read_table(tmp_path / "out" / "codes")
-    assert table.column_names == ["id", "label", "seed", "top"] and table.num_rows == 3
+    assert table.column_names == ["id", "label", "top", "seed"] and table.num_rows == 3
     assert len(pngs(tmp_path / "out")) == 3
     assert image(tmp_path / "out" / "grid.png").size == grid_side(3, 32)  # grid_size 64 > num_samples
     assert result.artifacts["codes"] == str(tmp_path / "out" / "codes")
@@ -386,14 +386,14 @@ def test_priors_of_another_vqvae_are_refused(vq2, tmp_path, artifacts, tiny):
 
 def test_prior_shape_and_level_mismatches_are_refused(vq2, tmp_path, artifacts, tiny):
     prior = artifacts.priors(tmp_path / "shape", vq2["digest"], top=replace(TOP, shape=(8, 8)), bottom=BOTTOM)
-    match = r"top\.pt models 16 codes on a \[8, 8\] map, but .*model\.pt has 16 codes on a \[4, 4\] map"
+    match = r"top\.pt models 32 codes on a \[8, 8\] map, but .*model\.pt has 32 codes on a \[4, 4\] map"
     expect_error(tiny, CheckpointError, match, {**inputs_of(vq2), "train_prior": prior}, tmp_path / "out1")
 
-    prior = artifacts.priors(tmp_path / "codes", vq2["digest"], top=TOP, bottom=replace(BOTTOM, num_codes=32))
+    prior = artifacts.priors(tmp_path / "codes", vq2["digest"], top=TOP, bottom=replace(BOTTOM, num_codes=16))
     expect_error(
         tiny,
         CheckpointError,
-        r"bottom\.pt models 32 codes",
+        r"bottom\.pt models 16 codes",
         {**inputs_of(vq2), "train_prior": prior},
         tmp_path / "out2",
     )

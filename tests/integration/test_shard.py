@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from steps.artifacts import records
 from steps.artifacts.images import IMAGE_META_KEY, SPLITS, ImageShards, image_meta, image_schema
 from steps.core.step import MissingInputError
-from steps.io import storage
 from steps.shard import run
 
 
@@ -128,7 +128,7 @@ def test_shards_open_as_one_dataset_in_every_reader(digit_shards, read_four_ways
     hive folders, the manifest and the pipeline's _SUCCESS skipped, no file holding a split column of its own."""
     out = tmp_path / "shard"
     shutil.copytree(digit_shards, out)
-    (out / storage.SUCCESS).write_text("{}")  # as the pipeline publishes a finished output
+    (out / records.SUCCESS).write_text("{}")  # as the pipeline publishes a finished output
     shards = ImageShards.open(str(out))
     rows = {s: shards.rows(s) for s in SPLITS}
     assert min(rows.values()) > 0 and sorted(p.name for p in out.glob("_*")) == ["_SUCCESS", "_manifest.json"]

@@ -135,13 +135,12 @@ def test_the_driver_waits_out_an_outage(up, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ in training
-SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 TRAIN = dict(steps=24, lr=2e-3, checkpoint_every=12, log_every=2, val_batches=1, max_failures=1)
 
 
 @pytest.fixture(scope="module")
 def cfg(tiny):
-    return tiny(*SMALL, *tiny.overrides("train_vqvae.train", **TRAIN)).train_vqvae
+    return tiny(*tiny.SMALL, *tiny.overrides("train_vqvae.train", **TRAIN)).train_vqvae
 
 
 def test_training_rides_out_an_outage(up, ray_local, digit_shards, tmp_path, cfg):

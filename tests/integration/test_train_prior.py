@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from steps import train_prior
-from steps.artifacts.codes import CodeMeta
+from steps.artifacts.code_format import CodeMeta
 from steps.artifacts.priors import Priors
 from steps.core.step import JsonlSink, MissingInputError
 from steps.nn import registry
+from steps.nn.draw import SamplingControls
 
 TRAIN = dict(steps=12, lr=3e-3, checkpoint_every=6, log_every=6, val_batches=2, max_failures=0)
 
@@ -109,6 +110,10 @@ def test_transformer_priors_with_class_dropout_and_weight_averaging(ray_local, t
     assert set(state) >= {"live", "average"}
     assert any(not torch.equal(state["model"][k], state["live"][k]) for k in state["average"])
     labels = torch.arange(4)
-    top = registry.sampler(priors.load("top")).sample(4, labels, generator=[0, 1, 2, 3], guidance_scale=3.0)
-    bottom = registry.sampler(priors.load("bottom")).sample(4, labels, top, generator=[0, 1, 2, 3], guidance_scale=3.0)
+    top = registry.sampler(priors.load("top")).sample(
+        4, labels, generator=[0, 1, 2, 3], controls=SamplingControls(guidance_scale=3.0)
+    )
+    bottom = registry.sampler(priors.load("bottom")).sample(
+        4, labels, top, generator=[0, 1, 2, 3], controls=SamplingControls(guidance_scale=3.0)
+    )
     assert top.shape == (4, 4, 4) and bottom.shape == (4, 8, 8)

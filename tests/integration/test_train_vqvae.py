@@ -9,17 +9,17 @@ import torch
 from pipeline.faults import Faults
 from steps import train_vqvae
 from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.checkpoints import TRAIN_STATE_FILE
 from steps.core.step import JsonlSink, MissingInputError
 from steps.training.loop import NonFiniteLossError
 
 # debug=tiny with small codebooks, 12 steps, a log line every 3 and a checkpoint every 6 steps.
-SMALL = ("data.channels=1", "model.quantizer.codebook_size=32", "model.quantizer.dim=8")
 TRAIN = dict(steps=12, lr=2e-3, checkpoint_every=6, log_every=3, val_batches=2, max_failures=0)
 
 
 @pytest.fixture(scope="module")
 def cfg(tiny):
-    return tiny(*SMALL, "train_vqvae.grid_images=8", *tiny.overrides("train_vqvae.train", **TRAIN)).train_vqvae
+    return tiny(*tiny.SMALL, "train_vqvae.grid_images=8", *tiny.overrides("train_vqvae.train", **TRAIN)).train_vqvae
 
 
 def read_sink(path):
@@ -94,13 +94,13 @@ def test_nonfinite_loss_stops_every_rank_at_once_and_keeps_the_last_checkpoint(r
     assert [r["step"] for r in logged if "train/loss" in r] == [3, 6]
     assert not any("train/resumed_from" in r for r in logged), "a diverged run is not retried"
     assert not (out / "model.pt").exists()
-    kept = [torch.load(p, weights_only=True)["step"] for p in out.glob("ray/**/checkpoint_*/model.pt")]
+    kept = [torch.load(p, weights_only=True)["step"] for p in out.glob(f"ray/**/checkpoint_*/{TRAIN_STATE_FILE}")]
     assert max(kept) == 6
 
 
 @pytest.mark.parametrize("kind", ["vqvae", "vae"])
 def test_other_models(ray_local, digit_shards, tmp_path, tiny, kind):
-    small = SMALL if kind == "vqvae" else SMALL[:1]  # the VAE has no codebook
+    small = tiny.SMALL if kind == "vqvae" else tiny.SMALL[:1]  # the VAE has no codebook
     model = tiny(*small, f"model={kind}").train_vqvae.model
     cfg = tiny.train_vqvae(*small, f"model={kind}", steps=6)
     train_vqvae.run(cfg, {"shard": digit_shards}, str(tmp_path / "out"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from steps.artifacts.checkpoints import digest as model_digest
-from steps.artifacts.codes import (
+from steps.artifacts.code_format import (
     CODES_META_KEY,
     CodeDatasetMismatch,
     CodeMeta,
@@ -20,8 +20,8 @@ from steps.artifacts.codes import (
     check_code_meta,
     code_schema,
     codes_to_arrow,
-    read_code_meta,
 )
+from steps.artifacts.codes import read_code_meta
 
 
 def meta2(**kw) -> CodeMeta:

@@ -79,7 +79,7 @@ def test_defaults_are_the_digits_recipe(monkeypatch):
     [
         ("train_vqvae.train.lr=-1", "train_vqvae.train.lr"),
         ("data.image_size=36", "data.image_size"),
-        ("model.quantizer.codebook_size=40000", "model.quantizer.codebook_size must be in [2, 32767]"),
+        ("model.quantizer.codebook_size=40000", "model.quantizer.codebook_size must be in [2, 32768]"),
         ("model.top_codebook_size=1", "model.top_codebook_size"),
         ("data.source=flickr", "data.source"),
         ("prior.top.kernel_size=4", "prior.top.kernel_size"),

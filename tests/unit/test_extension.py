@@ -17,6 +17,7 @@ from torch import nn
 
 from steps.nn import registry
 from steps.nn.config import FieldError
+from steps.nn.draw import SamplingControls
 from steps.nn.prior import NaiveSampler, Prior, PriorConfig
 from steps.nn.quantize import Quantizer, QuantizerConfig, QuantizerOutput
 
@@ -156,7 +157,7 @@ def test_a_vq_model_with_the_new_quantizer_encodes_decodes_and_round_trips(plugg
 
 def test_the_new_prior_trains_checks_and_generates_without_other_changes(plugged, tmp_path, artifacts, tiny):
     from steps.artifacts.autoencoder import Autoencoder
-    from steps.artifacts.codes import CodeMeta
+    from steps.artifacts.code_format import CodeMeta
     from steps.artifacts.compat import check_compatible
     from steps.artifacts.priors import Priors
     from steps.generation.generator import ImageGenerator, sample_seed
@@ -174,7 +175,11 @@ def test_the_new_prior_trains_checks_and_generates_without_other_changes(plugged
     assert isinstance(registry.sampler(priors.load("top")), NaiveSampler)  # no fast sampler registered
 
     generator = ImageGenerator(autoencoder, priors)
-    images, codes = generator.draw([sample_seed(0, i) for i in range(3)], [1, 2, 3], temperature=0.8)
+    images, codes = generator.draw(
+        [sample_seed(0, i) for i in range(3)], [1, 2, 3], controls=SamplingControls(temperature=0.8)
+    )
     assert images.shape == (3, 1, 32, 32) and codes["bottom"].shape == (3, 8, 8)
-    again, _ = generator.draw([sample_seed(0, i) for i in range(3)], [1, 2, 3], temperature=0.8)
+    again, _ = generator.draw(
+        [sample_seed(0, i) for i in range(3)], [1, 2, 3], controls=SamplingControls(temperature=0.8)
+    )
     assert torch.equal(images, again) and math.isfinite(float(images.abs().sum()))

@@ -1,6 +1,7 @@
 """Imports go one way: pipeline -> steps -> steps/nn, and steps/nn is pure torch (torch, numpy, stdlib)."""
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -94,7 +95,6 @@ def test_no_import_circles():
 
 def test_no_step_module_imports_another_step_module():
     graph, steps = import_graph(), step_modules()
-    assert len(steps) == 7
     for module in sorted(steps):
         assert not graph[module] & steps, f"{module} imports {sorted(graph[module] & steps)}"
 
@@ -121,15 +121,90 @@ def test_model_kinds_are_listed_only_in_the_registry():
             assert len(named) < 2, f"{path.relative_to(ROOT)}:{node.lineno} lists model kinds {sorted(named)}"
 
 
-def test_only_the_artifact_modules_name_dataset_files():
-    """The Parquet datasets' layout (split folders, sidecar records) is the artifact modules' to know (DESIGN.md)."""
-    names = ("manifest.json", "codes.json")
+# A file or folder name an artifact module owns: "model.pt", "_codes.json", "_SUCCESS", "part-empty".
+FILE_NAME = re.compile(r"[\w.-]+\.(json|png|pt|parquet)|_[A-Z]+|\w+-\w[\w-]*")
+
+
+def artifact_file_names() -> dict[str, str]:
+    """Name -> the artifact module that owns it: every module-level string constant of ``steps/artifacts`` that
+    looks like a file name (``MODEL = "model.pt"``, ``IMAGES, CODES = ...`` tuples too)."""
+    owned = {}
+    for path in python_files("steps/artifacts"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign):
+                values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+                for v in values:
+                    if isinstance(v, ast.Constant) and isinstance(v.value, str) and FILE_NAME.fullmatch(v.value):
+                        owned[v.value] = path.name
+    return owned
+
+
+def code_strings(path: Path):
+    """(line, text) of the string literals of ``path``'s code: docstrings left out, f-strings' literal parts in."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_artifact_modules_own_names_worth_checking():
+    owned = artifact_file_names()
+    for name in ("model.pt", "_codes.json", "_manifest.json", "samples.json", "recon.png", "part-empty", "_SUCCESS"):
+        assert name in owned, f"{name} is not found as a constant of steps/artifacts: the test below would miss it"
+
+
+def test_only_the_artifact_modules_name_files():
+    """File names and layouts are the artifact modules' to know (DESIGN.md): no other product module spells one, even
+    inside a path or an f-string (as ``f"{out}/recon.png"``)."""
+    owned = artifact_file_names()
     for path in python_files("pipeline") + python_files("steps"):
         if path.parent == ROOT / "steps" / "artifacts":
             continue
+        for line, text in code_strings(path):
+            named = [n for n in owned if text == n or text.endswith("/" + n) or text.startswith(n + "/")]
+            assert not named, (
+                f"{path.relative_to(ROOT)}:{line} names {named} (owned by steps/artifacts/{owned[named[0]]}): "
+                "open or write it through the artifact handle"
+            )
+
+
+def test_no_code_outside_the_graph_switches_on_a_step_name():
+    """Orchestration, serving and support code ask the graph and the step's output handle, never ``step == "..."``
+    or a hand-kept list of step names; step modules name only the upstream inputs they read."""
+    from pipeline.graph import NAMES
+
+    steps = step_modules()
+    for path in python_files("pipeline") + python_files("steps"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if path == ROOT / "pipeline" / "graph.py" or module in steps:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                named = [n for n in names if n in node.value]
-                assert not named, (
-                    f"{path.relative_to(ROOT)}:{node.lineno} names {named}: open it through steps.artifacts"
-                )
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                named = [o.value for o in operands if isinstance(o, ast.Constant) and o.value in NAMES]
+                assert not named, f"{path.relative_to(ROOT)}:{node.lineno} compares with step name(s) {named}"
+            items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+            items = node.keys if isinstance(node, ast.Dict) else items
+            named = {i.value for i in items if isinstance(i, ast.Constant) and i.value in NAMES}
+            assert len(named) < 2, f"{path.relative_to(ROOT)}:{node.lineno} lists step names {sorted(named)}"
+
+
+def test_every_step_names_an_output_handle_of_the_one_protocol():
+    from pipeline.graph import GRAPH
+    from steps.artifacts.base import Artifact
+
+    for step in GRAPH:
+        out = step.output
+        assert issubclass(out, Artifact) and out is not Artifact, step.name
+        assert out.__module__.startswith("steps.artifacts."), f"{step.name}: {out} is not an artifact module's handle"
+        for method in ("open", "verify", "content_digest", "headline"):
+            assert callable(getattr(out, method)), f"{out.__name__}.{method}"
+    assert len({s.output for s in GRAPH}) == len(GRAPH), "each output kind is written by one step"

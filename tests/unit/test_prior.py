@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from steps.nn import pixelcnn as prior
+from steps.nn.draw import SamplingControls
 from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from steps.nn.prior import sample_naive
 
@@ -224,7 +225,9 @@ def test_sample_naive_temperature() -> None:
     model = make_model()
 
     def draw(temperature: float, seed: int) -> torch.Tensor:
-        return sample_naive(model, 4, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+        return sample_naive(
+            model, 4, controls=SamplingControls(temperature=temperature), generator=torch.Generator().manual_seed(seed)
+        )
 
     cold = [draw(1e-3, seed) for seed in (1, 2)]
     hot = [draw(1.0, seed) for seed in (1, 2)]
@@ -232,7 +235,7 @@ def test_sample_naive_temperature() -> None:
     assert torch.equal(cold[0], cold[1])
     assert not torch.equal(hot[0], hot[1])
     with pytest.raises(ValueError, match="temperature"):
-        sample_naive(model, 1, temperature=0.0)
+        sample_naive(model, 1, controls=SamplingControls(temperature=0.0))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ import time
 import pytest
 
 from steps.io import reading, sources
+from steps.io.sources.parquet import list_parquet
+from steps.shard import ShardConfig
 
 
 def finishes(fn, *args, within: float = 20.0):
@@ -85,13 +87,15 @@ def test_deadline_abandons_a_call_stuck_in_the_kernel_and_goes_on(tmp_path):
     assert not any(t.is_alive() for t in stuck)
 
 
-def test_load_items_skips_an_item_that_overruns_its_time_limit(tmp_path):
-    """An idx source whose images file is a FIFO made after listing: the read is refused, then the next item is
+def test_load_skips_an_item_that_overruns_its_time_limit(tmp_path):
+    """An image-folder item whose file became a FIFO after listing: the read is refused, then the next item is
     read; with no time limit (0) the behaviour is the same, since nothing blocks."""
     items = [{"id": "a", "label": None, "ref": str(tmp_path / "a.png")}]
     os.mkfifo(tmp_path / "a.png")
+    source = sources.get("image_folder")
     for timeout in (0.0, 5.0):
-        out = finishes(lambda t=timeout: list(sources.load_items("image_folder", items, 32, 1, read_timeout_s=t)))
+        cfg = ShardConfig(source="image_folder", path=str(tmp_path), read_timeout_s=timeout)
+        out = finishes(lambda c=cfg: list(source.load(items, c)))
         assert [(it["id"], px, reason) for it, px, reason, _ in out] == [
             ("a", None, "ValueError: a FIFO (named pipe), not a regular file")
         ]
@@ -100,4 +104,4 @@ def test_load_items_skips_an_item_that_overruns_its_time_limit(tmp_path):
 def test_a_source_path_that_is_a_fifo_is_refused_by_name(tmp_path):
     os.mkfifo(tmp_path / "data.parquet")
     with pytest.raises(ValueError, match=r"shard\.path '.*data\.parquet' is a FIFO \(named pipe\), not a regular file"):
-        finishes(sources.list_parquet, str(tmp_path / "data.parquet"), "image", None, None, None)
+        finishes(list_parquet, str(tmp_path / "data.parquet"), "image", None, None, None)

@@ -7,12 +7,14 @@ float64 models, so that no float32 rounding tie can make a draw flip between the
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import steps.nn.sampler as sampler_module
-from steps.nn.draw import draw_codes, filtered_probs, uniforms
+from steps.nn.draw import DEFAULT, ControlError, SamplingControls, draw_codes, filtered_probs, uniforms
 from steps.nn.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from steps.nn.prior import sample_naive
 from steps.nn.sampler import CachedSampler, sample
@@ -76,11 +78,13 @@ def test_cached_and_naive_draw_the_same_codes(variant: str, kernel_size: int, sh
     model = make_model(variant, shape, kernel_size, dtype=torch.float64)
     ctx = conditioning(model, batch=4)
     seeds = [11, 12, 13, 14]
-    naive = sample_naive(model, 4, **ctx, generator=seeds, **controls)
-    cached = sample(model, 4, **ctx, generator=seeds, **controls)
+    naive = sample_naive(model, 4, **ctx, generator=seeds, controls=SamplingControls(**controls))
+    cached = sample(model, 4, **ctx, generator=seeds, controls=SamplingControls(**controls))
     assert torch.equal(cached, naive)
     # The draws depend on the seeds: otherwise the comparison above could not fail.
-    assert not torch.equal(sample(model, 4, **ctx, generator=[21, 22, 23, 24], **controls), cached)
+    assert not torch.equal(
+        sample(model, 4, **ctx, generator=[21, 22, 23, 24], controls=SamplingControls(**controls)), cached
+    )
 
 
 def test_float32_teacher_forced_logits_on_sampled_codes() -> None:
@@ -97,22 +101,24 @@ def test_float32_teacher_forced_logits_on_sampled_codes() -> None:
 def test_top_k_1_is_greedy(variant: str) -> None:
     model = make_model(variant, (4, 2), 3)
     ctx = conditioning(model, batch=3)
-    codes = sample(model, 3, **ctx, generator=[1, 2, 3], top_k=1, temperature=3.0)
+    codes = sample(model, 3, **ctx, generator=[1, 2, 3], controls=SamplingControls(top_k=1, temperature=3.0))
     with torch.no_grad():
         assert torch.equal(codes, model(codes, **ctx).argmax(dim=1))  # every code is the argmax given its prefix
-    assert torch.equal(codes, sample(model, 3, **ctx, generator=[4, 5, 6], top_k=1))
-    assert torch.equal(codes, sample(model, 3, **ctx, generator=[4, 5, 6], top_p=1e-9))  # nucleus of one code
+    assert torch.equal(codes, sample(model, 3, **ctx, generator=[4, 5, 6], controls=SamplingControls(top_k=1)))
+    assert torch.equal(
+        codes, sample(model, 3, **ctx, generator=[4, 5, 6], controls=SamplingControls(top_p=1e-9))
+    )  # nucleus of one code
 
 
 def test_top_k_and_top_p_restrict_the_support() -> None:
     model = make_model("attention", (5, 4), 3, dtype=torch.float64)
     seeds = list(range(16))
     with torch.no_grad():
-        codes = sample(model, 16, generator=seeds, top_k=3)
+        codes = sample(model, 16, generator=seeds, controls=SamplingControls(top_k=3))
         logits = model(codes)  # (B, K, H, W)
         rank = (logits > logits.gather(1, codes[:, None])).sum(dim=1)  # codes more likely than the drawn one
         assert rank.max() <= 2 and rank.max() > 0
-        codes = sample(model, 16, generator=seeds, top_p=0.5)
+        codes = sample(model, 16, generator=seeds, controls=SamplingControls(top_p=0.5))
         probs = torch.softmax(model(codes), dim=1)
         before = (probs * (probs > probs.gather(1, codes[:, None]))).sum(dim=1)  # mass of more likely codes
         assert before.max() < 0.5 and (before > 0).any()
@@ -163,7 +169,7 @@ def test_both_ways_to_attend(variant: str, attention: str) -> None:
         full = model(codes, **ctx)
     assert (CachedSampler(model, attention=attention).logits(codes, **ctx) - full).abs().max().item() < 1e-4
     model = make_model(variant, (5, 4), 5, dtype=torch.float64)
-    controls = dict(generator=[1, 2, 3], top_p=0.9)
+    controls = dict(generator=[1, 2, 3], controls=SamplingControls(top_p=0.9))
     cached = CachedSampler(model, attention=attention).sample(3, **ctx, **controls)
     assert torch.equal(cached, sample_naive(model, 3, **ctx, **controls))
 
@@ -183,6 +189,45 @@ def test_attention_choice_and_its_cache() -> None:
     assert sampler.cache_bytes == f * (vertical + row_terms + keys_values + cond_map)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
+        (dict(temperature=float("nan")), "temperature must be a number, got nan"),
+        (dict(top_k=-1), "top_k must be an int >= 0 (0: off), got -1"),
+        (dict(top_k=1.5), "top_k must be an integer, got 1.5"),
+        (dict(top_k=True), "top_k must be an integer, got True"),
+        (dict(top_p=0.0), "top_p must be in (0, 1] (1: off), got 0.0"),
+        (dict(top_p=1.5), "top_p must be in (0, 1] (1: off), got 1.5"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0 (1: off), got -1.0"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number >= 0 (1: off), got inf"),
+        (dict(temperature="0.9"), "temperature must be a number, got '0.9'"),
+    ],
+)
+def test_sampling_controls_are_checked_once_where_they_are_made(bad: dict, message: str) -> None:
+    """One check for every caller (sample step, Generator, MLflow model, Ray Serve), naming the control as users
+    spell it; a ControlError is a FieldError, so a config can name its own field instead."""
+    with pytest.raises(ControlError) as caught:
+        SamplingControls(**bad)
+    assert str(caught.value) == message and caught.value.field == next(iter(bad))
+    with pytest.raises(ControlError, match=next(iter(bad))):
+        SamplingControls.parse(bad)
+
+
+def test_sampling_controls_parse_loose_values_and_refuse_unknown_names() -> None:
+    assert SamplingControls.parse({"top_k": 3.0, "temperature": 1}) == SamplingControls(top_k=3, temperature=1.0)
+    assert SamplingControls.parse({}) == SamplingControls() == DEFAULT
+    with pytest.raises(ControlError, match="temprature is not a sampling control; they are temperature, top_k"):
+        SamplingControls.parse({"temprature": 0.5})
+    assert SamplingControls(guidance_scale=2.0).at_level(False) == SamplingControls()
+    assert SamplingControls(guidance_scale=2.0).at_level(True).guidance_scale == 2.0
+    with pytest.raises(ValueError, match="guidance_scale=2.0 needs class-conditional priors .* these priors have none"):
+        SamplingControls(guidance_scale=2.0).check_guidance(False)
+    SamplingControls(guidance_scale=2.0).check_guidance(True)
+    SamplingControls().check_guidance(False)  # no guidance asked: nothing to check
+    assert pickle.loads(pickle.dumps(ControlError("top_k", "must be >= 0"))).field == "top_k"  # crosses Ray
+
+
 def test_bad_inputs_are_refused() -> None:
     model = make_model("class", (4, 2), 3)
     sampler = CachedSampler(model)
@@ -190,16 +235,6 @@ def test_bad_inputs_are_refused() -> None:
         sampler.sample(2)
     with pytest.raises(ValueError, match="labels must have shape"):
         sampler.sample(2, labels=torch.tensor([0]))
-    for bad, match in [
-        (dict(temperature=0.0), "temperature"),
-        (dict(top_k=-1), "top_k"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            sampler.sample(2, labels=torch.tensor([0, 1]), **bad)
-        with pytest.raises(ValueError, match=match):
-            sample_naive(model, 2, labels=torch.tensor([0, 1]), **bad)
     with pytest.raises(ValueError, match="one generator or seed per sample"):
         sampler.sample(2, labels=torch.tensor([0, 1]), generator=[1, 2, 3])
     with pytest.raises(ValueError, match="n must be"):
@@ -263,16 +298,18 @@ def test_replays_equal_fresh_eager_calls(graph_sampler, variant: str, attention:
     model = make_model(variant, (5, 4), 5, dtype=torch.float64)
     ctx = conditioning(model, batch=3)
     sampler = graph_sampler(model, attention=attention)
-    first = sampler.sample(3, **ctx, generator=[1, 2, 3], top_k=5)
-    assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], top_k=5))
-    assert torch.equal(first, sample_naive(model, 3, **ctx, generator=[1, 2, 3], top_k=5))
+    first = sampler.sample(3, **ctx, generator=[1, 2, 3], controls=SamplingControls(top_k=5))
+    assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], controls=SamplingControls(top_k=5)))
+    assert torch.equal(first, sample_naive(model, 3, **ctx, generator=[1, 2, 3], controls=SamplingControls(top_k=5)))
     # The same configuration replays on the same buffers (no new capture); every cache is reset in between.
     ctx2 = conditioning(model, batch=3, seed=7)
-    second = sampler.sample(3, **ctx2, generator=[4, 5, 6], top_k=5)
+    second = sampler.sample(3, **ctx2, generator=[4, 5, 6], controls=SamplingControls(top_k=5))
     assert sampler.captures == 1
-    assert torch.equal(second, sample(model, 3, **ctx2, generator=[4, 5, 6], top_k=5))
+    assert torch.equal(second, sample(model, 3, **ctx2, generator=[4, 5, 6], controls=SamplingControls(top_k=5)))
     assert not torch.equal(first, second)
-    assert torch.equal(first, sample(model, 3, **ctx, generator=[1, 2, 3], top_k=5))  # not overwritten by the replay
+    assert torch.equal(
+        first, sample(model, 3, **ctx, generator=[1, 2, 3], controls=SamplingControls(top_k=5))
+    )  # not overwritten by the replay
     eager = CachedSampler(model, attention=attention)
     eager.sample(3, **ctx, generator=[1, 2, 3])
     assert sampler.cache_bytes == eager.cache_bytes
@@ -284,8 +321,10 @@ def test_configurations_are_keyed_and_the_least_recent_dropped(graph_sampler) ->
     labels = torch.tensor([0, 1])
 
     def draw(n: int = 2, **controls) -> torch.Tensor:
-        codes = sampler.sample(n, labels[:n], generator=list(range(n)), **controls)
-        assert torch.equal(codes, sample(model, n, labels[:n], generator=list(range(n)), **controls))
+        codes = sampler.sample(n, labels[:n], generator=list(range(n)), controls=SamplingControls(**controls))
+        assert torch.equal(
+            codes, sample(model, n, labels[:n], generator=list(range(n)), controls=SamplingControls(**controls))
+        )
         return codes
 
     draw()
@@ -327,7 +366,7 @@ def test_the_loop_never_synchronises() -> None:
             row(*args)
 
     sampler._row = guarded
-    sampler.sample(2, **ctx, generator=[1, 2], top_k=3, top_p=0.7)
+    sampler.sample(2, **ctx, generator=[1, 2], controls=SamplingControls(top_k=3, top_p=0.7))
 
 
 @pytest.mark.parametrize(("attention", "per_block"), [("sdpa", 9), ("bmm", 13)])
@@ -408,8 +447,10 @@ def test_guided_cached_and_naive_draw_the_same_codes(scale: float) -> None:
     torch.nn.init.normal_(model.blocks[0].class_bias.weight)  # classes that matter
     ctx = conditioning(model, batch=3)
     seeds = [1, 2, 3]
-    cached = CachedSampler(model).sample(3, **ctx, generator=seeds, guidance_scale=scale)
-    assert torch.equal(cached, sample_naive(model, 3, **ctx, generator=seeds, guidance_scale=scale))
+    cached = CachedSampler(model).sample(3, **ctx, generator=seeds, controls=SamplingControls(guidance_scale=scale))
+    assert torch.equal(
+        cached, sample_naive(model, 3, **ctx, generator=seeds, controls=SamplingControls(guidance_scale=scale))
+    )
     plain = CachedSampler(model).sample(3, **ctx, generator=seeds)
     if scale == 0:
         null = torch.full((3,), model.config.num_classes)
@@ -417,4 +458,4 @@ def test_guided_cached_and_naive_draw_the_same_codes(scale: float) -> None:
     else:
         assert not torch.equal(cached, plain)
     with pytest.raises(ValueError, match="class_dropout"):
-        CachedSampler(make_model("all")).sample(3, **ctx, guidance_scale=2.0)
+        CachedSampler(make_model("all")).sample(3, **ctx, controls=SamplingControls(guidance_scale=2.0))

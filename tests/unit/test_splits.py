@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.verify import verify
-from steps.artifacts.codes import CodeDataset, CodeMeta, read_code_meta
+from steps.artifacts.code_format import CodeMeta
+from steps.artifacts.codes import CodeDataset, read_code_meta
 from steps.artifacts.images import ImageShards
 from steps.artifacts.splits import SPLITS, is_legacy, split_folder, split_folders
 from steps.io.pixels import encode_png

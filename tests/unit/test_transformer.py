@@ -12,6 +12,7 @@ import torch
 from steps.nn import registry
 from steps.nn.checkpoint import checkpoint_dict, load_model
 from steps.nn.config import FieldError
+from steps.nn.draw import SamplingControls
 from steps.nn.prior import drop_labels, sample_naive
 from steps.nn.transformer import TransformerConfig, TransformerPrior, TransformerSampler
 
@@ -86,12 +87,14 @@ def test_cached_and_naive_draw_the_same_codes(variant: str, controls: dict) -> N
     model = make_model(variant, dtype=torch.float64)
     ctx = conditioning(model, batch=4)
     seeds = [11, 12, 13, 14]
-    naive = sample_naive(model, 4, **ctx, generator=seeds, **controls)
+    naive = sample_naive(model, 4, **ctx, generator=seeds, controls=SamplingControls(**controls))
     sampler = registry.sampler(model)
     assert isinstance(sampler, TransformerSampler)
-    cached = sampler.sample(4, **ctx, generator=seeds, **controls)
+    cached = sampler.sample(4, **ctx, generator=seeds, controls=SamplingControls(**controls))
     assert torch.equal(cached, naive)
-    assert not torch.equal(sampler.sample(4, **ctx, generator=[21, 22, 23, 24], **controls), cached)
+    assert not torch.equal(
+        sampler.sample(4, **ctx, generator=[21, 22, 23, 24], controls=SamplingControls(**controls)), cached
+    )
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.5, 4.0])
@@ -99,8 +102,12 @@ def test_guided_sampling_matches_the_naive_sampler_and_its_definition(scale: flo
     model = make_model("guided", dtype=torch.float64)
     ctx = conditioning(model, batch=4)
     seeds = [5, 6, 7, 8]
-    cached = TransformerSampler(model).sample(4, **ctx, generator=seeds, guidance_scale=scale)
-    assert torch.equal(cached, sample_naive(model, 4, **ctx, generator=seeds, guidance_scale=scale))
+    cached = TransformerSampler(model).sample(
+        4, **ctx, generator=seeds, controls=SamplingControls(guidance_scale=scale)
+    )
+    assert torch.equal(
+        cached, sample_naive(model, 4, **ctx, generator=seeds, controls=SamplingControls(guidance_scale=scale))
+    )
     plain = TransformerSampler(model).sample(4, **ctx, generator=seeds)
     if scale == 0:  # no class at all: the prior's unconditional stream, i.e. the "no class" label
         null = torch.full((4,), model.config.num_classes)
@@ -112,15 +119,15 @@ def test_guided_sampling_matches_the_naive_sampler_and_its_definition(scale: flo
 def test_guidance_needs_a_guidable_prior_and_sane_scales() -> None:
     model = make_model("class")
     labels = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"class_dropout > 0 \(prior.<level>.class_dropout\)"):
-        TransformerSampler(model).sample(2, labels, guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"class_dropout > 0 \(prior.<level>.class_dropout of train_prior"):
+        TransformerSampler(model).sample(2, labels, controls=SamplingControls(guidance_scale=2.0))
     guided = make_model("guided")
     ctx = conditioning(guided, batch=2)
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="guidance_scale"):
-            TransformerSampler(guided).sample(2, **ctx, guidance_scale=bad)
+            TransformerSampler(guided).sample(2, **ctx, controls=SamplingControls(guidance_scale=bad))
     with pytest.raises(ValueError, match="labels are required"):
-        TransformerSampler(guided).sample(2, None, ctx["cond"], guidance_scale=2.0)
+        TransformerSampler(guided).sample(2, None, ctx["cond"], controls=SamplingControls(guidance_scale=2.0))
 
 
 def test_class_dropout_replaces_labels_at_its_rate_with_the_no_class_label() -> None:
@@ -178,5 +185,5 @@ def test_a_short_fit_learns_the_data() -> None:
         model.nll_bits(codes, labels).backward()
         opt.step()
     assert first > 3.0 and model.nll_bits(codes, labels).item() < 0.3
-    drawn = TransformerSampler(model).sample(2, labels, temperature=0.1, generator=[0, 1])
+    drawn = TransformerSampler(model).sample(2, labels, controls=SamplingControls(temperature=0.1), generator=[0, 1])
     assert torch.equal(drawn, codes)  # the memorised maps, drawn by class

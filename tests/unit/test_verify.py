@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.verify import main, verify
-from steps.artifacts.codes import CodeDataset, CodeMeta
+from steps.artifacts.code_format import CodeMeta
+from steps.artifacts.codes import CodeDataset
 from steps.io.pixels import encode_png
 
 BLANK = encode_png(np.zeros((32, 32), np.uint8))

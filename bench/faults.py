@@ -48,10 +48,12 @@ Usage: python bench/faults.py [--quick] [--only worker_crash,concurrent] [--work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +69,16 @@ from pipeline.verify import verify  # noqa: E402
 SCENARIOS = {**scenarios.SCENARIOS, **io_faults.SCENARIOS}
 
 
+@contextlib.contextmanager
+def scratch(workdir: str | None) -> Iterator[Path]:
+    """The bench's folder: ``workdir`` (kept), or a temporary one removed at the end. Either way every tmpfs a
+    scenario kept mounted in it (disk_full) is released first: a folder with a mount in it cannot be removed."""
+    with contextlib.ExitStack() as stack:
+        base = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        stack.callback(io_faults.release_mounts)  # runs before the temporary folder goes
+        yield base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="accepted for bench/run_all.py; the same scenarios")
@@ -74,8 +86,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep roots, stores and logs here")
     args = parser.parse_args()
     chosen = [s for s in SCENARIOS if not args.only or s in args.only.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(args.workdir or tmp)
+    with scratch(args.workdir) as base:
         results, roots = {}, {}
         clean = Workspace(base / "clean")
         reference = clean_reference(clean)

@@ -13,8 +13,9 @@ debug=tiny`` as subprocesses on a :class:`~drills.workspace.Workspace` of their 
   same command reuses the shards, finishes train_vqvae, and ``pipeline.verify`` passes.
 
 The last two mount a tmpfs (root, or a user allowed to mount); where that is impossible they report ``skipped``. The
-disk_full root stays mounted until the process exits: its train_vqvae, trained again after the disk filled up, is
-compared with a clean run's by ``bench/faults.py``.
+disk_full root stays mounted until :func:`release_mounts` (or the process's exit): its train_vqvae, trained again after
+the disk filled up, is compared with a clean run's by ``bench/faults.py``, which then releases it before removing its
+temporary folder.
 """
 
 from __future__ import annotations
@@ -68,8 +69,18 @@ def hostile_folder(ws: Workspace) -> dict[str, Any]:
     return facts
 
 
+_KEPT: list[Path] = []  # tmpfs mounts kept after their scenario, released by release_mounts()
+
+
 def _umount(point: Path) -> None:
     subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def release_mounts() -> None:
+    """Unmount every tmpfs a scenario kept mounted. Call it before removing the folders they sit in: a folder with a
+    mount in it cannot be removed (EBUSY), which is how bench/faults.py once died after every scenario had passed."""
+    while _KEPT:
+        _umount(_KEPT.pop())
 
 
 @contextlib.contextmanager
@@ -82,7 +93,9 @@ def tmpfs(point: Path, *options: str, keep: bool = False) -> Iterator[str | None
         yield f"cannot mount a tmpfs: {proc.stderr.decode(errors='replace').strip()}"
         return
     if keep:
-        atexit.register(_umount, point)
+        if not _KEPT:
+            atexit.register(release_mounts)  # whatever the caller forgets
+        _KEPT.append(point)
     try:
         yield None
     finally:

@@ -25,7 +25,7 @@ from steps.core.step import JsonlSink
 from steps.nn.vqvae import VQVAE2Config
 from steps.shard import ShardConfig
 from steps.shard import run as shard_run
-from steps.training.loop import TrainConfig
+from steps.training.task import TrainConfig
 
 
 def plain_loop(cfg: train_vqvae.TrainVQVAEConfig, images: np.ndarray, threads: int) -> float:

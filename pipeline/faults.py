@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from steps.io import storage
-from steps.training.loop import TrainTask
+from steps.training.task import TrainTask
 
 log = logging.getLogger(__name__)
 FAULT_FILE = ".fault-injected"  # in a training run's storage: the kill has fired (a restarted attempt goes on)

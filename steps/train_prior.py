@@ -29,7 +29,8 @@ from steps.nn import registry
 from steps.nn.config import ConfigBase, FieldError
 from steps.nn.pixelcnn import PixelCNNConfig
 from steps.nn.prior import PriorConfig, drop_labels
-from steps.training.loop import TrainConfig, TrainTask, final_payload, fit
+from steps.training.loop import final_payload, fit
+from steps.training.task import TrainConfig, TrainTask
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from steps.nn.blocks import AutoencoderConfig
 from steps.nn.config import ConfigBase
 from steps.nn.metrics import psnr
 from steps.nn.vqvae import VQVAE2Config
-from steps.training.loop import TrainConfig, TrainTask, checkpoint_file, final_payload, fit
+from steps.training.loop import checkpoint_file, final_payload, fit
+from steps.training.task import TrainConfig, TrainTask
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from steps.nn.checkpoint import CheckpointError, load_model, read_checkpoint
 
 TRAIN_STATE = "ray"
 TRAIN_STATE_FILE = "state.pt"  # in each of Ray Train's checkpoints: model, optimiser, data position, random streams
+NONFINITE_FILE = "nonfinite.json"  # in a training run's storage: written by rank 0 when the loss diverges
+SINK_DOWN_FILE = "sink_unavailable.json"  # in a training run's storage: written by rank 0 when its sink gives up
 
 
 def digest(data: bytes) -> str:

@@ -1,4 +1,4 @@
-"""Weight averaging for training (``TrainConfig.ema_decay`` in steps/training/loop.py): an exponential moving average of
+"""Weight averaging for training (``TrainConfig.ema_decay`` in steps/training/task.py): an exponential moving average of
 a
 model's floating-point parameters, Polyak style, which samples better than the last iterate of a short, noisy run."""
 

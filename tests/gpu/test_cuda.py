@@ -218,7 +218,7 @@ def test_training_collectives_on_nccl(tmp_path):
     import torch.distributed as dist
 
     from steps.nn.vqvae import VQVAE2, VQVAE2Config
-    from steps.training.loop import _check_replicas, _nonfinite_ranks
+    from steps.training.worker import check_replicas, nonfinite_ranks
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -232,7 +232,7 @@ def test_training_collectives_on_nccl(tmp_path):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = ddp(digits_like(16))
         out.loss.backward()
-        assert _nonfinite_ranks(out.loss, 1) == [] and _nonfinite_ranks(out.loss * float("nan"), 1) == [0]
-        _check_replicas(ddp, step=1)  # all_gather of float64 checksums on NCCL
+        assert nonfinite_ranks(out.loss, 1) == [] and nonfinite_ranks(out.loss * float("nan"), 1) == [0]
+        check_replicas(ddp, step=1)  # all_gather of float64 checksums on NCCL
     finally:
         dist.destroy_process_group()

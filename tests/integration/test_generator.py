@@ -96,7 +96,10 @@ def test_bad_sources_and_mismatched_models(outputs, artifacts, tmp_path):
     with pytest.raises(MissingInputError, match="no generator at"):
         Generator.load(str(tmp_path / "nowhere"))
     lonely = artifacts.priors(tmp_path / "lonely", "0" * 16, top=TOP, bottom=BOTTOM)
-    with pytest.raises(MissingInputError, match="cannot find the autoencoder of .*lonely: its run record does not lead to a train_vqvae output"):
+    with pytest.raises(
+        MissingInputError,
+        match="cannot find the autoencoder of .*lonely: its run record does not lead to a train_vqvae output",
+    ):
         Generator.load(lonely)
     with pytest.raises(CheckpointError, match="trained on codes of VQ-VAE 0{16}"):
         Generator.from_artifacts(outputs["train_vqvae"], lonely)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from steps import train_prior
+from steps.artifacts.checkpoints import TRAIN_STATE_FILE
 from steps.artifacts.code_format import CodeMeta
 from steps.artifacts.priors import Priors
 from steps.core.step import JsonlSink, MissingInputError
@@ -106,7 +107,7 @@ def test_transformer_priors_with_class_dropout_and_weight_averaging(ray_local, t
         assert model.start.num_embeddings == 11  # ten classes and "no class"
     assert 0 < result.metrics["top_val_nll_bits"] < 5
     # The published weights are the average: they differ from the optimiser's last weights kept for resuming.
-    state = torch.load(next((tmp_path / "out" / "ray").rglob("model.pt")), weights_only=True)
+    state = torch.load(next((tmp_path / "out" / "ray").rglob(TRAIN_STATE_FILE)), weights_only=True)
     assert set(state) >= {"live", "average"}
     assert any(not torch.equal(state["model"][k], state["live"][k]) for k in state["average"])
     labels = torch.arange(4)

@@ -17,7 +17,7 @@ from steps.shard import ShardConfig
 from steps.train_classifier import TrainClassifierConfig
 from steps.train_prior import LevelPriors, TrainPriorConfig
 from steps.train_vqvae import TrainVQVAEConfig
-from steps.training.loop import TrainConfig
+from steps.training.task import TrainConfig
 
 BAD = [
     # shard

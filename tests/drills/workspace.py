@@ -95,12 +95,6 @@ class Workspace:
     def partial(self, step: str) -> list[str]:
         return sorted(glob.glob(str(self.root / step / "*.partial")))
 
-
-def kill(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
     def step_runs(self, step_name: str) -> list:
         """The MLflow child runs named ``step_name`` (one per pipeline that ran or reused it), oldest first."""
         from mlflow.tracking import MlflowClient
@@ -118,3 +112,9 @@ def kill(proc: subprocess.Popen) -> None:
 
         client = MlflowClient(tracking_uri=f"sqlite:///{self.db}")
         return [[m.step for m in client.get_metric_history(r.info.run_id, key)] for r in self.step_runs(step_name)]
+
+
+def kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -12,15 +12,23 @@ from omegaconf import OmegaConf
 from pipeline import cache, graph
 from pipeline.config import ConfigError, load, register
 from pipeline.run import MissingUpstreamError, plan
+from steps.io import sources
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 register()
-NEEDS_PATH = {"ffhq256", "imagenet256", "image_folder", "parquet"}  # options that read the user's own data
 
 
 def make(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return load(compose("config", overrides=list(overrides)))
+
+
+def path_for(*overrides: str) -> list[str]:
+    """``data.path=/data`` when the composed config's source reads the user's own data and names no path (the source
+    registry says which sources need one)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        data = compose("config", overrides=list(overrides)).data
+    return ["data.path=/data"] if sources.get(data.source).needs_path and OmegaConf.is_missing(data, "path") else []
 
 
 def options(group: str) -> list[str]:
@@ -30,8 +38,7 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("experiment", options("experiment"))
 @pytest.mark.parametrize("model", options("model"))
 def test_every_experiment_composes_with_every_model(experiment, model):
-    path = ["data.path=/data"] if experiment in NEEDS_PATH else []
-    cfg = make(f"experiment={experiment}", f"model={model}", *path)
+    cfg = make(f"experiment={experiment}", f"model={model}", *path_for(f"experiment={experiment}"))
     assert cfg.model_kind == model
     assert cfg.train_vqvae.model.image_size == cfg.shard.image_size
 
@@ -40,8 +47,7 @@ def test_every_experiment_composes_with_every_model(experiment, model):
 @pytest.mark.parametrize("prior", options("prior"))
 def test_every_experiment_composes_with_every_prior(experiment, prior):
     # An experiment sets the keys every prior kind has; prior_recipe/<experiment>_<prior>.yaml adds its own.
-    path = ["data.path=/data"] if experiment in NEEDS_PATH else []
-    cfg = make(f"experiment={experiment}", f"prior={prior}", *path)
+    cfg = make(f"experiment={experiment}", f"prior={prior}", *path_for(f"experiment={experiment}"))
     top = cfg.train_prior.prior.top
     recipe = CONF / "prior_recipe" / f"{experiment}_{prior}.yaml"
     if recipe.exists():
@@ -59,7 +65,7 @@ def test_prior_recipes_name_an_experiment_and_a_prior():
     "group,option", [(g, o) for g in ("data", "prior", "ray", "mlflow", "debug") for o in options(g)]
 )
 def test_every_group_option_composes(group, option):
-    extra = ["data.path=/data"] if option in NEEDS_PATH else []
+    extra = path_for(f"{group}={option}")
     extra += ["mlflow=server"] if (group, option) == ("ray", "cluster") else []  # a cluster needs a server
     cfg = make(f"{group}={option}", *extra)
     assert cfg.root.startswith("/")

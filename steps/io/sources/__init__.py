@@ -9,7 +9,7 @@ A source works in two places. Listing (:meth:`Source.list`) runs on the driver a
 ``{"id", "label", "ref"}`` in a deterministic order; loading (:meth:`Source.load`) runs on Ray Data workers and turns
 a chunk of items into pixels. No Ray here, so every piece is unit-testable in plain Python.
 
-The sources (each module's docstring says what it reads, its ids and its labels):
+The sources the project ships (each module's docstring says what it reads, its ids and its labels):
 
 - ``digits`` (:mod:`.digits`): scikit-learn's bundled 8x8 digits; no ``path``;
 - ``image_folder`` (:mod:`.image_folder`): image files under a folder, class sub-folders as labels;

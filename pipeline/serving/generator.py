@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +29,13 @@ from steps.artifacts.priors import Priors
 from steps.core.step import MissingInputError
 from steps.generation.generator import ImageGenerator, sample_seed
 from steps.io import storage
-from steps.io.pixels import decode_png, encode_png, hwc, to_float, to_uint8_chw
+from steps.io.pixels import ImageRejected, decode_png, decode_served, encode_png, hwc, to_float, to_uint8_chw
 from steps.nn.draw import DEFAULT, SamplingControls
 
 MAX_IMAGES = 65536  # per call: more is a mistake (or a job for the sample step)
+# Image files given to encode (untrusted: a served model's request): each checked by its header before decoding.
+MAX_IMAGE_BYTES = 8 << 20  # one file
+MAX_REQUEST_BYTES = 64 << 20  # all files of one call
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
@@ -177,13 +180,22 @@ class Generator:
     # ----------------------------------------------------------------------------------------------- codes
     @torch.no_grad()
     def encode(self, images: torch.Tensor | np.ndarray | Sequence[bytes]) -> dict[str, torch.Tensor]:
-        """Codes per level ((N, H, W) int64) of uint8 images (N, C, S, S), or of PNG files' bytes."""
+        """Codes per level ((N, H, W) int64) of uint8 images (N, C, S, S), or of image files' bytes (PNG, JPEG...).
+
+        Files are untrusted input: at most :data:`MAX_IMAGES` of them and :data:`MAX_REQUEST_BYTES` in all, each at
+        most :data:`MAX_IMAGE_BYTES` and exactly the model's size by its header, checked before its pixels are
+        decoded, and decoded one batch at a time (``steps.io.pixels.decode_served``).
+
+        Raises:
+            ValueError: images of another shape or dtype; ``ImageRejected`` (a ValueError) for a file over a limit,
+                of another size, or not an image, naming which.
+        """
         if not self.autoencoder.makes_codes:
             raise ValueError(f"{self.autoencoder.kind} models make no codes")
-        pixels = self._pixels(images)
+        batches = self._batches(images)
         codes = {lv: [] for lv in self.autoencoder.levels}
-        for start in range(0, len(pixels), self.batch_size):
-            x = to_float(pixels[start : start + self.batch_size]).to(self.device)  # (B, C, S, S)
+        for pixels in batches:
+            x = to_float(pixels).to(self.device)  # (B, C, S, S)
             for lv, maps in zip(self.autoencoder.levels, self.model.encode(x).codes, strict=True):
                 codes[lv].append(maps.cpu())
         return {lv: torch.cat(maps) for lv, maps in codes.items()}
@@ -202,19 +214,33 @@ class Generator:
             out.append(torch.from_numpy(to_uint8_chw(self.model.decode_codes(*part))))
         return torch.cat(out) if out else torch.zeros(0, *self.image_shape, dtype=torch.uint8)
 
-    def _pixels(self, images: torch.Tensor | np.ndarray | Sequence[bytes]) -> np.ndarray:
-        """uint8 (N, C, S, S) of the images given, checked against the model's image shape."""
-        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (bytes, bytearray)):
-            try:
-                pixels = np.stack([decode_png(bytes(b), self.image_shape[0]) for b in images])
-            except Exception as exc:  # Pillow raises many types for a file that is not an image
-                raise ValueError(f"images must be PNG/JPEG bytes: {exc}") from None
-        else:
-            pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    def _batches(self, images: torch.Tensor | np.ndarray | Sequence[bytes]) -> Iterator[np.ndarray]:
+        """uint8 (B, C, S, S) batches of the images given, checked against the model's image shape. Files: every
+        limit of every file checked (by its header) before the first is decoded, then decoded batch by batch, so a
+        call holds the files and one batch of pixels."""
+        size = self.image_shape[-1]
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (bytes, bytearray, memoryview)):
+            if len(images) > MAX_IMAGES:
+                raise ImageRejected(f"{len(images)} images, over the limit of {MAX_IMAGES} per call")
+            total = sum(len(f) if isinstance(f, (bytes, bytearray, memoryview)) else 0 for f in images)
+            if total > MAX_REQUEST_BYTES:
+                raise ImageRejected(f"{total} bytes of images, over the limit of {MAX_REQUEST_BYTES} bytes per call")
+            for i, f in enumerate(images):
+                decode_served(f, size, channels=0, max_bytes=MAX_IMAGE_BYTES, what=f"image {i}")  # headers only
+            return self._decoded(images)
+        pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if pixels.dtype != np.uint8 or tuple(pixels.shape[1:]) != self.image_shape:
             raise ValueError(f"images must be uint8 (N, {', '.join(map(str, self.image_shape))}), got "
                              f"{pixels.dtype} {tuple(pixels.shape)}")  # fmt: skip
-        return pixels
+        return (pixels[i : i + self.batch_size] for i in range(0, len(pixels), self.batch_size))
+
+    def _decoded(self, files: Sequence[bytes]) -> Iterator[np.ndarray]:
+        c, s, _ = self.image_shape
+        for start in range(0, len(files), self.batch_size):
+            part = files[start : start + self.batch_size]
+            yield np.stack(
+                [decode_served(f, s, c, MAX_IMAGE_BYTES, what=f"image {start + i}") for i, f in enumerate(part)]
+            )
 
 
 def png_base64(images: torch.Tensor) -> list[str]:

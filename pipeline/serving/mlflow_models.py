@@ -12,6 +12,9 @@ lists them.
   <level>: codes}``.
   Row ``{"label": l, "seed": s}`` is ``Generator.generate(1, labels=[l], seed=s)``: the same image every time.
 * **encoder** (``<experiment>-encoder``): rows ``{"png": image bytes}`` -> rows of codes per level (flat, raster).
+  The files are untrusted: each is checked by its header (format, the model's size, at most
+  ``pipeline.serving.generator.MAX_IMAGE_BYTES``) before any pixel is decoded, a request holds at most ``MAX_ROWS``
+  rows and ``MAX_REQUEST_BYTES`` of files, and it is decoded one batch at a time, so a request's memory is bounded.
 
 A bad request (a label the priors do not know, a missing seed, a temperature <= 0...) raises an MlflowException
 with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and the message.
@@ -152,7 +155,7 @@ class EncoderModel(ServedModel):
         if "png" not in model_input or not 1 <= len(model_input) <= MAX_ROWS:
             raise _bad(f"send 1 to {MAX_ROWS} rows with a png column (the image file's bytes)")
         try:
-            codes = self.generator.encode([bytes(b) for b in model_input["png"]])
+            codes = self.generator.encode(list(model_input["png"]))  # each file checked before it is decoded
         except ValueError as exc:
             raise _bad(str(exc)) from None
         return pd.DataFrame({lv: [m.flatten().tolist() for m in maps] for lv, maps in codes.items()})

@@ -13,7 +13,9 @@ labels=[label], seed=seed, ...)`` and the MLflow model's row (pipeline/serving/m
 wait up to ``batch_wait_timeout_s`` to be drawn together (``@serve.batch``): the cached sampler's cost per position
 barely grows with the batch, so a batch of 16 costs little more than one image. Requests with different sampling
 controls are drawn in separate batches; the ``X-Batch-Size`` response header says how many images the request's batch
-drew. A bad request gets HTTP 400 with the reason; the server stays up."""
+drew. A bad request gets HTTP 400 with the reason; the server stays up. A request is one image, and its body is
+refused past :data:`MAX_BODY_BYTES` (64 KiB) before it is parsed, so one request's memory is bounded.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +30,25 @@ from starlette.responses import JSONResponse
 
 from steps.nn.draw import SamplingControls
 
+MAX_BODY_BYTES = 64 << 10  # one request: a JSON object of a seed, a label and the controls needs a few hundred bytes
+
 
 class BadRequest(ValueError):
     """A request the server refuses with HTTP 400."""
+
+
+async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, refused (:class:`BadRequest`, naming the limit) once it grows past ``limit`` bytes: by its
+    Content-Length before anything is read, else while it streams in, so a request never holds more."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadRequest(f"request body of {declared} bytes, over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(f"request body over the limit of {limit} bytes")
+    return bytes(body)
 
 
 def parse(body: Any, num_classes: int) -> dict[str, Any]:
@@ -93,7 +111,7 @@ class GeneratorServer:
 
     async def __call__(self, request: Request) -> JSONResponse:
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await read_body(request) or b"null")
             answer, size = await self.draw_batch(parse(body, self.generator.num_classes))
             return JSONResponse(answer, headers={"X-Batch-Size": str(size)})
         except (BadRequest, json.JSONDecodeError) as exc:

@@ -35,6 +35,55 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+# ------------------------------------------------------------------------------------------ untrusted images
+SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what the served models read
+
+
+class ImageRejected(ValueError):
+    """An untrusted image refused before its pixels are decoded; the message names the limit it broke."""
+
+
+def decode_served(data: object, size: int, channels: int, max_bytes: int, what: str = "image") -> np.ndarray:
+    """The bytes of an untrusted image file (a request to a served model) -> uint8 (C, size, size).
+
+    Checked before any pixel is decoded: at most ``max_bytes`` bytes, one of :data:`SERVED_FORMATS`, and exactly
+    ``size`` x ``size`` pixels by its header, so decoding costs at most the model's own image size whatever the file
+    claims (a 140 KB PNG can claim a 12,000 x 12,000 canvas). Any mode is converted to ``channels``. With
+    ``channels=0`` only the checks run (nothing is decoded; returns an empty array).
+
+    Raises:
+        ImageRejected: ``what`` and the limit it broke (bytes, format, size), or a damaged or truncated file.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageRejected(f"{what}: expected the bytes of an image file, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise ImageRejected(f"{what}: {len(data)} bytes, over the limit of {max_bytes} bytes per image")
+    try:
+        with warnings.catch_warnings():  # the size is checked below, against the model's, not Pillow's loose limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(bytes(data)))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{claimed.group(1)} pixels" if claimed else "a canvas too large for Pillow"
+        raise ImageRejected(f"{what}: {pixels} by its header, but the model takes {size}x{size} images") from None
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise ImageRejected(f"{what}: not an image file ({', '.join(SERVED_FORMATS)} are read)") from None
+    with img:
+        if img.format not in SERVED_FORMATS:
+            raise ImageRejected(f"{what}: a {img.format} file; {', '.join(SERVED_FORMATS)} are read")
+        if img.size != (size, size):
+            w, h = img.size
+            raise ImageRejected(f"{what}: {w}x{h} pixels by its header, but the model takes {size}x{size} images")
+        if not channels:
+            return np.zeros(0, np.uint8)
+        try:
+            img.load()
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageRejected(f"{what}: a damaged or truncated {img.format} file ({exc})") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
 def decode_batch(images: Sequence[bytes], channels: int) -> np.ndarray:
     """A column of PNG bytes -> float32 (B, C, S, S) in [-1, 1]."""
     arr = np.stack([decode_png(b, channels) for b in images]).astype(np.float32)

@@ -199,7 +199,7 @@ def test_registered_generator_predicts_the_api_images(store, gen):
         Generator.load("models:/vqvae2-nothing@current")
 
 
-def test_registered_encoder_gives_the_codes(store, gen):
+def test_registered_encoder_gives_the_codes(store, gen, png_claiming):
     import mlflow
 
     images = gen.generate(2, seed=4)
@@ -208,8 +208,12 @@ def test_registered_encoder_gives_the_codes(store, gen):
     codes = gen.encode(images)
     assert out["top"].tolist() == codes["top"].flatten(1).tolist()
     assert out["bottom"].tolist() == codes["bottom"].flatten(1).tolist()
-    with pytest.raises(Exception, match="PNG"):
-        mlflow.pyfunc.load_model("models:/vqvae2-encoder@current").predict(pd.DataFrame({"png": [b"not an image"]}))
+    encoder = mlflow.pyfunc.load_model("models:/vqvae2-encoder@current")
+    with pytest.raises(Exception, match=r"image 0: not an image file \(PNG, JPEG"):
+        encoder.predict(pd.DataFrame({"png": [b"not an image"]}))
+    bomb = png_claiming(12000, 12000)  # a few bytes that claim a 12,000 x 12,000 canvas
+    with pytest.raises(Exception, match="image 1: 12000x12000 pixels by its header, but the model takes 32x32"):
+        encoder.predict(pd.DataFrame({"png": [pngs[0], bomb]}))
 
 
 def test_alias_policy_and_reuse(store, outputs):

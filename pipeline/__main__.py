@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, as_user_dict, load, register
 from pipeline.outputs import OutputWriteError
 from pipeline.run import MissingUpstreamError, execute
+from pipeline.secrets import install_console_filter, redact, redact_console
 from steps.core.step import SinkUnavailableError, TaskWrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +32,7 @@ register()
 def main(wrap_task: TaskWrap | None = None) -> None:
     """Run the pipeline on the command line's overrides. ``wrap_task`` wraps every training task (what
     ``python -m pipeline.faults`` injects faults through); None in normal use."""
+    redact_console()  # before Hydra: its own errors quote the overrides
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def pipeline(dcfg: DictConfig) -> None:
@@ -39,6 +42,7 @@ def main(wrap_task: TaskWrap | None = None) -> None:
 
 
 def _main(dcfg: DictConfig, wrap_task: TaskWrap | None) -> None:
+    install_console_filter()  # Hydra has set up the console and log file: no secret reaches either
     try:
         cfg = load(dcfg)  # every value validated here, before Ray starts
         hydra = HydraConfig.get()
@@ -48,13 +52,18 @@ def _main(dcfg: DictConfig, wrap_task: TaskWrap | None) -> None:
         resolved = OmegaConf.to_yaml(OmegaConf.create(as_user_dict(cfg)))  # what runs, in full
         execute(cfg, resolved, overrides, trial, dict(hydra.runtime.choices), wrap_task=wrap_task)
     except (ConfigError, MissingUpstreamError) as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(exc, 2)
     except (SinkUnavailableError, OutputWriteError) as exc:  # tracking server down, or disk full: no traceback
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _fail(exc, 1)
+    except Exception:  # anything else: its traceback, redacted (an error may quote a URI with its password)
+        log.error("the pipeline failed:\n%s", traceback.format_exc())
         sys.exit(1)
+
+
+def _fail(exc: Exception, status: int) -> None:
+    log.error("%s", exc)
+    print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from typing import Any
 
 from pipeline import __version__, cache, graph, outputs, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
+from pipeline.secrets import redact, redact_overrides
 from pipeline.serving import registration
-from pipeline.tracking import Tracker, redact, redact_overrides, result_record, run_name, run_params
+from pipeline.tracking import Tracker, result_record, run_name, run_params
 from pipeline.tracking_buffer import MLflowSink
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
@@ -136,7 +137,7 @@ def execute(
             move = cfg.mlflow.move_alias if cfg.mlflow.move_alias is not None else not trial
             _register_models(planned, cfg, store, move)
     _print_summary(planned)
-    print(tracker.where(), flush=True)
+    print(tracker.where(), flush=True)  # redacted
     return planned
 
 
@@ -233,4 +234,4 @@ def _print_summary(planned: list[Planned]) -> None:
         lines.append(f"{p.step.name:<12} {p.action:<7} {p.seconds:>8.1f}  {os.path.dirname(where) or where}")
     total = sum(p.seconds for p in planned)
     lines.append(f"{'total':<12} {'':<7} {total:>8.1f}")
-    print("\n".join(lines), flush=True)
+    print(redact("\n".join(lines)), flush=True)  # output URIs may hold credentials

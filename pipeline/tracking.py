@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -24,13 +23,13 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from pipeline.secrets import redact, redact_value
 from pipeline.tracking_buffer import DEFAULT_OUTAGE_LIMIT_S, Outage, configure_http_retries
 from steps.core.step import StepResult
 from steps.io import storage
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000  # MLflow 3 limit for param values
-SECRET_HINTS = ("token", "password", "secret", "key_id", "access_key")
 # The UI opens an experiment in its GenAI view unless this tag says it holds model-training runs.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # The Hydra groups whose choice every parent run records (so Compare shows them even when not overridden).
@@ -54,28 +53,8 @@ def git_sha() -> str:
         return "unknown"
 
 
-# scheme://user:password@host -> scheme://user:***@host (a tracking URI of a database or a server with basic auth)
-_URI_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^/\s:@]*):[^/\s@]+@")
-_SECRET_LINE = re.compile(r"(?im)^(?P<key>\s*[+~]*[\w.-]*(?:" + "|".join(SECRET_HINTS) + r")[\w.-]*\s*[:=]\s*)\S.*$")
-
-
-def redact(text: str) -> str:
-    """``text`` with URI passwords and the values of secret-looking ``key: value`` / ``key=value`` lines hidden.
-
-    Everything the driver sends to MLflow as text (params, the overrides tag, the resolved config) goes through it.
-    """
-    return _SECRET_LINE.sub(r"\g<key>***", _URI_PASSWORD.sub(r"\g<head>:***@", text))
-
-
-def redact_overrides(overrides: list[str]) -> str:
-    """Hydra's command-line overrides as one string, each ``key=value`` redacted on its own."""
-    return " ".join(redact(o) for o in overrides)
-
-
 def _param_value(key: str, value: Any) -> str:
-    if any(h in key.lower() for h in SECRET_HINTS):
-        return "***"
-    return redact(str(value))[:MAX_PARAM_LEN]
+    return redact_value(key, value)[:MAX_PARAM_LEN]
 
 
 def _split_override(override: str) -> tuple[str, str] | None:
@@ -205,8 +184,8 @@ class Tracker:
         driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
         self.parent = self.call(
             self.mlflow.start_run,
-            run_name=self.run_name,
-            tags={"git_sha": git_sha(), **driver, **self.tags},
+            run_name=redact(self.run_name) if self.run_name else None,
+            tags={k: redact(str(v)) for k, v in {"git_sha": git_sha(), **driver, **self.tags}.items()},
             log_system_metrics=self.system_metrics,
         )
         return self
@@ -278,7 +257,7 @@ class Tracker:
         """A child run for step ``name``; ``datasets`` (upstream name -> (URI, fingerprint)) are logged as its
         inputs, so the UI's dataset column shows which shards or code dataset the step read."""
         tags = {"step": name, "fingerprint": fp, "git_sha": git_sha()}
-        tags.update({f"input.{k}": v for k, v in inputs.items()})
+        tags.update({f"input.{k}": redact(v) for k, v in inputs.items()})
         run = self.call(self.mlflow.start_run, run_name=name, nested=True, tags=tags)
         try:
             items = [(k, _param_value(k, v)) for k, v in params.items()]
@@ -310,7 +289,7 @@ class Tracker:
             client.log_batch,
             run_id,
             metrics=[Metric(f"final/{k}", float(v), now, 0) for k, v in metrics.items()],
-            tags=[RunTag(f"artifact.{k}", v) for k, v in artifacts.items()],
+            tags=[RunTag(f"artifact.{k}", redact(v)) for k, v in artifacts.items()],
         )
         if not images:
             return
@@ -362,7 +341,7 @@ def log_dataset(mlflow, name: str, uri: str, digest: str, call: Callable[..., An
     try:
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": two registered local sources
             warnings.simplefilter("ignore")
-            source = resolve_dataset_source(uri)
+            source = resolve_dataset_source(redact(uri))  # the source is recorded: no credentials in it
     except Exception as exc:
         log.warning("dataset %s (%s) not logged to MLflow: %s", name, uri, exc)
         return

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.tracking import Tracker, redact, redact_overrides
+from pipeline.secrets import redact, redact_overrides
+from pipeline.tracking import Tracker
 
 SECRET = "hunter2"
 

@@ -13,7 +13,7 @@ from pipeline import __version__, cache, graph, outputs, ray_logs
 from pipeline.config import ConfigError, PipelineConfig, flatten
 from pipeline.secrets import redact, redact_overrides
 from pipeline.serving import registration
-from pipeline.tracking import Tracker, result_record, run_name, run_params
+from pipeline.tracking import Tracker, login_problem, result_record, run_name, run_params
 from pipeline.tracking_buffer import MLflowSink
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
@@ -116,6 +116,8 @@ def execute(
     ``wrap_task``: wraps the training steps' tasks (``python -m pipeline.faults``); None in normal use."""
     if (problem := outputs.write_problem(cfg.root)) is not None:  # before Ray starts, with the setting's name
         raise ConfigError(f"artifacts.root {cfg.root!r} is not writable: {problem}")
+    if (problem := login_problem(cfg.mlflow.tracking_uri)) is not None:  # before Ray starts too
+        raise ConfigError(f"mlflow.tracking_uri: {problem}")
     store = cache.ArtifactStore(cfg.root)
     planned = plan(cfg, store)
     todo = [p.step.name for p in planned if p.action == "run"]

@@ -93,6 +93,33 @@ def run_name(overrides: list[str], choices: Mapping[str, str | None]) -> str:
     return name if len(name) <= MAX_NAME_LEN else name[: MAX_NAME_LEN - 3] + "..."
 
 
+LOGIN_HELP = (
+    "give the user and password of the server's authentication app in MLFLOW_TRACKING_USERNAME and "
+    "MLFLOW_TRACKING_PASSWORD, or in ~/.mlflow/credentials on every node (docs/cluster.md, Logging in to MLflow)"
+)
+
+
+def login_problem(tracking_uri: str) -> str | None:
+    """Why a tracking server refuses this process's login (HTTP 401 or 403), or None: a server that lets us in, a
+    store that is not a server, or one that does not answer now (an outage is the tracker's to ride out)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    configure_http_retries()  # a server that is down answers this probe in seconds, not after minutes of retries
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        status = exc.get_http_status_code()
+        if status in (401, 403):
+            what = "refused the login" if status == 401 else "refused this user"
+            return f"the MLflow server at {redact(tracking_uri)} {what} (HTTP {status}): {LOGIN_HELP}"
+    except Exception:  # connection refused, a timeout: not a login problem
+        return None
+    return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -16,6 +16,7 @@ image file, in order (memory: one file's ids), and only then writes the code dat
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 import time
@@ -35,6 +36,7 @@ from steps.artifacts.codes import CodeDataset, CodeWriter
 from steps.artifacts.images import SPLITS, ImageShards
 from steps.core.progress import Progress, watch
 from steps.core.step import MetricsSink, StepResult, require_input
+from steps.core.watchdog import Heartbeat, watched
 from steps.io import storage
 from steps.io.pixels import decode_batch
 from steps.nn.config import ConfigBase, no_effect
@@ -53,9 +55,11 @@ class EncodeConfig(ConfigBase):
     num_actors: int = no_effect(1)
     use_gpu: bool = False
     cpus_per_actor: float = no_effect(1.0)
+    stall_timeout_s: float = no_effect(600.0)  # a file without progress this long fails, naming it (0: off)
 
     def validate(self) -> None:
         self.require_min(1, "batch_size", "num_actors")
+        self.require("stall_timeout_s", self.stall_timeout_s >= 0, "seconds >= 0 (0: no limit)")
         self.require("cpus_per_actor", self.cpus_per_actor > 0, "a number > 0")
 
     @property
@@ -79,9 +83,12 @@ class FileEncoder:
     """``map_batches`` callable: each row names one image-shard file, which the actor encodes whole, ``batch_size``
     images at a time, into its code file. The model is loaded once per actor."""
 
-    def __init__(self, autoencoder: Autoencoder, writer: CodeWriter, batch_size: int, use_gpu: bool, threads: int):
+    def __init__(
+        self, autoencoder: Autoencoder, writer: CodeWriter, batch_size: int, use_gpu: bool, threads: int,
+        stall_s: float = 0.0,
+    ):  # fmt: skip
         torch.set_num_threads(threads)
-        self.writer, self.batch_size = writer, batch_size
+        self.writer, self.batch_size, self.stall_s = writer, batch_size, stall_s
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = autoencoder.load(self.device)  # refuses a checkpoint that changed since the driver checked it
         self.channels = autoencoder.image_shape[0]
@@ -96,12 +103,22 @@ class FileEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for split, src, name in zip(batch["split"], batch["src"], batch["name"], strict=True):
-            images = storage.read_parquet(str(src), columns=["id", "label", "image"])
-            parts = [self.encode(images.slice(i, self.batch_size)) for i in range(0, images.num_rows, self.batch_size)]
-            table = pa.concat_tables(parts) if parts else self.writer.schema.empty_table()
-            self.writer.write_part(table, str(split), str(name))
-            rows.append(table.num_rows)
+            what = f"encoding {src} into {self.writer.split_uri(str(split))}"
+            rows.append(watched(functools.partial(self._file, str(split), str(src), str(name)), what, self.stall_s))
         return {"rows": np.asarray(rows, dtype=np.int64)}
+
+    def _file(self, split: str, src: str, name: str, beat: Heartbeat) -> int:
+        """Encode one image-shard file whole into its code file; returns its rows."""
+        beat("reading the image file")
+        images = storage.read_parquet(src, columns=["id", "label", "image"])
+        parts = []
+        for i in range(0, images.num_rows, self.batch_size):
+            beat(f"encoding rows {i} to {min(i + self.batch_size, images.num_rows)}")
+            parts.append(self.encode(images.slice(i, self.batch_size)))
+        table = pa.concat_tables(parts) if parts else self.writer.schema.empty_table()
+        beat("writing the code file")
+        self.writer.write_part(table, split, name)
+        return table.num_rows
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -195,6 +212,7 @@ def _encode(cfg: EncodeConfig, autoencoder: Autoencoder, units: list[Unit], writ
             "batch_size": cfg.batch_size,
             "use_gpu": cfg.use_gpu,
             "threads": cfg.torch_threads,
+            "stall_s": cfg.stall_timeout_s,
         },
     )
     written = sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))

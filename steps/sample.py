@@ -19,6 +19,7 @@ finished shards of the same settings and checkpoints and draws the rest, with th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from ray.util import ActorPool
@@ -38,6 +40,7 @@ from steps.artifacts.compat import check_classifier, check_compatible
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import REJECTION, SamplesWriter, sample_id, sampled_codes
 from steps.core.step import MetricsSink, StepResult, require_input
+from steps.core.watchdog import Heartbeat, watched
 from steps.generation.generator import ImageGenerator, sample_seed
 from steps.generation.rejection import Rejection, draw_accepted
 from steps.io import storage
@@ -79,6 +82,8 @@ class SampleConfig(ConfigBase):
         write_pngs: write one PNG per sample under ``images/``.
         grid_size: the first ``grid_size`` samples are tiled into ``grid.png``; for class-conditional priors with one
             column per label of the cycle (so each column shows one class), in whole rows.
+        stall_timeout_s: writing a shard's files without progress for this long fails the shard, naming it (a hung
+            mount); 0: no limit.
     """
 
     num_samples: int = 64
@@ -97,10 +102,12 @@ class SampleConfig(ConfigBase):
     use_gpu: bool = False
     write_pngs: bool = True
     grid_size: int = 64
+    stall_timeout_s: float = no_effect(600.0)  # writing a shard without progress this long fails, naming it (0: off)
 
     def validate(self) -> None:
         self.require_min(1, "num_samples", "shard_size", "num_actors", "cpus_per_actor", "grid_size", "max_attempts")
         self.require("seed", 0 <= self.seed < 2**32, "an int in [0, 2**32)")
+        self.require("stall_timeout_s", self.stall_timeout_s >= 0, "seconds >= 0 (0: no limit)")
         try:
             self.controls  # noqa: B018 - the controls' own check, named as this config's fields
         except ControlError as exc:
@@ -225,13 +232,14 @@ class ShardSampler:
             seeds = [sample_seed(cfg.seed, i) for i in indices]
             images, codes = self.generator.draw(seeds, labels, cfg.controls)
             pixels, info = to_uint8(images), {"draws": count}  # (count, S, S) or (count, S, S, 3)
-        if cfg.write_pngs:
-            for i in range(count):
-                self.writer.write_image(start + i, encode_png(pixels[i]))
-        if codes:
-            rejection = {k: info[k].tolist() for k in REJECTED} if self.rejection is not None else None
-            ids = [sample_id(i) for i in indices]
-            self.writer.write_codes(shard, sampled_codes(ids, labels, codes, plan.meta, seeds, rejection))
+        rejection = {k: info[k].tolist() for k in REJECTED} if self.rejection is not None else None
+        table = (
+            sampled_codes([sample_id(i) for i in indices], labels, codes, plan.meta, seeds, rejection)
+            if codes
+            else None
+        )
+        what = f"writing sample shard {shard} (samples {start} to {start + count - 1}) into {self.writer.out}"
+        watched(functools.partial(self._write, shard, start, pixels, table), what, cfg.stall_timeout_s)
         in_grid = max(0, min(count, cfg.grid_size - start))
         record = {
             "shard": shard,
@@ -242,8 +250,18 @@ class ShardSampler:
             "cache_bytes": dict(self.generator.cache_bytes),
             "seconds": time.perf_counter() - t0,
         }
-        self.writer.write_record(shard, record)  # last: the shard is complete
+        # last: the shard is complete
+        watched(lambda beat: self.writer.write_record(shard, record), f"{what}: its record", cfg.stall_timeout_s)
         return {**record, "grid": pixels[:in_grid].copy() if in_grid else None}
+
+    def _write(self, shard: int, start: int, pixels: np.ndarray, codes: pa.Table | None, beat: Heartbeat) -> None:
+        """The shard's PNGs and codes part (its record goes last, after this returns)."""
+        for i in range(len(pixels) if self.cfg.write_pngs else 0):
+            beat(f"writing image {start + i}")
+            self.writer.write_image(start + i, encode_png(pixels[i]))
+        if codes is not None:
+            beat("writing the codes part")
+            self.writer.write_codes(shard, codes)
 
 
 def _pool_size(cfg: SampleConfig, num_shards: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from steps.artifacts.images import SPLITS, ShardWriter
 from steps.core.progress import Progress, watch
 from steps.core.step import MetricsSink, StepResult
+from steps.core.watchdog import Heartbeat, watched
 from steps.io import sources, storage
 from steps.io.pixels import encode_png
 from steps.nn.config import ConfigBase, no_effect
@@ -45,6 +46,7 @@ class ShardConfig(ConfigBase):
     split_salt: str = ""
     read_timeout_s: float = no_effect(30.0)  # one item's read + decode; an item that overruns is a bad file
     max_file_mb: int = no_effect(64)  # a larger image file is a bad file (never read)
+    stall_timeout_s: float = no_effect(600.0)  # a work unit without progress this long fails, naming it (0: off)
 
     def validate(self) -> None:
         known = sources.names()
@@ -64,6 +66,7 @@ class ShardConfig(ConfigBase):
         self.require("image_column", bool(self.image_column), "a non-empty column name")
         self.require("read_timeout_s", self.read_timeout_s >= 0, "seconds >= 0 (0: no limit)")
         self.require("max_file_mb", self.max_file_mb >= 1, "a positive number of MiB")
+        self.require("stall_timeout_s", self.stall_timeout_s >= 0, "seconds >= 0 (0: no limit)")
         for name in ("label_column", "id_column"):
             self.require(
                 name, getattr(self, name) is None or bool(getattr(self, name)), "null or a non-empty column name"
@@ -81,9 +84,19 @@ def _writer(cfg: ShardConfig, out: str) -> ShardWriter:
 
 
 def _shard_unit(split: str, part: int, items: list[dict], cfg: ShardConfig, out: str) -> dict[str, Any]:
-    """Decode one chunk of items and write it as one shard file; stops at the first bad file under "fail"."""
+    """Decode one chunk of items and write it as one shard file; stops at the first bad file under "fail". Fails
+    (:class:`~steps.core.watchdog.StalledError`) after ``cfg.stall_timeout_s`` without progress, naming the unit."""
+    first = items[0]["id"] if items else "-"
+    what = f"shard unit {split}/{part} ({len(items)} images, the first {first}) of {cfg.source} into {out}"
+    return watched(lambda beat: _write_unit(split, part, items, cfg, out, beat), what, cfg.stall_timeout_s)
+
+
+def _write_unit(
+    split: str, part: int, items: list[dict], cfg: ShardConfig, out: str, beat: Heartbeat
+) -> dict[str, Any]:
     ids, labels, images, skipped = [], [], [], []
     for item, pixels, reason, where in sources.get(cfg.source).load(items, cfg):
+        beat(f"reading the images (last: {item['id']})")
         if pixels is None:
             skipped.append({"path": where, "reason": reason})
             if cfg.on_bad_file == "fail":
@@ -92,6 +105,7 @@ def _shard_unit(split: str, part: int, items: list[dict], cfg: ShardConfig, out:
         ids.append(item["id"])
         labels.append(item["label"])
         images.append(encode_png(pixels))
+    beat(f"writing its shard file ({len(ids)} images) under {out}/{split}")
     name = _writer(cfg, out).write_part(split, part, ids, labels, images) if ids else ""
     return {"rows": len(ids), "file": name, "skipped": skipped, "failed": False}
 

@@ -5,6 +5,8 @@ runs the server in its own process group and waits for ``/health``; ``stop()`` e
 SIGKILL) and waits until the port refuses connections. ``uri`` is always the loopback address; ``host="0.0.0.0"`` makes
 the server listen on every interface too, and it takes any Host header (this node's IP need not be a private one). A
 restarted server has the same port and the same store, as a restarted tracking server on a head node would.
+``auth=(user, password)`` runs MLflow's authentication app (``--app-name basic-auth``, as cluster.yaml does) with that
+user as its admin: every request then needs the login.
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{db}
+admin_username = {user}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
 class TrackingServer:
-    def __init__(self, where: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, where: Path, host: str = "127.0.0.1", auth: tuple[str, str] | None = None) -> None:
         self.where = Path(where)
+        self.auth = auth
         self.host = host  # "0.0.0.0" for a pipeline's workers, which reach a loopback URI through this node's IP
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -41,13 +52,22 @@ class TrackingServer:
     def start(self, timeout: float = 90.0) -> None:
         assert self.proc is None, "already running"
         mlflow = Path(sys.executable).with_name("mlflow")
+        env, app = dict(os.environ), []
+        if self.auth:
+            ini = self.where / "basic_auth.ini"
+            ini.write_text(AUTH_INI.format(db=self.where / "basic_auth.db", user=self.auth[0]))
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.auth[1],
+                       MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())  # fmt: skip
+            app = ["--app-name", "basic-auth"]
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
         with open(self.where / "mlflow-server.log", "ab") as log:  # the child keeps its own copy of the handle
             self.proc = subprocess.Popen(
-                [str(mlflow), "server", "--host", self.host, "--allowed-hosts", "*", "--port", str(self.port),
+                [str(mlflow), "server", *app, "--host", self.host, "--allowed-hosts", "*", "--port", str(self.port),
                  "--workers", "1",
                  "--backend-store-uri", f"sqlite:///{self.where / 'mlflow.db'}",
                  "--artifacts-destination", str(self.where / "mlflow-artifacts")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.where,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.where, env=env,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -38,6 +38,7 @@ from steps.training.resume import STATE_FILE
 from steps.training.task import TrainConfig, TrainTask
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FLUSH_S = 60.0  # how long a checkpoint waits for the metrics logged before it to be delivered
 
 
 # ------------------------------------------------------------------------------------------------ the cluster
@@ -358,7 +359,19 @@ def checkpoint(run: Run, learner: Learner, window: MetricWindow, last: bool) -> 
                 final.eval()
                 with torch.no_grad(), run.autocast:
                     run.task.finalize(final, val, d)
+            deliver_before_checkpoint(run.sink, step)
         worker.report(report, d if worker.rank == 0 else None)
+
+
+def deliver_before_checkpoint(sink: MetricsSink, step: int) -> None:
+    """Wait (up to :data:`CHECKPOINT_FLUSH_S`) until the sink has delivered every metric logged so far, before the
+    checkpoint is reported. A worker SIGKILLed after it then loses no metric: those logged up to the checkpoint are in
+    the store, and those after it are logged again by the resumed run, each once (it logs only the steps past the
+    store's last one). A store that stays down longer costs a warning, not the training time."""
+    if not sink.flush(CHECKPOINT_FLUSH_S):
+        log.warning(
+            "metrics logged up to step %d not yet delivered (the tracking store is down); training goes on", step
+        )
 
 
 def main(config: Mapping[str, Any]) -> None:

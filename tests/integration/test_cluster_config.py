@@ -8,6 +8,7 @@ The MLflow start commands are also run for real, on localhost, to prove their sh
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import itertools
@@ -19,6 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -162,7 +165,7 @@ def test_project_installed_on_every_node(raw, cfg):
 
 
 def _mlflow_commands(cfg: dict) -> list[str]:
-    return [c for c in cfg["head_setup_commands"] + cfg["head_start_ray_commands"] if "mlflow" in c]
+    return [c for c in cfg["head_start_ray_commands"] if "mlflow" in c]
 
 
 def test_mlflow_server_on_the_head_only(cfg):
@@ -170,6 +173,11 @@ def test_mlflow_server_on_the_head_only(cfg):
     assert len(servers) == 1
     server = servers[0]
     assert "--host 0.0.0.0" in server and "--port 5000" in server
+    # Behind a login: the authentication app, installed on the head, the login copied to every node.
+    assert "--app-name basic-auth" in server and any("mlflow[auth]" in c for c in cfg["head_setup_commands"])
+    assert "~/.mlflow/credentials" in cfg["file_mounts"]
+    settings = yaml.safe_dump(cfg)
+    assert not re.search(r"(?i)password\s*[=:]\s*[^\s\"'(]", settings), "no password in cluster.yaml's settings"
     assert re.search(r"--backend-store-uri (sqlite|postgresql)\S*://\S+", server)
     # Artifacts on shared storage, proxied by the server: workers only need http://<head>:5000.
     assert re.search(r"--artifacts-destination s3://\S+", server)
@@ -193,9 +201,17 @@ def test_mlflow_start_commands_run(cfg, tmp_path):
         cmd = re.sub(r"--artifacts-destination \S+", f"--artifacts-destination file://{tmp_path}/artifacts", cmd)
         return cmd.replace("--port 5000", f"--port {port}").replace(":5000/", f":{port}/")
 
-    stop_cmd, start_cmd, health_cmd = (local(c) for c in _mlflow_commands(cfg))
+    stop_cmd, auth_cmd, start_cmd, health_cmd = (local(c) for c in _mlflow_commands(cfg))
     assert "kill" in stop_cmd and "mlflow server" in start_cmd and "/health" in health_cmd
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    # The login file_mounts copies to every node: here in a HOME of the test's own.
+    home, password = tmp_path / "home", os.urandom(8).hex()
+    (home / ".mlflow").mkdir(parents=True)
+    login = f"[mlflow]\nmlflow_tracking_username = admin-x\nmlflow_tracking_password = {password}\n"
+    (home / ".mlflow" / "credentials").write_text(login)
+    env["HOME"] = str(home)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
     # MLflow's job runner (GenAI scoring, trace archival) adds a dozen processes and seconds to the start-up;
     # nothing here uses it, and the commands under test are the same without it.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -206,10 +222,18 @@ def test_mlflow_start_commands_run(cfg, tmp_path):
     pid_file = store / "server.pid"
     try:
         assert sh(stop_cmd, 30).returncode == 0  # no server yet: a no-op
+        made = sh(auth_cmd, 60)
+        assert made.returncode == 0, made.stderr.decode()[-3000:]
+        ini = (store / "basic_auth.ini").read_text()
+        assert "admin_username = admin-x" in ini and password not in ini
         assert sh(start_cmd, 30).returncode == 0
-        health = sh(health_cmd, 180)
+        health = sh(health_cmd, 300)
         assert health.returncode == 0, health.stdout.decode()[-3000:]
         pgid = int(pid_file.read_text())
+        search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(search) == 401, "every request needs the login"
+        assert _status(search, ("admin-x", password)) == 200, "the credentials file's user is the admin"
+        assert password not in (store / "server.log").read_text(errors="replace")
         assert sh(stop_cmd, 30).returncode == 0
         deadline = time.monotonic() + 30
         while _alive(pgid) and time.monotonic() < deadline:
@@ -218,6 +242,17 @@ def test_mlflow_start_commands_run(cfg, tmp_path):
     finally:
         if pid_file.exists() and _alive(pgid := int(pid_file.read_text())):
             os.killpg(pgid, signal.SIGKILL)  # the group this test started, nothing else
+
+
+def _status(url: str, login: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(login).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def _alive(pgid: int) -> bool:

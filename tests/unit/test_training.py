@@ -283,3 +283,44 @@ def test_worker_stops_every_rank_on_a_loss_that_is_not_finite(tmp_path, global_s
     assert sorted({s for s, _ in sink.rows}) == [3, 4]
     record = json.loads((tmp_path / "nan" / "run" / NONFINITE_FILE).read_text())
     assert record["step"] == 6 and record["ranks"] == [0] and np.isnan(record["loss_rank0"])
+
+
+class HeldSink(ListSink):
+    """A sink that keeps what is logged until it is flushed (as the MLflow sink's queue does while its thread
+    sends), and records when it delivered: what a SIGKILLed worker would lose is what was held at that moment."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.events, self.held = events, []
+
+    def log_metrics(self, metrics, step):
+        self.held.append((step, dict(metrics)))
+
+    def flush(self, timeout_s=None):
+        self.rows += self.held
+        self.events += [("delivered", step) for step, _ in self.held]
+        self.held = []
+        return True
+
+
+def test_metrics_logged_before_a_checkpoint_are_delivered_before_it_is_reported(tmp_path, global_state):
+    """So a worker killed at any moment loses no metric a resume would not log again: those up to the checkpoint it
+    resumes from are in the store already."""
+    events: list = []
+
+    class Reporting(FakeWorker):
+        def report(self, metrics, directory):
+            events.append(("report", metrics["step"]))
+            super().report(metrics, directory)
+
+    (tmp_path / "held" / "run").mkdir(parents=True)
+    sink = HeldSink(events)
+    worker.train(Sign(), TC, Reporting(tmp_path / "held"), str(tmp_path / "held" / "run"), sink)
+    reports = [i for i, (what, _) in enumerate(events) if what == "report"]
+    assert [events[i][1] for i in reports] == [4, 8, 10]
+    for i in reports:
+        step = events[i][1]
+        delivered = {s for what, s in events[:i] if what == "delivered"}
+        logged = {s for s, _ in sink.rows + sink.held if s <= step}
+        assert logged <= delivered, f"the checkpoint at step {step} was reported with metrics still held"
+    assert not sink.held or max(s for s, _ in sink.held) > 10

@@ -28,7 +28,8 @@ def path_for(*overrides: str) -> list[str]:
     registry says which sources need one)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         data = compose("config", overrides=list(overrides)).data
-    return ["data.path=/data"] if sources.get(data.source).needs_path and OmegaConf.is_missing(data, "path") else []
+    unset = OmegaConf.is_missing(data, "path") or data.path is None
+    return ["data.path=/data"] if sources.get(data.source).needs_path and unset else []
 
 
 def options(group: str) -> list[str]:

@@ -2,6 +2,12 @@
 
 A killed driver takes its local Ray along (SIGKILL to the process group), as a preempted head node would. The
 artifact root is then checked with ``pipeline.verify``, the tool users run after an incident.
+
+The default run keeps the flagship drill (a driver killed mid-training resumes bitwise); the others are ``drill``
+tests (``python -m pytest -m drill``), each several whole pipelines, which ``bench/faults.py`` also runs. Their parts
+are in the default run too, one level down: encode and sample resume per finished file
+(``tests/integration/test_encode.py``, ``test_sample.py``) and two holders run a step once
+(``tests/integration/test_lease.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ def assert_sound(root: Path) -> None:
         assert rows.found == rows.expected and not (rows.duplicates or rows.missing or rows.extra), (key, rows)
 
 
+@pytest.mark.drill
 def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
     ws = Workspace(tmp_path)
 
@@ -51,6 +58,7 @@ def test_driver_killed_mid_encode_then_mid_sample(tmp_path):
     assert_sound(ws.root)
 
 
+@pytest.mark.drill
 def test_two_pipelines_on_one_root(tmp_path):
     ws = Workspace(tmp_path)
     facts = scenarios.concurrent(ws)

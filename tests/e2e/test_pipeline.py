@@ -1,12 +1,11 @@
 """The whole pipeline as a user runs it (`python -m pipeline debug=tiny`), then cached, then a sample-only rerun."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from tiny_pipeline import pipeline
 
 from pipeline.graph import NAMES
 from steps.artifacts.autoencoder import Autoencoder
@@ -18,17 +17,6 @@ pytestmark = pytest.mark.e2e
 EVALUATE_METRICS = ["recon_mse", "psnr", "ssim", "usage_top", "perplexity_bottom", "nll_bits_top", "bits_per_dim"]
 EVALUATE_METRICS += ["fd_effnet", "kid_effnet", "kid_effnet_std", "precision", "recall", "fd_effnet_real"]
 STEPS = list(NAMES)  # the debug=tiny VQ-VAE-2 runs every step of the graph
-
-
-def pipeline(workdir: Path, *overrides: str, faults: tuple[str, ...] = ()) -> str:
-    root, db = workdir / "artifacts", workdir / "mlflow.db"
-    settings = ["debug=tiny", f"artifacts.root={root}", f"mlflow.tracking_uri=sqlite:///{db}", *overrides]
-    cmd = [sys.executable, "-m", "pipeline.faults", *faults, "--", *settings] if faults else [
-        sys.executable, "-m", "pipeline", *settings
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout + proc.stderr
 
 
 def finished(root: Path, step: str) -> list[Path]:
@@ -49,12 +37,9 @@ def mlflow_runs(workdir: Path):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """One full run, with a worker killed (SIGKILL) in train_vqvae after step 7 (by the fault-injection wrapper,
-    python -m pipeline.faults): Ray Train restarts the workers from the step-5 checkpoint."""
-    path = tmp_path_factory.mktemp("e2e")
-    (path / "console.txt").write_text(pipeline(path, faults=("--kill-at", "train_vqvae:7")))
-    return path
+def workdir(tiny_run):
+    """The session's tiny run (tests/e2e/conftest.py), which this module's reruns build on."""
+    return tiny_run
 
 
 def test_the_console_shows_progress_and_not_ray_chatter(workdir):

@@ -1,7 +1,7 @@
 """The registered generator served over real HTTP: ``mlflow models serve`` and the Ray Serve app, the same images.
 
-The module trains the tiny pipeline up to train_prior with ``mlflow.move_alias=true``, so that
-``models:/vqvae2-generator@current`` is this run's generator, then starts each server as a user would.
+The servers load the generator of the session's tiny run (``tiny_run``, tests/e2e/conftest.py) by its version, the
+first in that store, and start as a user starts them. (Moving the ``current`` alias is tested in test_pipeline.py.)
 """
 
 from __future__ import annotations
@@ -26,19 +26,12 @@ import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
-MODEL = "models:/vqvae2-generator@current"
+MODEL = "models:/vqvae2-generator/1"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The tiny pipeline run once with the alias moved (mlflow.move_alias=true), as a user would publish it."""
-    path = tmp_path_factory.mktemp("serving")
-    root, db = path / "artifacts", path / "mlflow.db"
-    cmd = [sys.executable, "-m", "pipeline", "debug=tiny", f"artifacts.root={root}", f"mlflow.tracking_uri=sqlite:///{db}",
-           "mlflow.move_alias=true", "steps=[shard,train_vqvae,encode,train_prior]"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return path
+def workdir(tiny_run) -> Path:
+    return tiny_run
 
 
 def free_port() -> int:

@@ -139,8 +139,8 @@ def schema(cls: type, skip: tuple[str, ...] = (), kind: str | None = None) -> ty
             continue
         tp, optional = optional_inner(hints(cls)[f.name])
         default = _default(f)
-        if is_role_base(tp):  # polymorphic: the option of its group fills it (SCHEMA_GROUPS)
-            specs.append((f.name, Any, MISSING))
+        if is_role_base(tp):  # polymorphic: the option of its group fills it (SCHEMA_GROUPS), unless it may be unset
+            specs.append((f.name, Any, None if optional and default is None else MISSING))
         elif is_config_type(tp):
             sub = schema(tp)
             values = {

@@ -23,6 +23,7 @@ from steps.core.step import MetricsSink, StepResult
 from steps.core.watchdog import Heartbeat, watched
 from steps.io import sources, storage
 from steps.io.pixels import encode_png
+from steps.nn.blocks import MAX_IMAGE, MIN_IMAGE
 from steps.nn.config import ConfigBase, no_effect
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class ShardConfig(ConfigBase):
             self.require("path", bool(self.path), f"set for source={self.source}")
         else:
             self.require("path", self.path is None, f"unset for source={self.source}{source.path_hint}")
-        ok = self.image_size % 8 == 0 and 32 <= self.image_size <= 256
-        self.require("image_size", ok, "a multiple of 8 in [32, 256]")
+        ok = self.image_size % 8 == 0 and MIN_IMAGE <= self.image_size <= MAX_IMAGE
+        self.require("image_size", ok, f"a multiple of 8 in [{MIN_IMAGE}, {MAX_IMAGE}]")
         self.require("channels", self.channels in (1, 3), "1 or 3")
         self.require("val_fraction", 0 <= self.val_fraction < 1, "a number in [0, 1)")
         self.require("rows_per_shard", self.rows_per_shard >= 1, "a positive integer")

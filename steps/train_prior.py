@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,7 +26,7 @@ from steps.artifacts.codes import CodeDataset
 from steps.artifacts.priors import PriorsWriter
 from steps.core.step import MetricsSink, MissingInputError, PrefixSink, StepResult, TaskWrap, require_input
 from steps.nn import registry
-from steps.nn.config import ConfigBase, FieldError
+from steps.nn.config import ConfigBase, FieldError, later
 from steps.nn.pixelcnn import PixelCNNConfig
 from steps.nn.prior import PriorConfig, drop_labels
 from steps.training.loop import final_payload, fit
@@ -37,10 +37,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LevelPriors(ConfigBase):
-    """The prior of each level: any prior kind, its fields derived from the code dataset filled in by the step."""
+    """The prior of each level: any prior kind, its fields derived from the code dataset filled in by the step.
+
+    ``middle`` is the prior of every level between the top and the bottom of a model with more than two levels; unset,
+    they take the bottom's (each is conditioned on the level above, as the bottom is)."""
 
     top: PriorConfig = field(default_factory=lambda: PixelCNNConfig(attn_heads=4))
     bottom: PriorConfig = field(default_factory=PixelCNNConfig)
+    middle: PriorConfig | None = later(None)
+
+    def name_of(self, level: str, levels: Sequence[str]) -> str:
+        """The field that configures ``level`` of ``levels`` (top first): ``prior.<name>`` to the user."""
+        if level == levels[0]:
+            return "top"
+        if level == levels[-1] or self.middle is None:
+            return "bottom"
+        return "middle"
 
 
 @dataclass(frozen=True)
@@ -61,10 +73,11 @@ def prior_config(cfg: TrainPriorConfig, meta: CodeMeta, level: str) -> PriorConf
         "cond_num_codes": meta.codebook_size[above] if above else 0,
         "cond_shape": meta.shapes[above] if above else (0, 0),
     }
+    name = cfg.prior.name_of(level, meta.levels)
     try:
-        return replace(getattr(cfg.prior, level), **derived)
+        return replace(getattr(cfg.prior, name), **derived)
     except FieldError as exc:  # the architecture does not fit this code map: name the config group to edit
-        raise ValueError(f"prior.{level}.{exc.field} {exc.problem} (for the {level} codes of {meta.shapes})") from None
+        raise ValueError(f"prior.{name}.{exc.field} {exc.problem} (for the {level} codes of {meta.shapes})") from None
 
 
 class PriorTask(TrainTask):

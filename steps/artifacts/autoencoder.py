@@ -72,7 +72,7 @@ class Autoencoder(Artifact):
     @property
     def levels(self) -> tuple[str, ...]:
         """Code levels, top first; () for a model without codes."""
-        return tuple(registry.get(self.kind).model.levels)
+        return tuple(self.config.levels)
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:

@@ -16,6 +16,8 @@ from torch import nn
 
 from steps.nn.config import ConfigBase
 
+MIN_IMAGE, MAX_IMAGE = 32, 1024  # image sides the autoencoders take (1024: the paper's FFHQ model)
+
 
 def log2_exact(value: int) -> int | None:
     """log2 of a power of two, else None."""
@@ -40,14 +42,19 @@ class AutoencoderConfig(ConfigBase):
         """The image side must be a multiple of this (the total downsampling)."""
         return 1
 
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The code maps it makes, top first; () for a model without codes."""
+        return ()
+
     def validate(self) -> None:
         self.require_min(1, "in_channels", "channels", "res_channels")
         self.require_min(0, "res_blocks")
         m = self.image_multiple
         self.require(
             "image_size",
-            32 <= self.image_size <= 256 and self.image_size % m == 0,
-            f"in [32, 256] and a multiple of {m}",
+            MIN_IMAGE <= self.image_size <= MAX_IMAGE and self.image_size % m == 0,
+            f"in [{MIN_IMAGE}, {MAX_IMAGE}] and a multiple of {m}",
         )
 
 
@@ -149,14 +156,17 @@ class AutoencoderOutput:
 class Autoencoder(nn.Module):
     """Common surface of the autoencoders (the role ``autoencoder``).
 
-    ``levels`` names the code maps, top first (empty for a model without codes); a model with levels implements
-    ``encode(x) -> Encoding`` and ``decode_codes(*codes)``. Every autoencoder returns an ``AutoencoderOutput`` from
-    ``forward`` and decodes what ``encode`` gives it.
+    ``levels`` names the code maps, top first (empty for a model without codes; its config says which); a model with
+    levels implements ``encode(x) -> Encoding`` and ``decode_codes(*codes)``. Every autoencoder returns an
+    ``AutoencoderOutput`` from ``forward`` and decodes what ``encode`` gives it.
     """
 
     config_cls: ClassVar[type[AutoencoderConfig]]
-    levels: ClassVar[tuple[str, ...]] = ()
     config: AutoencoderConfig
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return self.config.levels
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -15,8 +15,10 @@ Every config of the project (models, quantizers, priors, step settings) is a fro
   ``kind`` (``{"kind": "ema", ...}``), so checkpoints and Hydra both say which one.
 * **Facts about a field sit on the field** (``dataclasses.field(metadata=...)``), not in name lists elsewhere:
   :func:`no_effect` marks a setting that cannot change results (a retry budget, the size of a worker pool), which
-  the run cache leaves out of fingerprints (:meth:`ConfigBase.result_dict`); :func:`derived` marks a field the
-  pipeline fills from upstream artifacts (a prior's code-map shape), which users do not set.
+  the run cache leaves out of fingerprints (:meth:`ConfigBase.result_dict`); :func:`later` marks a setting added
+  after outputs were cached, left out of fingerprints while at its default (outputs made before it existed keep
+  their cache entries); :func:`derived` marks a field the pipeline fills from upstream artifacts (a prior's code-map
+  shape), which users do not set.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 T = TypeVar("T", bound="ConfigBase")
 EFFECT = "effect"  # field metadata: False = the value cannot change what a step produces
 DERIVED = "derived"  # field metadata: where the pipeline takes the value from (users do not set it)
+LATER = "later"  # field metadata: True = at its default, the value stays out of fingerprints (a setting added later)
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -45,6 +48,14 @@ class FieldError(ValueError):
 def no_effect(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """A dataclass field whose value cannot change results (placement, retries): kept out of fingerprints."""
     return dataclasses.field(default=default, metadata={EFFECT: False}, **kw)
+
+
+def later(default: Any) -> Any:
+    """A dataclass field added after outputs were cached: at ``default`` it is left out of fingerprints, so the
+    outputs made before the setting existed (which behave as its default) keep their cache entries."""
+    factory = isinstance(default, (list, dict))
+    kw = {"default_factory": lambda: type(default)(default)} if factory else {"default": default}
+    return dataclasses.field(metadata={LATER: True}, **kw)
 
 
 def derived(default: Any, source: str) -> Any:
@@ -141,8 +152,14 @@ class ConfigBase:
         for f in dataclasses.fields(self):
             if affects_results(f):
                 value = getattr(self, f.name)
+                if f.metadata.get(LATER) and value == _default_of(f):
+                    continue
                 out[f.name] = value.result_dict() if isinstance(value, ConfigBase) else _plain(value)
         return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _plain(value: Any, derived: bool = True) -> Any:

@@ -113,7 +113,7 @@ def build(config: Any, *args: Any, **kwargs: Any) -> Any:
 
 def makes_codes(kind: str) -> bool:
     """Whether an autoencoder of ``kind`` encodes images to discrete codes (and so has priors)."""
-    return bool(get(kind, "autoencoder").model.levels)
+    return bool(get(kind, "autoencoder").config().levels)
 
 
 def sampler(prior: Any) -> Any:

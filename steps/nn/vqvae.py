@@ -1,13 +1,20 @@
-"""Hierarchical VQ-VAE-2 (Razavi et al. 2019, section 3.1, figure 2a) and the one-level VQ-VAE it extends.
+"""Hierarchical VQ-VAE-2 (Razavi et al. 2019, section 3.1, figure 2a) with any number of levels, and the one-level
+VQ-VAE it extends.
 
-VQ-VAE-2 encodes an image of side S into a bottom feature map at S/4, encodes that further into a top map at S/8 and
-quantises the top. The quantised top is decoded back to S/4 and concatenated with the bottom features before the
-bottom quantiser, so the bottom codes only carry what the top codes could not (the paper's "conditioned on the top").
-The image decoder sees both the upsampled top and the bottom code vectors. Images are float tensors in [-1, 1].
+``factors`` lists the downsampling from the image to the bottom level, then from each level to the next coarser one:
+``[4, 2]`` (the default) encodes an image of side S into a bottom map at S/4 and a top map at S/8; the paper's
+three-level FFHQ-1024 model is ``[8, 2, 2]`` (bottom 128, middle 64, top 32). Levels are named top first: ``top``,
+``bottom``; with three levels ``top``, ``middle``, ``bottom``; with more ``top``, ``middle1``, ..., ``bottom``.
+
+The top features are quantised first. Each finer level is quantised after what the coarser levels already explain
+is decoded into its resolution and concatenated with its features (the paper's "conditioned on the top"), so its codes
+only carry what the coarser ones could not. The image decoder sees every level: the coarser code vectors upsampled to
+the bottom's resolution, concatenated with the bottom's. Images are float tensors in [-1, 1].
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -16,8 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from steps.nn import registry
-from steps.nn.blocks import Autoencoder, AutoencoderConfig, AutoencoderOutput, Decoder, Encoder, SingleScaleConfig
-from steps.nn.config import FieldError
+from steps.nn.blocks import (
+    Autoencoder,
+    AutoencoderConfig,
+    AutoencoderOutput,
+    Decoder,
+    Encoder,
+    SingleScaleConfig,
+    log2_exact,
+)
+from steps.nn.config import FieldError, later
 from steps.nn.quantize import EMAQuantizerConfig, Quantizer, QuantizerConfig
 
 
@@ -30,43 +45,78 @@ class Encoding(NamedTuple):
     perplexity: tuple[torch.Tensor, ...]  # each scalar
 
 
+def level_names(count: int) -> tuple[str, ...]:
+    """Names of ``count`` >= 2 levels, top first: top, [middle | middle1, middle2, ...], bottom."""
+    middles = ("middle",) if count == 3 else tuple(f"middle{i}" for i in range(1, count - 1))
+    return ("top", *middles, "bottom")
+
+
 @dataclass(frozen=True)
 class VQVAE2Config(AutoencoderConfig):
-    """VQ-VAE-2 hyper-parameters. ``quantizer`` configures both levels' codebooks; a level may override its codebook
-    size and code dimension (``top_codebook_size``, ``bottom_embed_dim``, ...)."""
+    """VQ-VAE-2 hyper-parameters.
+
+    Attributes:
+        factors: the downsampling from the image to the bottom level, then from each level to the next coarser one
+            (powers of two, at least two: one per level). Their product divides ``image_size``.
+        quantizer: every level's codebook; a level may override its size and code dimension
+            (``top_codebook_size``, ``bottom_embed_dim``, ...; ``middle_*`` applies to every level between).
+    """
 
     quantizer: QuantizerConfig = field(default_factory=EMAQuantizerConfig)
     top_codebook_size: int | None = None
     bottom_codebook_size: int | None = None
     top_embed_dim: int | None = None
     bottom_embed_dim: int | None = None
+    factors: tuple[int, ...] = later((4, 2))
+    middle_codebook_size: int | None = later(None)
+    middle_embed_dim: int | None = later(None)
 
     @property
     def image_multiple(self) -> int:
-        return 8
+        return math.prod(self.factors)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return level_names(len(self.factors))
 
     def validate(self) -> None:
+        self.require("factors", len(self.factors) >= 2, "a list of at least two factors (one per level)")
+        self.require("factors", all(f >= 2 and log2_exact(f) for f in self.factors), "powers of two >= 2")
+        m = self.image_multiple
+        if self.image_size % m:
+            raise self.error(
+                "factors", f"{list(self.factors)} multiply to {m}, which must divide image_size={self.image_size}"
+            )
         super().validate()
-        for level in ("top", "bottom"):
+        for level in ("top", "middle", "bottom"):
             self.quantizer_of(level)  # checks the level's overrides
+        if len(self.factors) == 2:
+            for name in ("middle_codebook_size", "middle_embed_dim"):
+                self.require(name, getattr(self, name) is None, "unset: two levels have no middle level")
 
     def quantizer_of(self, level: str) -> QuantizerConfig:
         """The quantiser config of ``level``: ``quantizer`` with the level's overrides."""
-        size, dim = getattr(self, f"{level}_codebook_size"), getattr(self, f"{level}_embed_dim")
+        kind = level if level in ("top", "bottom") else "middle"
+        size, dim = getattr(self, f"{kind}_codebook_size"), getattr(self, f"{kind}_embed_dim")
         try:
             return self.quantizer.resized(size, dim)
         except FieldError as exc:
-            override = {"codebook_size": f"{level}_codebook_size", "dim": f"{level}_embed_dim"}.get(exc.field)
+            override = {"codebook_size": f"{kind}_codebook_size", "dim": f"{kind}_embed_dim"}.get(exc.field)
             raise self.error(override, exc.problem) if override else exc from None
+
+    def scale(self, level: str) -> int:
+        """How many image pixels one code of ``level`` spans along each side."""
+        below = len(self.levels) - self.levels.index(level)  # the factors from the image up to this level
+        return math.prod(self.factors[:below])
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(H, W) of each level's code map."""
-        return {"top": (self.image_size // 8,) * 2, "bottom": (self.image_size // 4,) * 2}
+        return {lv: (self.image_size // self.scale(lv),) * 2 for lv in self.levels}
 
     @property
     def codebook_sizes(self) -> dict[str, int]:
-        return {level: self.quantizer_of(level).codebook_size for level in ("top", "bottom")}
+        return {level: self.quantizer_of(level).codebook_size for level in self.levels}
 
 
 @dataclass(frozen=True)
@@ -75,8 +125,15 @@ class VQVAEConfig(SingleScaleConfig):
 
     quantizer: QuantizerConfig = field(default_factory=EMAQuantizerConfig)
 
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return ("top",)
+
     def quantizer_of(self, level: str) -> QuantizerConfig:
         return self.quantizer
+
+    def scale(self, level: str) -> int:
+        return self.downsample
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -127,50 +184,74 @@ class _VQModel(Autoencoder):
 
 
 class VQVAE2(_VQModel):
-    """Two-level VQ-VAE: top codes at 1/8 of the image side, bottom codes at 1/4."""
+    """VQ-VAE-2 with ``len(config.factors)`` levels (module docstring). Its modules are named by level
+    (``enc_<level>``, ``pre_quant_<level>``, ``dec_<level>``: the coarser levels decoded into the next finer one's
+    resolution, ``upsample_<level>``: to the bottom's, for the image decoder), so a two-level model's are the names
+    two-level checkpoints hold."""
 
     config_cls = VQVAE2Config
-    levels = ("top", "bottom")
 
     def __init__(self, config: VQVAE2Config) -> None:
         super().__init__()
         self.config = config
-        c, rb, rc = config.channels, config.res_blocks, config.res_channels
-        d_t, d_b = config.quantizer_of("top").dim, config.quantizer_of("bottom").dim
-        self.enc_bottom = Encoder(config.in_channels, c, rb, rc, factor=4)
-        self.enc_top = Encoder(c, c, rb, rc, factor=2)
-        self.pre_quant_top = nn.Conv2d(c, d_t, 1)
-        self.dec_top = Decoder(d_t, d_b, c, rb, rc, factor=2)
-        self.pre_quant_bottom = nn.Conv2d(c + d_b, d_b, 1)
-        self.upsample_top = nn.ConvTranspose2d(d_t, d_t, 4, stride=2, padding=1)
-        self.dec = Decoder(d_t + d_b, config.in_channels, c, rb, rc, factor=4)
-        self.quantizers = nn.ModuleDict({lv: _quantizer(config.quantizer_of(lv)) for lv in self.levels})
+        c, rb, rc, f = config.channels, config.res_blocks, config.res_channels, config.factors
+        names = config.levels
+        dims = {lv: config.quantizer_of(lv).dim for lv in names}
+        # Built in this order (encoders bottom up, then each level top down) so a two-level model draws the same
+        # initial weights as before levels were a setting.
+        for j, lv in enumerate(reversed(names)):
+            self.add_module(f"enc_{lv}", Encoder(config.in_channels if j == 0 else c, c, rb, rc, factor=f[j]))
+        for i, lv in enumerate(names):
+            width = c + (dims[lv] if i else 0)  # below the top: the level's features and what the coarser explain
+            self.add_module(f"pre_quant_{lv}", nn.Conv2d(width, dims[lv], 1))
+            if i + 1 < len(names):  # the coarser levels' stream (this level's code vectors, and below the top what
+                finer = names[i + 1]  # explained it) decoded to the next finer level's resolution
+                stream = dims[lv] * (2 if i else 1)
+                self.add_module(
+                    f"dec_{lv}", Decoder(stream, dims[finer], c, rb, rc, factor=config.scale(lv) // config.scale(finer))
+                )
+        for lv in names[:-1]:
+            up = config.scale(lv) // config.scale(names[-1])
+            self.add_module(
+                f"upsample_{lv}", nn.ConvTranspose2d(dims[lv], dims[lv], 2 * up, stride=up, padding=up // 2)
+            )
+        self.dec = Decoder(sum(dims.values()), config.in_channels, c, rb, rc, factor=f[0])
+        self.quantizers = nn.ModuleDict({lv: _quantizer(config.quantizer_of(lv)) for lv in names})
 
     def encode(self, x: torch.Tensor) -> Encoding:
         self._check_image(x)
-        h_b = self.enc_bottom(x)  # (B, C, S/4, S/4)
-        h_t = self.enc_top(h_b)  # (B, C, S/8, S/8)
-        q_t = self.quantizers["top"](self.pre_quant_top(h_t))
-        cond = self.dec_top(q_t.quantized)  # (B, D_b, S/4, S/4): what the top codes already explain
-        q_b = self.quantizers["bottom"](self.pre_quant_bottom(torch.cat([h_b, cond], dim=1)))
+        features, h = {}, x
+        for lv in reversed(self.levels):  # bottom up: (B, C, S / scale, S / scale) per level
+            h = features[lv] = getattr(self, f"enc_{lv}")(h)
+        out, stream = [], None
+        for i, lv in enumerate(self.levels):
+            if i == 0:
+                q = self.quantizers[lv](getattr(self, f"pre_quant_{lv}")(features[lv]))
+            else:
+                explained = getattr(self, f"dec_{self.levels[i - 1]}")(stream)  # (B, D_l, H_l, W_l)
+                q = self.quantizers[lv](getattr(self, f"pre_quant_{lv}")(torch.cat([features[lv], explained], dim=1)))
+            out.append(q)
+            stream = q.quantized if i == 0 else torch.cat([q.quantized, explained], dim=1)
+        commit = out[0].commit_loss
+        for q in out[1:]:
+            commit = commit + q.commit_loss
         return Encoding(
-            codes=(q_t.codes, q_b.codes),
-            quantized=(q_t.quantized, q_b.quantized),
-            commit_loss=q_t.commit_loss + q_b.commit_loss,
-            perplexity=(q_t.perplexity, q_b.perplexity),
+            codes=tuple(q.codes for q in out),
+            quantized=tuple(q.quantized for q in out),
+            commit_loss=commit,
+            perplexity=tuple(q.perplexity for q in out),
         )
 
     def decode(self, quantized: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        q_t, q_b = quantized
-        up = self.upsample_top(q_t)  # (B, D_t, S/4, S/4)
-        return self.dec(torch.cat([up, q_b], dim=1))  # (B, C, S, S)
+        *coarse, bottom = quantized
+        ups = [getattr(self, f"upsample_{lv}")(q) for lv, q in zip(self.levels, coarse, strict=False)]
+        return self.dec(torch.cat([*ups, bottom], dim=1))  # (B, C, S, S)
 
 
 class VQVAE(_VQModel):
     """One-level VQ-VAE (van den Oord et al. 2017); its single code map is called ``top``."""
 
     config_cls = VQVAEConfig
-    levels = ("top",)
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()

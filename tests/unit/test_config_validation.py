@@ -24,8 +24,8 @@ BAD = [
     (ShardConfig, {"source": "webdataset"}, "source"),
     (ShardConfig, {"source": "image_folder"}, "path"),
     (ShardConfig, {"path": "/data"}, "path"),
-    (ShardConfig, {"image_size": 36}, "image_size must be a multiple of 8 in [32, 256], got 36"),
-    (ShardConfig, {"image_size": 512}, "image_size"),
+    (ShardConfig, {"image_size": 36}, "image_size must be a multiple of 8 in [32, 1024], got 36"),
+    (ShardConfig, {"image_size": 2048}, "image_size"),
     (ShardConfig, {"image_size": "32"}, "image_size must be an integer"),
     (ShardConfig, {"channels": 2}, "channels"),
     (ShardConfig, {"val_fraction": 1.0}, "val_fraction"),
@@ -49,6 +49,7 @@ BAD = [
     (TrainVQVAEConfig, {"model": {"kind": "gan"}}, "model unknown autoencoder kind 'gan'"),
     (TrainPriorConfig, {"class_conditional": 1}, "class_conditional"),
     (LevelPriors, {"top": {"kernel_size": 4}}, "kernel_size must be odd"),
+    (LevelPriors, {"middle": {"kernel_size": 4}}, "kernel_size must be odd"),
     # encode
     (EncodeConfig, {"batch_size": 0}, "batch_size"),
     (EncodeConfig, {"num_actors": 1.5}, "num_actors"),

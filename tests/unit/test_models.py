@@ -1,6 +1,7 @@
 """Autoencoders: shapes, gradients, decode_codes, checkpoints, determinism, overfitting, config validation."""
 
 import io
+import math
 import pathlib
 
 import pytest
@@ -32,6 +33,55 @@ def test_vqvae2_shapes(size, channels):
     assert out.recon.shape == x.shape
     assert set(out.stats) == {"perplexity_top", "perplexity_bottom", "commit_loss"}
     assert model.config.shapes == {"top": (size // 8, size // 8), "bottom": (size // 4, size // 4)}
+
+
+@pytest.mark.parametrize(
+    "factors,size,levels",
+    [
+        ((2, 2), 32, ("top", "bottom")),
+        ((4, 2, 2), 64, ("top", "middle", "bottom")),
+        ((8, 2, 2), 128, ("top", "middle", "bottom")),  # the paper's FFHQ-1024 hierarchy, at 128 pixels
+        ((2, 2, 2, 2), 64, ("top", "middle1", "middle2", "bottom")),
+    ],
+)
+def test_vqvae2_any_number_of_levels(factors, size, levels):
+    model = tiny_vqvae2(image_size=size, factors=factors, top_codebook_size=16, bottom_embed_dim=4).train()
+    scales = [math.prod(factors[: len(factors) - i]) for i in range(len(factors))]  # top first
+    assert model.levels == levels
+    assert model.config.shapes == {lv: (size // s, size // s) for lv, s in zip(levels, scales, strict=True)}
+    assert model.config.codebook_sizes == {lv: 16 if lv == "top" else 32 for lv in levels}
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    enc = model.encode(x)
+    assert [tuple(c.shape) for c in enc.codes] == [(2, size // s, size // s) for s in scales]
+    assert [q.shape[1] for q in enc.quantized] == [8] * (len(levels) - 1) + [4]
+    out = model(x)
+    assert out.recon.shape == x.shape and set(out.stats) == {f"perplexity_{lv}" for lv in levels} | {"commit_loss"}
+    out.recon_loss.backward()  # every level's encoder learns from the reconstruction (straight through)
+    for lv in levels:
+        assert sum(p.grad.abs().sum() for p in getattr(model, f"enc_{lv}").parameters()) > 0
+    model.eval()
+    with torch.no_grad():
+        enc = model.encode(x)
+        torch.testing.assert_close(model.decode_codes(*enc.codes), model.decode(enc.quantized))
+    with pytest.raises(ValueError, match=f"expects {len(levels)} code maps"):
+        model.decode_codes(*enc.codes[:-1])
+
+
+def test_two_level_model_keeps_its_layout_and_fingerprint():
+    """Levels became a setting after two-level checkpoints and cached outputs existed: at the default factors a model
+    has the modules those checkpoints hold, and its config the fingerprint it had."""
+    model = tiny_vqvae2()
+    modules = {name.split(".")[0] for name in model.state_dict()}
+    assert modules == {"enc_bottom", "enc_top", "pre_quant_top", "dec_top", "pre_quant_bottom", "upsample_top",
+                       "dec", "quantizers"}  # fmt: skip
+    result = model.config.result_dict()
+    assert not {"factors", "middle_codebook_size", "middle_embed_dim"} & set(result)
+    assert VQVAE2Config(**TINY, factors=[4, 2]).result_dict() == result  # the default, spelled out
+    assert VQVAE2Config(**TINY, factors=[2, 2, 2]).result_dict()["factors"] == [2, 2, 2]
+    three = tiny_vqvae2(factors=[2, 2, 2])
+    assert {"enc_middle", "dec_middle", "upsample_middle", "pre_quant_middle"} <= {
+        name.split(".")[0] for name in three.state_dict()
+    }
 
 
 @pytest.mark.parametrize("downsample", [2, 4, 8])
@@ -81,8 +131,13 @@ def test_decode_codes_rejects_wrong_shapes():
 
 @pytest.mark.parametrize(
     "model",
-    [tiny_vqvae2(), VQVAE(VQVAEConfig(**TINY)), VAE(VAEConfig(channels=16, res_channels=8))],
-    ids=["vqvae2", "vqvae", "vae"],
+    [
+        tiny_vqvae2(),
+        tiny_vqvae2(factors=[2, 2, 2], middle_codebook_size=8),
+        VQVAE(VQVAEConfig(**TINY)),
+        VAE(VAEConfig(channels=16, res_channels=8)),
+    ],
+    ids=["vqvae2", "vqvae2-3-levels", "vqvae", "vae"],
 )
 def test_checkpoint_round_trip(tmp_path, model):
     model.train()
@@ -180,7 +235,12 @@ def test_overfit_one_batch(kind):
     "build,field",
     [
         (lambda: VQVAE2Config(image_size=36), "image_size"),
-        (lambda: VQVAE2Config(image_size=512), "image_size"),
+        (lambda: VQVAE2Config(image_size=2048), "image_size"),
+        (lambda: VQVAE2Config(image_size=48, factors=[4, 8]), "factors"),
+        (lambda: VQVAE2Config(factors=[8]), "factors"),
+        (lambda: VQVAE2Config(factors=[4, 3]), "factors"),
+        (lambda: VQVAE2Config(factors=[2, 2, 2], middle_codebook_size=40000), "middle_codebook_size"),
+        (lambda: VQVAE2Config(middle_embed_dim=8), "middle_embed_dim"),
         (lambda: VQVAE2Config(quantizer={"codebook_size": 40000}), "codebook_size"),
         (lambda: VQVAE2Config(quantizer={"kind": "nope"}), "quantizer"),
         (lambda: VQVAE2Config(channels=1.5), "channels"),

@@ -9,11 +9,17 @@ a class label and, below the top level, the code map of the level above. Archite
 * :class:`Prior` checks inputs and scores codes (:meth:`Prior.nll_bits`); a subclass implements ``forward`` (logits
   whose position i depends only on codes before i) and may name a fast sampler in the registry. Without one,
   :class:`NaiveSampler` (a full forward pass per position) samples any prior.
+
+Every sampler runs the raster loop with a ``pick(i, logits)`` function that gives the codes at position i: a draw
+(:func:`drawer`), the given codes when teacher forcing, or, for image completion, the given codes of a kept prefix
+and draws after it (:func:`forcing`, checked by :func:`check_completion`). Causality makes a completion exact: the
+codes after the prefix are drawn from ``p(code_i | codes_<i)`` exactly as if the prefix had been drawn.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +31,8 @@ from steps.nn.config import ConfigBase, derived, is_int
 from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, draw_codes, uniforms
 
 CODE_DATASET = "the code dataset"
+# pick(i, logits (B, K)) -> codes (B,) at flat position i: a draw when sampling, the given codes when teacher forcing.
+Pick = Callable[[int, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,72 @@ def guided_logits(logits: Tensor, guidance_scale: float) -> Tensor:
     return torch.lerp(uncond, cond, guidance_scale)
 
 
+# ------------------------------------------------------------------------------------------------ sampling
+def drawer(u: Tensor, controls: SamplingControls) -> Pick:
+    """The pick of plain sampling: position i drawn from its logits with the uniforms ``u[:, i]``.
+
+    Args:
+        u: (n, H*W) uniforms, one stream per sample (:func:`steps.nn.draw.uniforms`).
+        controls: the sampling controls; with guidance the logits are (2n, K), the conditional stream then the same
+            samples with the "no class" label (:func:`guided_inputs`), mixed by :func:`guided_logits`, and both
+            copies of a sample take the code drawn from the mixed logits.
+    """
+    if not controls.guided:
+
+        def pick(i: int, logits: Tensor) -> Tensor:  # (n, K) -> (n,)
+            return draw_codes(logits, u[:, i], controls)
+
+        return pick
+
+    def guided(i: int, logits: Tensor) -> Tensor:  # (2n, K) -> (2n,)
+        mixed = guided_logits(logits, controls.guidance_scale)  # (n, K)
+        return draw_codes(mixed, u[:, i], controls).repeat(2)
+
+    return guided
+
+
+def check_completion(config: PriorConfig, n: int, given: Any, keep: Any) -> None:
+    """Raise ValueError unless ``keep`` and ``given`` describe a completion of ``n`` code maps of ``config``.
+
+    ``keep`` must be an int in [0, H*W]; when it is > 0, ``given`` must be an integer tensor (n, H, W) in
+    [0, num_codes). ``given`` with ``keep=0`` is allowed (a completion that keeps nothing is a plain sample, so a
+    caller keeping zero rows needs no special case) and has no effect, but it is still checked when passed.
+    """
+    height, width = config.shape
+    if not is_int(keep) or not 0 <= keep <= height * width:
+        raise ValueError(f"keep must be an int in [0, {height * width}] (raster positions of the map), got {keep!r}")
+    if given is None:
+        if keep > 0:
+            raise ValueError(f"given is required when keep > 0 (keep={keep}): the codes of the kept positions")
+        return
+    _check_codes("given", given, (n, height, width), config.num_codes)
+
+
+def forcing(pick: Pick, given: Tensor | None, keep: int, *, streams: int, device: torch.device) -> Pick:
+    """``pick``, except that the first ``keep`` raster positions take the codes of ``given`` (image completion).
+
+    Position i = r * W + c < keep returns ``given[:, r, c]`` (in every stream of a guided batch) and ignores its
+    logits; later positions call ``pick`` unchanged, so they use the same uniforms as without forcing. With
+    ``keep == 0`` the pick itself is returned: plain sampling is untouched. Check the inputs first with
+    :func:`check_completion`.
+
+    Args:
+        pick: the pick of the positions after the prefix (:func:`drawer`).
+        given: (n, H, W) integer codes; only the first ``keep`` positions in raster order are read.
+        keep: number of leading raster positions to force.
+        streams: copies of each sample in the batch (2 for guided sampling, else 1).
+        device: where the sampler's codes live.
+    """
+    if keep == 0:
+        return pick
+    prefix = given.to(device=device, dtype=torch.long).flatten(1)[:, :keep].repeat(streams, 1)  # (streams*n, keep)
+
+    def forced(i: int, logits: Tensor) -> Tensor:
+        return prefix[:, i] if i < keep else pick(i, logits)
+
+    return forced
+
+
 class NaiveSampler:
     """Samples any :class:`Prior` with :func:`sample_naive`; the interface of every sampler the registry names."""
 
@@ -221,8 +295,10 @@ class NaiveSampler:
         *,
         generator: RandomSource = None,
         controls: SamplingControls = DEFAULT,
+        given: Tensor | None = None,
+        keep: int = 0,
     ) -> Tensor:
-        return sample_naive(self.model, n, labels, cond, generator=generator, controls=controls)
+        return sample_naive(self.model, n, labels, cond, generator=generator, controls=controls, given=given, keep=keep)
 
 
 @torch.no_grad()
@@ -234,6 +310,8 @@ def sample_naive(
     *,
     generator: RandomSource = None,
     controls: SamplingControls = DEFAULT,
+    given: Tensor | None = None,
+    keep: int = 0,
 ) -> Tensor:
     """Draw ``n`` code maps in raster order, rerunning the full forward pass for every position.
 
@@ -249,17 +327,29 @@ def sample_naive(
             generator or int seed per sample, or None.
         controls: temperature, top-k, top-p and classifier-free guidance (:func:`guided_logits`), the last for
             priors trained with ``class_dropout > 0``.
+        given: (n, H, W) integer codes whose first ``keep`` positions are kept (image completion); see
+            :func:`check_completion`.
+        keep: number of leading raster positions (i = r * W + c < keep) taken from ``given`` instead of drawn;
+            e.g. ``rows * W`` keeps the first rows and samples the rest. The uniforms of every position are still
+            drawn, so position i >= keep uses the same stream as without forcing; ``keep=0`` is plain sampling.
+            Causality makes the completion exact: a map drawn with seeds S, completed with the same seeds, comes
+            back unchanged for every ``keep``.
 
     Returns:
         (n, H, W) int64 codes.
+
+    Raises:
+        ValueError: bad ``n``, ``keep`` or ``given``, controls or conditioning inputs.
     """
     if not is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_completion(model.config, n, given, keep)
     height, width = model.config.shape
     device = next(model.parameters()).device
     u = uniforms(n, height * width, generator, device)  # (n, H*W)
     labels, cond = guided_inputs(model.config, labels, cond, controls)
     streams = 2 if controls.guided else 1
+    pick = forcing(drawer(u, controls), given, keep, streams=streams, device=device)
     codes = torch.zeros(streams * n, height, width, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -267,10 +357,7 @@ def sample_naive(
         for r in range(height):
             for c in range(width):
                 logits = model(codes, labels, cond)[:, :, r, c]  # (streams * n, K)
-                if streams == 2:
-                    logits = guided_logits(logits, controls.guidance_scale)
-                drawn = draw_codes(logits, u[:, r * width + c], controls)  # (n,)
-                codes[:, r, c] = drawn.repeat(streams)
+                codes[:, r, c] = pick(r * width + c, logits)
     finally:
         model.train(was_training)
     return codes[:n]

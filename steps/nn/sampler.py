@@ -60,13 +60,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from steps.nn.cuda_graph import GraphSequence
-from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, draw_codes, uniforms
+from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, uniforms
 from steps.nn.pixelcnn import PixelCNNPrior
-from steps.nn.prior import guided_inputs, guided_logits
+from steps.nn.prior import Pick, check_completion, drawer, forcing, guided_inputs
 from steps.nn.sampler_weights import AttentionWeights, LayerWeights, bias_row
 
-# pick(i, logits (B, K)) -> codes (B,) at flat position i: a draw when sampling, the given codes when teacher forcing.
-Pick = Callable[[int, Tensor], Tensor]
 ATTENTION = ("auto", "sdpa", "bmm")
 # attention="auto" on a CPU attends with batched products from this batch size on, with the fused kernel below it.
 # On CUDA it always uses batched products: on an H200 (bench/gpu.py, CUDA graphs, default 32x32 top prior) they
@@ -147,7 +145,8 @@ class CachedSampler:
             on a CUDA device. The first :meth:`sample` call of a configuration (batch size, temperature, top_k, top_p,
             whether labels / cond are given, float32 matmul precision) captures the graphs, at about the cost of one
             eager call; later calls with that configuration replay them. Pays off from the second call with the same
-            configuration, e.g. a sampler that draws shard after shard of the same size.
+            configuration, e.g. a sampler that draws shard after shard of the same size. Completions (``keep > 0``)
+            always run eagerly.
         max_graphs: how many configurations keep their graphs and buffers (the least recently used are dropped).
             Two fit a sampling step (full shards and a last, smaller one); each holds the caches of a whole batch,
             e.g. ~3 GiB for 512 samples of the default 32x32 top prior.
@@ -198,8 +197,10 @@ class CachedSampler:
         *,
         generator: RandomSource = None,
         controls: SamplingControls = DEFAULT,
+        given: Tensor | None = None,
+        keep: int = 0,
     ) -> Tensor:
-        """Draw ``n`` code maps in raster order from the caches.
+        """Draw ``n`` code maps in raster order from the caches, or complete ``given`` after its first ``keep`` codes.
 
         Args:
             n: number of samples.
@@ -212,28 +213,38 @@ class CachedSampler:
                 (:func:`steps.nn.prior.guided_logits`) for priors trained with ``class_dropout``: a guided batch
                 holds each sample twice, with its label and with the "no class" label, and both copies take the code
                 drawn from the mixed logits.
+            given: (n, H, W) integer codes whose first ``keep`` positions are kept (image completion); checked
+                whenever passed, ignored with ``keep=0`` (:func:`steps.nn.prior.check_completion`).
+            keep: number of leading raster positions (i = r * W + c < keep) taken from ``given`` instead of drawn,
+                e.g. ``rows * W`` to keep the first rows and sample the rest; every position after them is drawn
+                with the same uniforms as without forcing, and ``keep=0`` is plain sampling. The prior's causality
+                makes the completion exact: a map drawn with seeds S and completed with the same seeds comes back
+                unchanged. Completions run eagerly (no CUDA graph replay).
 
         Returns:
             (n, H, W) int64 codes.
 
         Raises:
-            ValueError: bad ``n``, controls or conditioning inputs.
+            ValueError: bad ``n``, ``keep`` or ``given``, controls or conditioning inputs.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
+        check_completion(self.model.config, n, given, keep)
         u = uniforms(n, self.height * self.width, generator, self.device)  # (n, H*W)
         self._check_inputs(n, labels, cond)
         labels, cond = guided_inputs(self.model.config, labels, cond, controls)
+        streams = 2 if controls.guided else 1
         if controls.guided:
-            n, u = 2 * n, torch.cat([u, u])
-        if self.cuda_graphs:
-            codes = self._sample_graphs(n, labels, cond, u, controls)
+            u = torch.cat([u, u])
+        if self.cuda_graphs and keep == 0:
+            codes = self._sample_graphs(streams * n, labels, cond, u, controls)
             if codes is not None:
-                return codes[: len(codes) // (2 if controls.guided else 1)]
-        buf = _Buffers(self, n, labels is not None, cond is not None)
+                return codes[:n]
+        buf = _Buffers(self, streams * n, labels is not None, cond is not None)
         buf.load(labels, cond, u)
-        self._run(buf, functools.partial(self._rows, buf, self._drawer(buf, controls)))
-        return buf.codes[: n // 2].clone() if controls.guided else buf.codes
+        pick = forcing(self._drawer(buf, controls), given, keep, streams=streams, device=self.device)
+        self._run(buf, functools.partial(self._rows, buf, pick))
+        return buf.codes[:n].clone() if controls.guided else buf.codes
 
     def attention_for(self, batch: int) -> str:
         """How a batch of ``batch`` samples attends: "sdpa" (one fused kernel) or "bmm" (batched products)."""
@@ -272,20 +283,9 @@ class CachedSampler:
         self.model.check_inputs(codes, labels, cond)
 
     def _drawer(self, buf: _Buffers, controls: SamplingControls) -> Pick:
-        if not controls.guided:
-
-            def pick(i: int, logits: Tensor) -> Tensor:
-                return draw_codes(logits, buf.u[:, i], controls)
-
-            return pick
-
-        half = buf.u.shape[0] // 2  # the conditional stream, then the same samples without their class
-
-        def guided(i: int, logits: Tensor) -> Tensor:
-            mixed = guided_logits(logits, controls.guidance_scale)  # (half, K)
-            return draw_codes(mixed, buf.u[:half, i], controls).repeat(2)
-
-        return guided
+        """Draws from the buffer's uniforms (a view: a replay reads the uniforms loaded before it)."""
+        # A guided batch holds the conditional stream, then the same samples without their class: one set of draws.
+        return drawer(buf.u[: buf.u.shape[0] // 2] if controls.guided else buf.u, controls)
 
     def _sample_graphs(
         self, n: int, labels: Tensor | None, cond: Tensor | None, u: Tensor, controls: SamplingControls
@@ -423,10 +423,15 @@ def sample(
     *,
     generator: RandomSource = None,
     controls: SamplingControls = DEFAULT,
+    given: Tensor | None = None,
+    keep: int = 0,
 ) -> Tensor:
-    """Draw ``n`` code maps (n, H, W) with a fresh :class:`CachedSampler`; see :meth:`CachedSampler.sample`.
+    """Draw ``n`` code maps (n, H, W), or complete ``given`` after its first ``keep`` codes, with a fresh
+    :class:`CachedSampler`; see :meth:`CachedSampler.sample`.
 
     Eager on every device: a fresh sampler could never replay CUDA graphs, only pay for capturing them. Keep a
     :class:`CachedSampler` to sample repeatedly.
     """
-    return CachedSampler(model, cuda_graphs=False).sample(n, labels, cond, generator=generator, controls=controls)
+    return CachedSampler(model, cuda_graphs=False).sample(
+        n, labels, cond, generator=generator, controls=controls, given=given, keep=keep
+    )

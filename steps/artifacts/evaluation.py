@@ -19,7 +19,9 @@ GRID = "real_vs_samples.png"
 
 
 # The figures a parent run shows as metrics and a registered model version carries as tags: what runs are compared by.
-HEADLINE = ("fd_effnet", "kid_effnet", "precision", "recall", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real")
+HEADLINE = (
+    "fd_effnet", "kid_effnet", "precision", "recall", "coverage", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real"
+)  # fmt: skip
 HEADLINE_PREFIXES = ("nll_bits_", "usage_")
 
 

@@ -26,6 +26,7 @@ from steps.io.pixels import to_float, to_uint8_chw
 from steps.nn.metrics import (
     code_histogram,
     codebook_stats,
+    density_coverage,
     frechet_distance_features,
     kernel_inception_distance,
     precision_recall,
@@ -101,13 +102,14 @@ def features(extractor: torch.nn.Module, images: np.ndarray, batch_size: int, de
 def distances(
     fake: np.ndarray, real: np.ndarray, kid_subsets: int, kid_subset_size: int, knn_k: int, seed: int, suffix: str = ""
 ) -> dict[str, float]:
-    """FD, KID (mean, std over ``kid_subsets`` subsets) and k-NN precision / recall of ``fake`` against ``real``
-    features; metric names end in ``suffix``."""
+    """FD, KID (mean, std over ``kid_subsets`` subsets), k-NN precision / recall and density / coverage of ``fake``
+    against ``real`` features; metric names end in ``suffix``."""
     kid, kid_std = kernel_inception_distance(fake, real, kid_subsets, kid_subset_size, seed)
     out = {f"fd_effnet{suffix}": frechet_distance_features(fake, real), f"kid_effnet{suffix}": kid}
     out[f"kid_effnet{suffix}_std"] = kid_std
     if min(len(fake), len(real)) > knn_k:
         out[f"precision{suffix}"], out[f"recall{suffix}"] = precision_recall(real, fake, k=knn_k)
+        out[f"density{suffix}"], out[f"coverage{suffix}"] = density_coverage(real, fake, k=knn_k)
     return out
 
 

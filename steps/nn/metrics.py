@@ -8,6 +8,7 @@
 - :func:`kernel_inception_distance`: the unbiased MMD^2 estimate with the cubic polynomial kernel
   k(x, y) = (x.y / d + 1)^3, averaged over random subsets, with its standard deviation (Binkowski et al. 2018,
   section 4 / appendix B).
+- :func:`density_coverage`: k-NN density and coverage of Naeem et al. 2020 (real balls only, robust to outliers);
 - :func:`precision_recall`: k-NN precision and recall of Kynkaanniemi et al. 2019 (section 3): a sample is "covered"
   by a set when it lies inside the ball of some set member whose radius is the distance to that member's k-th
   nearest neighbour in its own set.
@@ -206,3 +207,28 @@ def precision_recall(
     precision = _covered(f, r, _kth_neighbour_radii(r, k, chunk), chunk).double().mean()
     recall = _covered(r, f, _kth_neighbour_radii(f, k, chunk), chunk).double().mean()
     return float(precision), float(recall)
+
+
+def density_coverage(
+    real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3, chunk: int = 1024
+) -> tuple[float, float]:
+    """k-NN (density, coverage) of Naeem et al. 2020 between real (N, D) and generated (M, D) features.
+
+    Both use the balls around the real samples only (radius: the distance to the k-th nearest real neighbour), so an
+    outlier among the samples cannot inflate them as it can recall. Density: the mean number of real balls holding a
+    generated sample, over k (about 1 when the samples are distributed as the real ones; above 1 where they crowd).
+    Coverage: the fraction of real balls holding at least one generated sample (diversity: which real modes the
+    samples reach).
+    """
+    r = torch.from_numpy(_as_float64(real))
+    f = torch.from_numpy(_as_float64(fake))
+    if min(len(r), len(f)) <= k:
+        raise ValueError(f"density/coverage with k={k} needs more than {k} samples per set, got {len(r)}, {len(f)}")
+    radii = _kth_neighbour_radii(r, k, chunk)
+    inside = torch.zeros(len(f), dtype=torch.float64)  # per sample: how many real balls hold it
+    reached = torch.zeros(len(r), dtype=torch.bool)  # per real sample: whether some sample is in its ball
+    for start in range(0, len(f), chunk):
+        hits = torch.cdist(f[start : start + chunk], r) <= radii[None, :]  # (c, N)
+        inside[start : start + chunk] = hits.sum(dim=1).double()
+        reached |= hits.any(dim=0)
+    return float(inside.sum() / (k * len(f))), float(reached.double().mean())

@@ -12,6 +12,7 @@ from steps.nn.metrics import (
     _polynomial_mmd2,
     code_histogram,
     codebook_stats,
+    density_coverage,
     feature_stats,
     frechet_distance,
     frechet_distance_features,
@@ -117,6 +118,32 @@ def test_mode_collapse_keeps_precision_and_loses_recall():
     fake = centres[0] + rng.normal(size=(100, 4)) * 0.5  # all samples in one mode
     precision, recall = precision_recall(real, fake, k=3, chunk=64)
     assert precision > 0.95 and recall < 0.3
+
+
+def test_density_coverage_equal_a_direct_count():
+    real, fake = gaussian(60, 5, 17), gaussian(40, 5, 18, shift=0.5)
+    k = 3
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=2)
+    radii = np.sort(d_rr, axis=1)[:, k]  # column 0 is the point itself
+    inside = np.linalg.norm(fake[:, None] - real[None], axis=2) <= radii[None]  # (M, N)
+    density, coverage = density_coverage(real, fake, k=k, chunk=7)
+    assert density == pytest.approx(inside.sum() / (k * len(fake)))
+    assert coverage == pytest.approx(inside.any(axis=0).mean())
+
+
+def test_density_and_coverage_see_collapse_and_outliers():
+    rng = np.random.default_rng(19)
+    centres = np.eye(4) * 20
+    real = np.concatenate([c + rng.normal(size=(100, 4)) for c in centres])
+    collapsed = centres[0] + rng.normal(size=(100, 4)) * 0.5
+    density, coverage = density_coverage(real, collapsed, k=3)
+    assert coverage < 0.3 and density > 1.2  # crowded into one mode (about 1 when distributed as the real)
+    spread = np.concatenate([c + rng.normal(size=(25, 4)) for c in centres])
+    with_outlier = np.concatenate([spread[:-1], np.full((1, 4), 1000.0)])
+    density, coverage = density_coverage(real, with_outlier, k=3)
+    assert 0.6 < density < 1.4 and coverage > 0.4
+    with pytest.raises(ValueError, match="needs more than 3 samples"):
+        density_coverage(real, collapsed[:3], k=3)
 
 
 # ------------------------------------------------------------------------------------------------ images and codes

@@ -248,7 +248,7 @@ def build(cls: type, data: Any, path: tuple[str, ...] = ()) -> Any:
             value = dict(value)
             default = _default(f)
             kind = value.pop("kind", None) or (
-                registry.kind_of(default) if default is not MISSING else registry.default_kind(tp.role)
+                registry.kind_of(default) if default not in (MISSING, None) else registry.default_kind(tp.role)
             )
             try:
                 tp = registry.get(kind, tp.role).config

@@ -60,6 +60,24 @@ def test_every_experiment_composes_with_every_prior(experiment, prior):
 def test_prior_recipes_name_an_experiment_and_a_prior():
     pairs = {f"{e}_{p}" for e in options("experiment") for p in options("prior")}
     assert set(options("prior_recipe")) <= pairs
+    assert set(options("model_recipe")) <= {f"{e}_{m}" for e in options("experiment") for m in options("model")}
+
+
+@pytest.mark.parametrize(
+    "overrides,levels",
+    [
+        (["debug=tiny3"], {"top": (4, 4), "middle": (8, 8), "bottom": (16, 16)}),
+        (["experiment=fashion_mnist64"], {"top": (4, 4), "middle": (8, 8), "bottom": (16, 16)}),
+        (["experiment=ffhq1024", "data.path=/data"], {"top": (32, 32), "middle": (64, 64), "bottom": (128, 128)}),
+        (["experiment=fashion_mnist64", "model.factors=[4,2]"], {"top": (8, 8), "bottom": (16, 16)}),
+    ],
+)
+def test_the_level_recipes(overrides, levels):
+    cfg = make(*overrides)
+    assert cfg.train_vqvae.model.shapes == levels
+    assert cfg.train_prior.prior.middle is None  # middle levels take the bottom's architecture
+    middle = make(*overrides, "prior.middle={channels: 8, layers: 1}").train_prior.prior
+    assert type(middle.middle).__name__ == "PixelCNNConfig" and middle.middle.channels == 8
 
 
 @pytest.mark.parametrize(
@@ -88,6 +106,11 @@ def test_defaults_are_the_digits_recipe(monkeypatch):
         ("data.image_size=36", "data.image_size"),
         ("model.quantizer.codebook_size=40000", "model.quantizer.codebook_size must be in [2, 32768]"),
         ("model.top_codebook_size=1", "model.top_codebook_size"),
+        ("model.factors=[4]", "model.factors must be a list of at least two factors"),
+        ("model.factors=[8,8]", "model.factors [8, 8] multiply to 64, which must divide image_size=32"),
+        ("model.factors=[4,3]", "model.factors must be powers of two"),
+        ("model.middle_codebook_size=64", "model.middle_codebook_size must be unset: two levels have no middle level"),
+        ("prior.middle={kind: nope}", "prior.middle.kind: unknown prior kind 'nope'"),
         ("data.source=flickr", "data.source"),
         ("prior.top.kernel_size=4", "prior.top.kernel_size"),
         ("sample.num_samples=0", "sample.num_samples"),

@@ -7,21 +7,37 @@ pickled Python objects) with the models they need copied from the pipeline's out
 it (:class:`ServedModel`: its role, entry file, the models it carries, signature, input example); :data:`SERVED`
 lists them.
 
-* **generator** (``<experiment>-generator``): rows ``{"label": int (optional for unconditional priors), "seed": int}``
-  and params ``temperature``, ``top_k``, ``top_p``, ``guidance_scale`` -> rows ``{"png": base64 PNG, "label", "seed",
-  <level>: codes}``.
+* **generator** (``<experiment>-generator``): rows ``{"label": int (optional for unconditional priors), "seed": int,
+  "image": image file bytes (optional)}`` and params ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
+  ``keep_rows`` -> rows ``{"png": base64 PNG, "label", "seed", <level>: codes}``.
   Row ``{"label": l, "seed": s}`` is ``Generator.generate(1, labels=[l], seed=s)``: the same image every time.
+  Completion: with ``keep_rows`` = k > 0 every row carries an ``image`` (a PNG, JPEG... of the model's size), and row
+  ``{"label": l, "seed": s, "image": f}`` is ``Generator.complete(<f's pixels>[None], keep_rows=k, labels=[l],
+  seed=s)``: the image's first k rows kept (at every level, the code rows inside them), the rest drawn. With
+  ``keep_rows`` = 0 (the default) an image is ignored. The files are checked as the encoder's are.
 * **encoder** (``<experiment>-encoder``): rows ``{"png": image bytes}`` -> rows of codes per level (flat, raster).
   The files are untrusted: each is checked by its header (format, the model's size, at most
   ``pipeline.serving.generator.MAX_IMAGE_BYTES``) before any pixel is decoded, a request holds at most ``MAX_ROWS``
   rows and ``MAX_REQUEST_BYTES`` of files, and it is decoded one batch at a time, so a request's memory is bounded.
 
-A bad request (a label the priors do not know, a missing seed, a temperature <= 0...) raises an MlflowException
-with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and the message.
+Over HTTP (``mlflow models serve``) a binary column (``image``, ``png``) is sent base64-encoded in the JSON and MLflow
+decodes it before ``predict`` (``base64 -w0 face.png`` gives it):
+
+    curl -X POST http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \
+      -d '{"dataframe_records": [{"seed": 0, "label": 3, "image": "<base64 PNG>"}], "params": {"keep_rows": 16}}'
+
+A Python caller may pass the file's bytes or the same base64 text. Leave the ``image`` key out of every row to draw
+new images: in the JSON form a row without it next to rows with it is refused by MLflow before ``predict``.
+
+A bad request (a label the priors do not know, a missing seed, a temperature <= 0, keep_rows without an image, a file
+that is not an image...) raises an MlflowException with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers
+with HTTP 400 and the message.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -55,6 +71,21 @@ def _int(value: Any, name: str, row: int) -> int | None:
     if isinstance(value, bool) or not float(value).is_integer():
         raise _bad(f"row {row}: {name} must be an integer, got {value!r}")
     return int(value)
+
+
+def _image(value: Any, row: int) -> bytes:
+    """A row's image file: its bytes (what ``mlflow models serve`` hands over, having decoded the JSON's base64) or
+    base64 text (a Python caller may send either); checked as an image later, by ``Generator.encode``."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _bad(f"row {row}: image is not base64 ({exc})") from None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise _bad(f"row {row}: keep_rows > 0 needs an image in every row (the image file's bytes)")
+    raise _bad(f"row {row}: image must be an image file's bytes (base64 in JSON), got {type(value).__name__}")
 
 
 class ServedModel(mlflow.pyfunc.PythonModel):
@@ -91,13 +122,20 @@ class GeneratorModel(ServedModel):
 
     @classmethod
     def signature(cls, autoencoder: Autoencoder) -> ModelSignature:
-        inputs = Schema([ColSpec(DataType.long, "label", required=False), ColSpec(DataType.long, "seed")])
+        inputs = Schema(
+            [
+                ColSpec(DataType.long, "label", required=False),
+                ColSpec(DataType.long, "seed"),
+                ColSpec(DataType.binary, "image", required=False),  # the image to complete (with keep_rows > 0)
+            ]
+        )
         outputs = [ColSpec(DataType.string, "png"), ColSpec(DataType.long, "label", required=False)]
         outputs += [ColSpec(DataType.long, "seed")] + [ColSpec(Array(DataType.long), lv) for lv in autoencoder.levels]
         kinds = {int: DataType.long, float: DataType.double}
         controls = dataclasses.fields(SamplingControls)
-        params = ParamSchema([ParamSpec(f.name, kinds[type(f.default)], f.default) for f in controls])
-        return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
+        params = [ParamSpec(f.name, kinds[type(f.default)], f.default) for f in controls]
+        params.append(ParamSpec("keep_rows", DataType.long, 0))  # image rows of the row's image to keep
+        return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=ParamSchema(params))
 
     @classmethod
     def example(cls, autoencoder: Autoencoder, priors: Priors | None) -> pd.DataFrame:
@@ -121,9 +159,16 @@ class GeneratorModel(ServedModel):
             raise _bad(f"every row needs a label: the priors are conditioned on {gen.num_classes} classes")
         if not gen.num_classes and any(v is not None for v in labels):
             raise _bad("labels given, but the priors are not class-conditional")
+        size, keep_rows = gen.image_shape[-1], params.get("keep_rows", 0)
+        if isinstance(keep_rows, bool) or not isinstance(keep_rows, (int, np.integer)) or not 0 <= keep_rows <= size:
+            raise _bad(f"keep_rows must be an integer in [0, {size}] (image rows to keep), got {keep_rows!r}")
+        files = [_image(r.get("image"), i) for i, r in enumerate(rows)] if keep_rows else None
         try:
             controls = SamplingControls.parse({k: v for k, v in params.items() if k in SamplingControls.names()})
-            images, codes = gen.draw([sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, controls)
+            given = gen.encode(files) if files else None  # each file checked by its header before it is decoded
+            images, codes = gen.draw(
+                [sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, controls, given, int(keep_rows)
+            )
         except ValueError as exc:
             raise _bad(str(exc)) from None
         out = pd.DataFrame({"png": png_base64(images), "label": labels, "seed": seeds})

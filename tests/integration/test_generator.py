@@ -1,8 +1,11 @@
 """The generator as a product: the Python API (the sample step's images, encode/decode, clear errors), the MLflow
-generator and encoder models (log, register, load, predict), and the alias policy."""
+generator and encoder models (log, register, load, predict, complete images, over the JSON REST form too), Ray Serve's
+batching of requests (without Ray), and the alias policy."""
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -178,6 +181,7 @@ def test_registered_generator_predicts_the_api_images(store, gen):
         "top_k",
         "top_p",
         "guidance_scale",
+        "keep_rows",
     }
     out = model.predict(pd.DataFrame([{"label": 2, "seed": 7}, {"label": 0, "seed": 8}]), params={"temperature": 0.9})
     assert list(out.columns) == ["png", "label", "seed", "top", "bottom"] and out["label"].tolist() == [2, 0]
@@ -197,6 +201,95 @@ def test_registered_generator_predicts_the_api_images(store, gen):
     assert torch.equal(loaded.generate(2, seed=3), gen.generate(2, seed=3))
     with pytest.raises(MissingInputError, match="no MLflow model at models:/vqvae2-nothing@current"):
         Generator.load("models:/vqvae2-nothing@current")
+
+
+def test_registered_generator_completes_images(store, gen, png_claiming):
+    """A row with an image and the keep_rows param is Generator.complete of that image: its codes kept in the kept
+    rows at every level, the rest drawn; the same over MLflow's JSON REST form, the image sent as base64."""
+    import mlflow
+    from mlflow.pyfunc.scoring_server import invocations
+
+    model = mlflow.pyfunc.load_model("models:/vqvae2-generator@current")
+    assert {c.name: c.required for c in model.metadata.get_input_schema().inputs}["image"] is False
+    images = gen.generate(2, labels=[1, 2], seed=11)
+    pngs = [encode_png(p) for p in hwc(images.numpy())]
+    rows = pd.DataFrame([{"label": 0, "seed": 3, "image": pngs[0]}, {"label": 2, "seed": 4, "image": pngs[1]}])
+    out = model.predict(rows, params={"keep_rows": 16, "temperature": 0.9})
+    assert list(out.columns) == ["png", "label", "seed", "top", "bottom"]
+    pixels = pixels_of_base64(out["png"].tolist(), 1)
+    for i, (label, seed) in enumerate([(0, 3), (2, 4)]):
+        want = gen.complete(images[i : i + 1], keep_rows=16, labels=[label], seed=seed, temperature=0.9)
+        assert np.array_equal(pixels[i], want[0].numpy())
+    codes = gen.encode(images)  # top codes span 8 image rows, bottom codes 4: 16 rows keep 2 and 4 code rows
+    top, bottom = np.array(out["top"].tolist()).reshape(2, 4, 4), np.array(out["bottom"].tolist()).reshape(2, 8, 8)
+    assert np.array_equal(top[:, :2], codes["top"][:, :2]) and np.array_equal(bottom[:, :4], codes["bottom"][:, :4])
+    assert not np.array_equal(bottom, codes["bottom"]), "the rows below are drawn"
+    whole = model.predict(rows, params={"keep_rows": 32})  # every row kept: the reconstructions
+    assert np.array_equal(pixels_of_base64(whole["png"].tolist(), 1), gen.decode(codes).numpy())
+    plain = model.predict(rows, params={"temperature": 0.9})  # keep_rows=0: the images are ignored
+    assert plain["png"].tolist() == model.predict(rows[["label", "seed"]], params={"temperature": 0.9})["png"].tolist()
+    as_text = rows.assign(image=[base64.b64encode(p).decode("ascii") for p in pngs])  # a Python caller's base64
+    assert model.predict(as_text, params={"keep_rows": 16, "temperature": 0.9})["png"].tolist() == out["png"].tolist()
+
+    # mlflow models serve: the JSON body as a client sends it, through the scoring server's request handler
+    request = {"dataframe_records": as_text.to_dict("records"), "params": {"keep_rows": 16, "temperature": 0.9}}
+    answer = invocations(json.dumps(request), "application/json", model, model.metadata.get_input_schema())
+    assert answer.status == 200
+    assert [r["png"] for r in json.loads(answer.response)["predictions"]] == out["png"].tolist()
+
+    bad = [
+        (rows[["label", "seed"]], {"keep_rows": 8}, r"row 0: keep_rows > 0 needs an image in every row"),
+        (rows.assign(image=[pngs[0], None]), {"keep_rows": 8}, r"row 1: keep_rows > 0 needs an image in every row"),
+        (rows, {"keep_rows": 33}, r"keep_rows must be an integer in \[0, 32\] \(image rows to keep\), got 33"),
+        (rows, {"keep_rows": -1}, r"keep_rows must be an integer in \[0, 32\] \(image rows to keep\), got -1"),
+        (rows.assign(image=[pngs[0], b"not an image"]), {"keep_rows": 8}, r"image 1: not an image file \(PNG, JPEG"),
+        (rows.assign(image=[png_claiming(12000, 12000), pngs[1]]), {"keep_rows": 8},
+         "image 0: 12000x12000 pixels by its header, but the model takes 32x32 images"),
+        (rows.assign(image=["%% not base64", pngs[1]]), {"keep_rows": 8}, "row 0: image is not base64"),
+    ]  # fmt: skip
+    for frame, params, message in bad:
+        with pytest.raises(Exception, match=message):
+            model.predict(frame, params=params)
+    request["dataframe_records"][1]["image"] = base64.b64encode(b"not an image").decode("ascii")
+    with pytest.raises(Exception, match=r"image 1: not an image file") as refused:
+        invocations(json.dumps(request), "application/json", model, model.metadata.get_input_schema())
+    assert refused.value.get_http_status_code() == 400
+
+
+def test_ray_serve_batches_completions_with_plain_draws(gen, png_claiming):
+    """The replica's batch logic (without Ray): requests grouped by (controls, keep_rows), each answer the image of
+    Generator.generate or Generator.complete, a bad image or control refusing only its own requests."""
+    from pipeline.serving.ray_serve import BadRequest, draw_requests, parse
+
+    images = gen.generate(2, labels=[1, 2], seed=11)
+    b64 = [base64.b64encode(encode_png(p)).decode("ascii") for p in hwc(images.numpy())]
+    damaged = base64.b64encode(encode_png(hwc(images.numpy())[0])[:-40]).decode("ascii")  # passes the header checks
+    bodies = [
+        {"seed": 7, "label": 2, "temperature": 0.9},
+        {"seed": 3, "label": 0, "temperature": 0.9, "image": b64[0], "keep_rows": 16},
+        {"seed": 4, "label": 2, "temperature": 0.9, "image": damaged, "keep_rows": 16},
+        {"seed": 4, "label": 2, "temperature": 0.9, "image": b64[1], "keep_rows": 16},
+        {"seed": 5, "label": 1, "image": b64[1], "keep_rows": 8},
+        {"seed": 6, "label": 1, "guidance_scale": 2.0},
+    ]
+    answers = draw_requests(gen, [parse(b, gen.num_classes, image_size=32) for b in bodies])
+    assert [size for _, size in answers] == [1, 2, 0, 2, 1, 0]
+    want = [
+        gen.generate(1, labels=[2], seed=7, temperature=0.9),
+        gen.complete(images[:1], keep_rows=16, labels=[0], seed=3, temperature=0.9),
+        None,
+        gen.complete(images[1:], keep_rows=16, labels=[2], seed=4, temperature=0.9),
+        gen.complete(images[1:], keep_rows=8, labels=[1], seed=5),
+    ]
+    for (answer, _), body, image in zip(answers, bodies, want, strict=False):
+        if image is not None:
+            assert answer["label"] == body["label"] and answer["seed"] == body["seed"]
+            assert np.array_equal(pixels_of_base64([answer["png"]], 1)[0], image[0].numpy())
+    assert answers[2][0]["error"].startswith("image: a damaged or truncated PNG file") and len(answers[2][0]) == 1
+    assert "needs class-conditional priors trained with class_dropout > 0" in answers[5][0]["error"]
+    with pytest.raises(BadRequest, match="image: 12000x12000 pixels by its header"):  # refused before it is queued
+        parse({"seed": 0, "label": 0, "keep_rows": 4, "image": base64.b64encode(png_claiming(12000, 12000)).decode()},
+              gen.num_classes, image_size=32)  # fmt: skip
 
 
 def test_registered_encoder_gives_the_codes(store, gen, png_claiming):

@@ -5,6 +5,7 @@ bounded whatever it claims. Crafted files: a huge canvas, a truncated PNG, a non
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.serving.generator import MAX_IMAGE_BYTES
 from pipeline.serving.ray_serve import MAX_BODY_BYTES, BadRequest, read_body
 from steps.io.pixels import ImageRejected, decode_served, encode_png
 
@@ -104,12 +106,17 @@ class FakeRequest:
 
 
 def test_ray_serve_reads_a_request_body_up_to_its_limit():
+    """A request carries at most one image: the limit is its base64 at MAX_IMAGE_BYTES plus 64 KiB for the rest."""
+    largest = json.dumps(
+        {"seed": 0, "label": 0, "keep_rows": 16, "image": base64.b64encode(b"x" * MAX_IMAGE_BYTES).decode()}
+    )
+    assert len(largest) <= MAX_BODY_BYTES == len(base64.b64encode(b"x" * MAX_IMAGE_BYTES)) + (64 << 10)
     assert asyncio.run(read_body(FakeRequest([b'{"seed":', b" 1}"]))) == b'{"seed": 1}'
     declared = FakeRequest([b"x" * 10], declared=str(MAX_BODY_BYTES + 1))
     with pytest.raises(BadRequest, match=f"request body of {MAX_BODY_BYTES + 1} bytes, over the limit of"):
         asyncio.run(read_body(declared))
     assert declared.read == 0, "refused by its Content-Length before anything is read"
-    endless = FakeRequest([b"x" * 4096] * 1000)  # no Content-Length (chunked): refused as it streams in
+    endless = FakeRequest([b"x" * 4096] * (2 * MAX_BODY_BYTES // 4096))  # no Content-Length: refused as it streams in
     with pytest.raises(BadRequest, match=f"request body over the limit of {MAX_BODY_BYTES} bytes"):
         asyncio.run(read_body(endless))
     assert endless.read == MAX_BODY_BYTES // 4096 + 1, "stopped reading at the limit"

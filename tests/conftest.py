@@ -176,6 +176,16 @@ class Artifacts:
         return registry.build(replace(cfg, **overrides)).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and threads waiting on each other crawl on a busy machine
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module of tiny models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> type[Artifacts]:
     return Artifacts

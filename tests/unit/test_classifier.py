@@ -11,13 +11,7 @@ import torch
 from steps.nn.checkpoint import checkpoint_dict, load_model
 from steps.nn.classifier import ClassifierConfig, ImageClassifier, fit_classifier
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("size", "channels", "stages"), [(32, 1, 3), (16, 3, 2), (8, 3, 0)])

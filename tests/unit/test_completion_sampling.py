@@ -35,13 +35,7 @@ TRANSFORMER = {"plain": {}, "guided": dict(num_classes=3, class_dropout=0.2, **C
 CASES = [f"pixelcnn-{v}" for v in PIXELCNN] + [f"transformer-{v}" for v in TRANSFORMER]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and threads waiting on each other crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Case(NamedTuple):

@@ -31,13 +31,7 @@ VARIANTS = {
 SHAPES = {(5, 4): (5, 2), (3, 7): (3, 7), (4, 2): (2, 2)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and threads waiting on each other crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(variant: str, shape=(5, 4), kernel_size=3, seed=0, dtype=torch.float32, **extra) -> PixelCNNPrior:

@@ -139,7 +139,7 @@ def completion(steps: dict[str, dict[str, Any]], count: int, picture: Path | Non
         tiles = np.concatenate([held[:shown, None], masked[:, None], filled], axis=1)  # (shown, per + 2, C, S, S)
         picture.parent.mkdir(parents=True, exist_ok=True)
         picture.write_bytes(grid_png(tiles.reshape(-1, *held.shape[1:]), nrow=per + 2))
-        out["picture"] = str(picture.relative_to(ROOT))
+        out["picture"] = str(picture.relative_to(ROOT / "bench"))
     return out
 
 
@@ -185,7 +185,8 @@ def main() -> None:
     picture = None if args.quick else PLOTS / PICTURE
     comp = completion(runs["three"], 60 if args.quick else 300, picture)
     print_report(results, comp)
-    print(json.dumps({"bench": "levels", "quick": args.quick, **results, "completion": comp}))
+    images = {"images": [comp["picture"]]} if "picture" in comp else {}  # shown by bench/run_all.py with the plots
+    print(json.dumps({"bench": "levels", "quick": args.quick, **results, "completion": comp, **images}))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ WHAT = {
     "scale": "shard -> encode -> verify at 20k and 200k images: rows/s and driver peak RSS (ratios = 200k / 20k)",
     "quality_fashion_mnist": "the Fashion-MNIST 32x32 quality recipe: recon, codes, bits, fd/kid against the floor",
     "quality_fashion_mnist_60": "the same recipe given about an hour (--long): the quality-against-minutes curve",
-    "levels": "two levels vs three on Fashion-MNIST 64x64 (same data, same steps); completions scored against real images",
+    "levels": "two levels vs three, Fashion-MNIST 64x64 (same data and steps); completions scored against real images",
 }
 
 

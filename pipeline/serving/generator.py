@@ -17,6 +17,7 @@ param it is ``complete(image, keep_rows, labels=[l], seed=s)``."""
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.compat import check_compatible
 from steps.artifacts.priors import Priors
 from steps.core.step import MissingInputError
-from steps.generation.generator import ImageGenerator, sample_seed
+from steps.generation.generator import ImageGenerator, check_keep_rows, sample_seed
 from steps.io import storage
 from steps.io.pixels import ImageRejected, decode_png, decode_served, encode_png, hwc, to_float, to_uint8_chw
 from steps.nn.draw import DEFAULT, SamplingControls
@@ -178,9 +179,7 @@ class Generator:
         """
         controls = SamplingControls(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         n, seed = _count("n", n, 1, MAX_IMAGES), _count("seed", seed, 0, 2**32 - 1)
-        size = self.image_shape[-1]
-        if isinstance(keep_rows, bool) or not isinstance(keep_rows, (int, np.integer)) or not 0 <= keep_rows <= size:
-            raise ValueError(f"keep_rows must be an int in [0, {size}] (image rows to keep), got {keep_rows!r}")
+        keep_rows = check_keep_rows(keep_rows, self.image_shape[-1])
         self._images.check(controls)
         codes = self.encode(images)  # checks the images' shape (and each file) before any sampling
         count = len(next(iter(codes.values())))
@@ -195,7 +194,7 @@ class Generator:
             labels = [v for v in labels for _ in range(n)]
         given = {lv: maps.repeat_interleave(n, dim=0) for lv, maps in codes.items()}
         seeds = [sample_seed(seed, i) for i in range(count * n)]
-        return self.draw(seeds, self._labels(labels, count * n, 0), controls, given, int(keep_rows))[0]
+        return self.draw(seeds, self._labels(labels, count * n, 0), controls, given, keep_rows)[0]
 
     def draw(
         self,
@@ -314,6 +313,18 @@ class Generator:
 def png_base64(images: torch.Tensor) -> list[str]:
     """uint8 images (N, C, S, S) as base64-encoded PNGs (what the served models return)."""
     return [base64.b64encode(encode_png(p)).decode("ascii") for p in hwc(images.numpy())]
+
+
+def file_of_base64(text: str) -> bytes:
+    """A file's bytes from base64 text (line breaks allowed, as ``base64`` without ``-w0`` writes them).
+
+    Raises:
+        ValueError: text that is not base64, naming ``image``.
+    """
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"image is not base64 ({exc})") from None
 
 
 def pixels_of_base64(pngs: Sequence[str], channels: int) -> np.ndarray:

@@ -36,8 +36,6 @@ with HTTP 400 and the message.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -53,7 +51,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 from steps.artifacts import bundle
 from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
-from steps.generation.generator import sample_seed
+from steps.generation.generator import check_keep_rows, sample_seed
 from steps.io.pixels import encode_png
 from steps.nn.draw import SamplingControls
 
@@ -79,10 +77,12 @@ def _image(value: Any, row: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
+        from pipeline.serving.generator import file_of_base64  # deferred, as predict's png_base64
+
         try:
-            return base64.b64decode("".join(value.split()), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise _bad(f"row {row}: image is not base64 ({exc})") from None
+            return file_of_base64(value)
+        except ValueError as exc:
+            raise _bad(f"row {row}: {exc}") from None
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise _bad(f"row {row}: keep_rows > 0 needs an image in every row (the image file's bytes)")
     raise _bad(f"row {row}: image must be an image file's bytes (base64 in JSON), got {type(value).__name__}")
@@ -159,15 +159,16 @@ class GeneratorModel(ServedModel):
             raise _bad(f"every row needs a label: the priors are conditioned on {gen.num_classes} classes")
         if not gen.num_classes and any(v is not None for v in labels):
             raise _bad("labels given, but the priors are not class-conditional")
-        size, keep_rows = gen.image_shape[-1], params.get("keep_rows", 0)
-        if isinstance(keep_rows, bool) or not isinstance(keep_rows, (int, np.integer)) or not 0 <= keep_rows <= size:
-            raise _bad(f"keep_rows must be an integer in [0, {size}] (image rows to keep), got {keep_rows!r}")
+        try:
+            keep_rows = check_keep_rows(params.get("keep_rows", 0), gen.image_shape[-1])
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
         files = [_image(r.get("image"), i) for i, r in enumerate(rows)] if keep_rows else None
         try:
             controls = SamplingControls.parse({k: v for k, v in params.items() if k in SamplingControls.names()})
             given = gen.encode(files) if files else None  # each file checked by its header before it is decoded
             images, codes = gen.draw(
-                [sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, controls, given, int(keep_rows)
+                [sample_seed(s, 0) for s in seeds], labels if gen.num_classes else None, controls, given, keep_rows
             )
         except ValueError as exc:
             raise _bad(str(exc)) from None

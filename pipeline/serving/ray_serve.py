@@ -28,8 +28,6 @@ it is parsed, so one request's memory is bounded.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,8 +37,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipeline.serving.generator import MAX_IMAGE_BYTES, Generator, png_base64
-from steps.generation.generator import sample_seed
+from pipeline.serving.generator import MAX_IMAGE_BYTES, Generator, file_of_base64, png_base64
+from steps.generation.generator import check_keep_rows, sample_seed
 from steps.io.pixels import decode_served
 from steps.nn.draw import SamplingControls
 
@@ -93,17 +91,18 @@ def parse(body: Any, num_classes: int, image_size: int | None = None) -> dict[st
         controls = SamplingControls.parse({k: body[k] for k in names if k in body})
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    keep_rows, image = body.get("keep_rows", 0), body.get("image")
-    span = f"in [0, {image_size}] (image rows to keep)" if image_size else ">= 0 (image rows to keep)"
-    if not isinstance(keep_rows, int) or isinstance(keep_rows, bool) or not 0 <= keep_rows <= (image_size or keep_rows):
-        raise BadRequest(f"keep_rows must be an integer {span}, got {keep_rows!r}")
+    try:
+        keep_rows = check_keep_rows(body.get("keep_rows", 0), image_size)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    image = body.get("image")
     if image is not None:
         if not isinstance(image, str):
             raise BadRequest(f"image must be a base64-encoded image file (PNG, JPEG...), got {type(image).__name__}")
         try:
-            image = base64.b64decode("".join(image.split()), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadRequest(f"image is not base64 ({exc})") from None
+            image = file_of_base64(image)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
     if keep_rows and image is None:
         raise BadRequest(f"keep_rows={keep_rows} needs an image to complete (a base64-encoded image file)")
     if keep_rows and image_size:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from steps.artifacts.autoencoder import Autoencoder
@@ -36,6 +38,19 @@ def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
     """
     digest = hashlib.sha256(f"vqvae2-sample/{seed}/{index}/{attempt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def check_keep_rows(keep_rows: Any, size: int | None) -> int:
+    """``keep_rows`` as an int: image rows to keep, in [0, size] (any >= 0 while the image side is not known).
+
+    Raises:
+        ValueError: anything else (a bool, a float, out of range), naming ``keep_rows``.
+    """
+    top = keep_rows if size is None else size
+    if isinstance(keep_rows, bool) or not isinstance(keep_rows, (int, np.integer)) or not 0 <= keep_rows <= top:
+        span = ">= 0" if size is None else f"in [0, {size}]"
+        raise ValueError(f"keep_rows must be an integer {span} (image rows to keep), got {keep_rows!r}")
+    return int(keep_rows)
 
 
 def kept_rows(scale: int, keep_rows: int) -> int:
@@ -122,9 +137,7 @@ class ImageGenerator:
     def _kept_positions(self, keep_rows: int, given: Mapping[str, torch.Tensor] | None, n: int) -> dict[str, int]:
         """Raster positions each level keeps (its kept code rows times its width)."""
         config = self.model.config
-        size = config.image_size
-        if isinstance(keep_rows, bool) or not isinstance(keep_rows, int) or not 0 <= keep_rows <= size:
-            raise ValueError(f"keep_rows must be an int in [0, {size}] (image rows to keep), got {keep_rows!r}")
+        keep_rows = check_keep_rows(keep_rows, config.image_size)
         if keep_rows and given is None:
             raise ValueError(f"keep_rows={keep_rows} needs the codes of the images to complete")
         if given is not None and set(given) != set(self.levels):

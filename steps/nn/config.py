@@ -50,19 +50,22 @@ def no_effect(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return dataclasses.field(default=default, metadata={EFFECT: False}, **kw)
 
 
+def _marked(default: Any, metadata: dict[str, Any]) -> Any:
+    """A dataclass field with ``metadata``; a list or dict default is copied for each instance."""
+    factory = isinstance(default, (list, dict))
+    kw = {"default_factory": lambda: type(default)(default)} if factory else {"default": default}
+    return dataclasses.field(metadata=metadata, **kw)
+
+
 def later(default: Any) -> Any:
     """A dataclass field added after outputs were cached: at ``default`` it is left out of fingerprints, so the
     outputs made before the setting existed (which behave as its default) keep their cache entries."""
-    factory = isinstance(default, (list, dict))
-    kw = {"default_factory": lambda: type(default)(default)} if factory else {"default": default}
-    return dataclasses.field(metadata={LATER: True}, **kw)
+    return _marked(default, {LATER: True})
 
 
 def derived(default: Any, source: str) -> Any:
     """A dataclass field the pipeline fills from ``source`` (an upstream artifact); users do not set it."""
-    factory = isinstance(default, (list, dict))
-    kw = {"default_factory": lambda: type(default)(default)} if factory else {"default": default}
-    return dataclasses.field(metadata={DERIVED: source}, **kw)
+    return _marked(default, {DERIVED: source})
 
 
 def affects_results(f: dataclasses.Field) -> bool:

@@ -225,11 +225,11 @@ class VQVAE2(_VQModel):
             h = features[lv] = getattr(self, f"enc_{lv}")(h)
         out, stream = [], None
         for i, lv in enumerate(self.levels):
-            if i == 0:
-                q = self.quantizers[lv](getattr(self, f"pre_quant_{lv}")(features[lv]))
-            else:
-                explained = getattr(self, f"dec_{self.levels[i - 1]}")(stream)  # (B, D_l, H_l, W_l)
-                q = self.quantizers[lv](getattr(self, f"pre_quant_{lv}")(torch.cat([features[lv], explained], dim=1)))
+            h = features[lv]
+            if i:  # what the coarser levels already explain, decoded to this level: (B, D_l, H_l, W_l)
+                explained = getattr(self, f"dec_{self.levels[i - 1]}")(stream)
+                h = torch.cat([h, explained], dim=1)
+            q = self.quantizers[lv](getattr(self, f"pre_quant_{lv}")(h))
             out.append(q)
             stream = q.quantized if i == 0 else torch.cat([q.quantized, explained], dim=1)
         commit = out[0].commit_loss

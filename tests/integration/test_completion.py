@@ -91,9 +91,9 @@ def test_complete_api_layout_and_extremes(gen):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"keep_rows": 33}, r"keep_rows must be an int in \[0, 32\]"),
-        ({"keep_rows": -1}, "keep_rows must be an int"),
-        ({"keep_rows": 2.5}, "keep_rows must be an int"),
+        ({"keep_rows": 33}, r"keep_rows must be an integer in \[0, 32\] \(image rows to keep\), got 33"),
+        ({"keep_rows": -1}, r"keep_rows must be an integer in \[0, 32\] \(image rows to keep\), got -1"),
+        ({"keep_rows": 2.5}, r"keep_rows must be an integer in \[0, 32\] \(image rows to keep\), got 2.5"),
         ({"keep_rows": 4, "n": 0}, "n must be an int"),
         ({"keep_rows": 4, "labels": [0]}, r"labels must be one class for all images or one per image \(2\)"),
         ({"keep_rows": 4, "labels": 7}, r"labels must be in \[0, 3\)"),

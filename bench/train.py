@@ -25,6 +25,7 @@ from steps.core.step import JsonlSink
 from steps.nn.vqvae import VQVAE2Config
 from steps.shard import ShardConfig
 from steps.shard import run as shard_run
+from steps.training.images import AutoencoderTask
 from steps.training.task import TrainConfig
 
 
@@ -33,7 +34,7 @@ def plain_loop(cfg: train_vqvae.TrainVQVAEConfig, images: np.ndarray, threads: i
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     tc = cfg.train
-    task = train_vqvae.AutoencoderTask(cfg.model, cfg.grid_images)
+    task = AutoencoderTask(cfg.model, cfg.grid_images)
     model = task.build_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, tc.lr_factor)

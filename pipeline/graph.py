@@ -1,6 +1,7 @@
-"""The step graph, as data: name, step function, upstream steps, and the kind of output each step writes.
+r"""The step graph, as data: name, step function, upstream steps, and the kind of output each step writes.
 
     shard -> train_vqvae -> encode -> train_prior -> sample -> evaluate
+                        \-> tune_decoder (optional) ----/
 
 Read top to bottom, this is the whole pipeline. Each row names a step's function, its settings (a config dataclass:
 :class:`~pipeline.config.PipelineConfig` gets one field of that name and type per row, and so does the Hydra
@@ -17,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from steps import encode, evaluate, sample, shard, train_prior, train_vqvae
-from steps.artifacts.autoencoder import Autoencoder
+from steps import encode, evaluate, sample, shard, train_prior, train_vqvae, tune_decoder
+from steps.artifacts.autoencoder import Autoencoder, TunedAutoencoder
 from steps.artifacts.base import Artifact
 from steps.artifacts.codes import CodeDataset
 from steps.artifacts.evaluation import Evaluation
@@ -38,6 +39,10 @@ def _has_codes(cfg: Config) -> bool:
 
 def _always(cfg: Config) -> bool:
     return True
+
+
+def _tunes_decoder(cfg: Config) -> bool:
+    return cfg.tune_decoder.enabled and _has_codes(cfg)
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,12 @@ GRAPH: tuple[Step, ...] = (
          enabled=_has_codes),
     Step("train_prior", train_prior.run,  train_prior.TrainPriorConfig,   ("encode",),                  Priors,
          enabled=_has_codes, trains=True),
-    Step("sample",      sample.run,       sample.SampleConfig,            ("train_vqvae", "train_prior"), Samples),
+    Step("tune_decoder", tune_decoder.run, tune_decoder.TuneDecoderConfig, ("shard", "train_vqvae"),  TunedAutoencoder,
+         enabled=_tunes_decoder, trains=True),
+    Step("sample",      sample.run,       sample.SampleConfig,
+         ("train_vqvae", "tune_decoder", "train_prior"), Samples),
     Step("evaluate",    evaluate.run,     evaluate.EvaluateConfig,
-         ("shard", "train_vqvae", "encode", "train_prior", "sample"), Evaluation),
+         ("shard", "train_vqvae", "encode", "train_prior", "tune_decoder", "sample"), Evaluation),
 )
 # fmt: on
 NAMES = tuple(s.name for s in GRAPH)
@@ -77,6 +85,12 @@ STEPS = {s.name: s for s in GRAPH}
 def writer_of(output: type[Artifact]) -> Step:
     """The step that writes outputs of handle class ``output``."""
     return next(s for s in GRAPH if s.output is output)
+
+
+def decoder_of(cfg: Config) -> Step:
+    """The step whose autoencoder decodes this config's images: the last active one that writes an autoencoder
+    (tune_decoder's retrained decoder when it is on, else train_vqvae's)."""
+    return [s for s in active(cfg) if issubclass(s.output, Autoencoder)][-1]
 
 
 def active(cfg: Config) -> list[Step]:

@@ -15,7 +15,6 @@ from pipeline.secrets import redact, redact_overrides
 from pipeline.serving import registration
 from pipeline.tracking import Tracker, login_problem, result_record, run_name, run_params
 from pipeline.tracking_buffer import MLflowSink
-from steps.artifacts.autoencoder import Autoencoder
 from steps.artifacts.priors import Priors
 from steps.core.step import TaskWrap
 
@@ -211,18 +210,19 @@ def _register_models(planned: list[Planned], cfg: PipelineConfig, store: cache.A
     """Register the run's generator and encoder (:mod:`pipeline.serving.registration`) when its outputs include a
     whole generator: the autoencoder, and the priors if this config trains any."""
     done = {p.step.name: p for p in planned if p.record is not None}
-    needed = [graph.writer_of(Autoencoder), graph.writer_of(Priors)]
+    needed = [graph.decoder_of(cfg), graph.writer_of(Priors)]
     needed = [s for s in needed if s in graph.active(cfg)]
     if any(s.name not in done for s in needed):
         return  # a run of some steps only: nothing new to register
     import mlflow
 
     made = {s.output: store.final(s.name, done[s.name].fingerprint) for s in needed}
+    autoencoder = made[needed[0].output]
     fingerprints = "/".join(done[s.name].fingerprint for s in needed)
     tags = {"pipeline_run_id": mlflow.active_run().info.run_id, "model_kind": cfg.model_kind}
     tags |= {f"metric.{k}": f"{v:.6g}" for k, v in _run_metrics(planned).items() if k not in RUN_ONLY}
     try:
-        registration.register(cfg.mlflow.experiment, made[Autoencoder], made.get(Priors), fingerprints,
+        registration.register(cfg.mlflow.experiment, autoencoder, made.get(Priors), fingerprints,
                               cfg.mlflow.model_alias, move, tags)  # fmt: skip
     except Exception as exc:  # registration is a convenience: never fail a finished pipeline over it
         log.warning("could not register the generator in MLflow: %s", exc)

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.autoencoder import Autoencoder, decoding
 from steps.artifacts.codes import CodeDataset
 from steps.artifacts.compat import check_compatible
 from steps.artifacts.evaluation import EvaluationWriter
@@ -146,7 +146,7 @@ class Report:
 def _open(inputs: Mapping[str, str]) -> tuple[ImageShards, Autoencoder, Samples, CodeDataset | None, Priors | None]:
     """The upstream outputs, checked to belong together before any image is read or reconstructed."""
     shards = ImageShards.open(require_input(inputs, STEP, "shard"))
-    autoencoder = Autoencoder.open(require_input(inputs, STEP, "train_vqvae"))
+    autoencoder = decoding(inputs, STEP)
     samples = Samples.open(require_input(inputs, STEP, "sample"))
     codes = CodeDataset.open(inputs["encode"]) if "encode" in inputs else None
     priors = Priors.open(inputs["train_prior"]) if "train_prior" in inputs else None
@@ -257,7 +257,8 @@ def run(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str, sink: MetricsS
     Args:
         cfg: step settings.
         inputs: ``{"shard", "train_vqvae", "encode", "train_prior", "sample"}`` output URIs; ``encode`` and
-            ``train_prior`` are absent for a VAE (no code metrics then).
+            ``train_prior`` are absent for a VAE (no code metrics then); with ``tune_decoder``, reconstructions use
+            its decoder.
         out: output URI.
         sink: unused; the orchestrator logs the returned metrics.
 

@@ -33,7 +33,7 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.autoencoder import Autoencoder, decoding
 from steps.artifacts.checkpoints import CheckpointFile
 from steps.artifacts.code_format import CodeMeta
 from steps.artifacts.compat import check_classifier, check_compatible
@@ -168,7 +168,7 @@ def make_plan(cfg: SampleConfig, inputs: Mapping[str, str]) -> SamplePlan:
         CheckpointError: the checkpoints do not belong together (digest, level, shape, codebook or class mismatch).
         ValueError: ``cfg.labels`` or ``cfg.classifier`` do not fit the models.
     """
-    autoencoder = Autoencoder.open(require_input(inputs, STEP, "train_vqvae"))
+    autoencoder = decoding(inputs, STEP)
     if not autoencoder.makes_codes:
         for name in ("labels", "classifier"):
             if getattr(cfg, name) is not None:
@@ -282,7 +282,8 @@ def run(cfg: SampleConfig, inputs: Mapping[str, str], out: str, sink: MetricsSin
 
     Args:
         cfg: step settings.
-        inputs: ``{"train_vqvae": uri, "train_prior": uri}``; no ``train_prior`` for a VAE.
+        inputs: ``{"train_vqvae": uri, "train_prior": uri}``, and ``tune_decoder`` when it ran (its decoder is then
+            the one used); no ``train_prior`` for a VAE.
         out: output URI; emptied first, except for the finished shards of an interrupted run of the same settings.
         sink: unused; the result's metrics are logged by the orchestrator.
 

@@ -1,4 +1,5 @@
-"""The autoencoder contract: what train_vqvae writes and what encode, sample, evaluate and the generator read.
+"""The autoencoder contract: what train_vqvae (and tune_decoder) write and what encode, sample, evaluate and the
+generator read.
 
     <out>/model.pt      the trained model (steps.nn.checkpoint format, no optimiser state)
     <out>/recon.png     val images (top rows) above their reconstructions (bottom rows)
@@ -12,20 +13,24 @@ without building the model; :meth:`Autoencoder.load` builds it. :class:`Autoenco
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from steps.artifacts.base import Artifact, Upstream, digest_tensors
 from steps.artifacts.checkpoints import CheckpointFile, TrainedWriter
+from steps.core.step import require_input
 from steps.io import storage
 from steps.io.idcheck import IdCounts
 from steps.nn import registry
-from steps.nn.checkpoint import to_bytes
+from steps.nn.checkpoint import CheckpointError, to_bytes
 
 MODEL = "model.pt"
 RECON_GRID = "recon.png"
 METRICS = "metrics.json"
+CODES_OF = "codes_of"  # payload entry of a retrained decoder: the codes digest of the model it was tuned from
+DECODER_OF = "decoder_of"  # ... and that model's URI (its lineage)
 WHAT = "an autoencoder (train_vqvae's model.pt: kind " + " or ".join(registry.kinds("autoencoder")) + ")"
 
 
@@ -58,8 +63,19 @@ class Autoencoder(Artifact):
 
     @property
     def digest(self) -> str:
-        """What downstream artifacts record as the VQ-VAE they belong to."""
+        """This file's digest: what identifies the images it decodes (the sample step's resume check)."""
         return self.checkpoint.digest
+
+    @property
+    def codes_digest(self) -> str:
+        """What code datasets and priors record as the VQ-VAE they belong to: the digest of the model that made
+        the codes, which a decoder retrained by tune_decoder (encoder and codebooks unchanged) keeps."""
+        return self.checkpoint.extra(CODES_OF) or self.checkpoint.digest
+
+    @property
+    def decoder_of(self) -> str | None:
+        """The autoencoder whose decoder this one's replaced (tune_decoder's output), else None."""
+        return self.checkpoint.extra(DECODER_OF)
 
     @property
     def kind(self) -> str:
@@ -110,6 +126,44 @@ class Autoencoder(Artifact):
         """Copy what :meth:`open` needs into ``folder`` (a self-contained copy, e.g. to package as a model)."""
         storage.write_bytes(storage.join(folder, MODEL), self.checkpoint.data)
         return folder
+
+
+def decoding(inputs: Mapping[str, str], step: str) -> Autoencoder:
+    """The autoencoder ``step`` decodes with: tune_decoder's retrained decoder when that step ran (its output is among
+    ``inputs``), else train_vqvae's model.
+
+    Raises:
+        MissingInputError: neither output was given.
+    """
+    return Autoencoder.open(inputs.get("tune_decoder") or require_input(inputs, step, "train_vqvae"))
+
+
+class TunedAutoencoder(Autoencoder):
+    """A tune_decoder output: train_vqvae's autoencoder with a retrained decoder, in the same layout (``model.pt``,
+    ``recon.png``, ``metrics.json``, ``ray/``), whose checkpoint also records the model it was tuned from."""
+
+    def verify(self, upstream: Upstream) -> dict[str, IdCounts]:
+        """It loads, names its origin, and (when the upstream autoencoder still exists) holds exactly that model's
+        encoder and codebooks, so the codes it makes are the ones the code dataset and priors hold."""
+        model = self.load()
+        if self.decoder_of is None or self.checkpoint.extra(CODES_OF) is None:
+            raise CheckpointError(f"{self.model_uri} does not record the autoencoder its decoder was tuned from")
+        base = upstream.get(Autoencoder)
+        if base is None:
+            return {}
+        if base.codes_digest != self.codes_digest:
+            raise CheckpointError(
+                f"{self.model_uri} belongs to codes {self.codes_digest}, but its upstream {base.model_uri} makes "
+                f"codes {base.codes_digest}"
+            )
+        tuned, own, theirs = model.decoder_parameter_names(), self.checkpoint.state_dict(), base.checkpoint.state_dict()
+        changed = sorted(k for k in theirs if k not in tuned and not torch.equal(own[k], theirs[k]))
+        if changed or set(own) != set(theirs):
+            raise CheckpointError(
+                f"{self.model_uri}: its encoder or codebooks differ from {base.model_uri} "
+                f"({changed[:3] or sorted(set(own) ^ set(theirs))[:3]}): its codes are not the code dataset's"
+            )
+        return {}
 
 
 class AutoencoderWriter(TrainedWriter):

@@ -81,7 +81,7 @@ class CodeMeta:
             levels=autoencoder.levels,
             shapes=autoencoder.shapes,
             codebook_size=autoencoder.codebook_sizes,
-            vqvae=autoencoder.digest,
+            vqvae=autoencoder.codes_digest,
             image_size=autoencoder.image_size,
             num_classes=num_classes,
         )

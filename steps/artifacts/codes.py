@@ -134,10 +134,10 @@ class CodeDataset(Artifact):
                             codebook_size=autoencoder.codebook_sizes, where=self.uri)  # fmt: skip
         except CodeDatasetMismatch as exc:
             raise CodeDatasetMismatch(f"{exc} (expected by {autoencoder.model_uri}); rerun the encode step") from None
-        if self.meta.vqvae != autoencoder.digest:  # the same architecture, other weights
+        if self.meta.vqvae != autoencoder.codes_digest:  # the same architecture, other weights
             raise CodeDatasetMismatch(
                 f"code dataset {self.uri}: field 'vqvae' mismatch: made by VQ-VAE {self.meta.vqvae}, but "
-                f"{autoencoder.model_uri} is {autoencoder.digest}; rerun the encode step"
+                f"{autoencoder.model_uri} is {autoencoder.codes_digest}; rerun the encode step"
             )
 
     def content_digest(self) -> str:

@@ -139,10 +139,10 @@ def _check_level(autoencoder: Autoencoder, prior: CheckpointFile, level: str) ->
     uri, cfg, model = prior.uri, prior.config, autoencoder.model_uri
     if prior.extra("level") != level:
         raise CheckpointError(f"{uri} holds a prior for level {prior.extra('level')!r}, expected {level!r}")
-    if prior.extra("vqvae") != autoencoder.digest:
+    if prior.extra("vqvae") != autoencoder.codes_digest:
         raise CheckpointError(
             f"{uri}: the {level} prior was trained on codes of VQ-VAE {prior.extra('vqvae')}, but {model} is "
-            f"{autoencoder.digest}; rerun train_prior"
+            f"{autoencoder.codes_digest}; rerun train_prior"
         )
     shape, size = list(autoencoder.shapes[level]), autoencoder.codebook_sizes[level]
     if list(cfg.shape) != shape or cfg.num_codes != size:

@@ -104,8 +104,9 @@ class Samples(Artifact):
             schema = pq.read_schema(path, filesystem=fs)
             if CODES_META_KEY in (schema.metadata or {}):
                 meta = schema_code_meta(schema, where=uri)
-                check_code_meta(meta, vqvae=autoencoder.digest, levels=autoencoder.levels, shapes=autoencoder.shapes,
-                                codebook_size=autoencoder.codebook_sizes, where=uri)  # fmt: skip
+                check_code_meta(meta, vqvae=autoencoder.codes_digest, levels=autoencoder.levels,
+                                shapes=autoencoder.shapes, codebook_size=autoencoder.codebook_sizes,
+                                where=uri)  # fmt: skip
         return {"codes": count(file_ids(files), self.num_samples, self.num_samples)}
 
     def content_digest(self) -> str:

@@ -13,7 +13,9 @@ Roles and what the pipeline expects of a model of each role:
   code maps, top first (empty for a model without codes);
 * ``prior``: an autoregressive prior over one code map (:class:`steps.nn.prior.Prior`);
 * ``quantizer``: a vector quantiser of a VQ model (:class:`steps.nn.quantize.Quantizer`);
-* ``classifier``: the image classifier of rejection sampling.
+* ``classifier``: the image classifier of rejection sampling;
+* ``adversarial``: a VQ model's decoder with a discriminator, which ``tune_decoder`` trains with the codes frozen
+  (:class:`steps.nn.adversarial.DecoderGAN`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("autoencoder", "prior", "quantizer", "classifier")
+ROLES = ("autoencoder", "prior", "quantizer", "classifier", "adversarial")
 
 
 def _load(target: str) -> Any:
@@ -63,6 +65,7 @@ KINDS: dict[str, Kind] = {
         ),
         Kind("ema", "quantizer", "steps.nn.quantize:VectorQuantizerEMA"),
         Kind("classifier", "classifier", "steps.nn.classifier:ImageClassifier"),
+        Kind("patchgan", "adversarial", "steps.nn.adversarial:DecoderGAN"),
     )
 }
 # Kinds written by earlier versions, read as today's (checkpoints of format 1 called the PixelCNN prior "prior").

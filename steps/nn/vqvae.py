@@ -167,6 +167,16 @@ class _VQModel(Autoencoder):
     def decode(self, quantized: tuple[torch.Tensor, ...]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def decoder_modules(self) -> list[nn.Module]:  # pragma: no cover - abstract
+        """The modules :meth:`decode` uses and :meth:`encode` does not, the image-making layer last: what
+        ``tune_decoder`` retrains while the codes stay as they are."""
+        raise NotImplementedError
+
+    def decoder_parameter_names(self) -> set[str]:
+        """Names (as in ``state_dict``) of the parameters of :meth:`decoder_modules`."""
+        own = {id(p) for m in self.decoder_modules() for p in m.parameters()}
+        return {name for name, p in self.named_parameters() if id(p) in own}
+
     def decode_codes(self, *codes: torch.Tensor) -> torch.Tensor:
         """Decode integer code maps, one per level, top first: (B, H_l, W_l) each -> (B, C, S, S)."""
         if len(codes) != len(self.levels):
@@ -247,6 +257,9 @@ class VQVAE2(_VQModel):
         ups = [getattr(self, f"upsample_{lv}")(q) for lv, q in zip(self.levels, coarse, strict=False)]
         return self.dec(torch.cat([*ups, bottom], dim=1))  # (B, C, S, S)
 
+    def decoder_modules(self) -> list[nn.Module]:
+        return [getattr(self, f"upsample_{lv}") for lv in self.levels[:-1]] + [self.dec]
+
 
 class VQVAE(_VQModel):
     """One-level VQ-VAE (van den Oord et al. 2017); its single code map is called ``top``."""
@@ -270,3 +283,6 @@ class VQVAE(_VQModel):
     def decode(self, quantized: tuple[torch.Tensor, ...]) -> torch.Tensor:
         (q,) = quantized
         return self.dec(q)
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.dec]

@@ -23,6 +23,7 @@ from steps.artifacts.images import ImageShards
 from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
 from steps.io.pixels import encode_png
+from steps.nn.checkpoint import CheckpointError
 from steps.nn.pixelcnn import PixelCNNConfig
 from steps.nn.quantize import MAX_CODEBOOK, EMAQuantizerConfig
 
@@ -159,3 +160,41 @@ def test_one_codebook_limit_from_the_quantizer_to_the_stored_codes():
     assert table.column("top").to_pylist() == [[0, MAX_CODEBOOK - 1]]
     with pytest.raises(ValueError, match="must be in"):
         CodeMeta(("top",), {"top": (1, 2)}, {"top": MAX_CODEBOOK + 1}, vqvae="v", image_size=8)
+
+
+def test_a_tuned_decoder_belongs_to_its_models_codes_and_priors(tmp_path, artifacts):
+    """tune_decoder's output: the same codes digest as its upstream, so the base's priors check against it; its file
+    digest is its own (samples of another decoder are other samples); verify holds it to the base's encoder."""
+    from steps.artifacts.autoencoder import TunedAutoencoder
+    from steps.nn.checkpoint import to_bytes
+    from steps.tune_decoder import autoencoder_payload
+
+    model = artifacts.small_vqvae2()
+    base = Autoencoder.open(artifacts.autoencoder(tmp_path / "vq", model))
+
+    def tuned(out: Path, change: str) -> TunedAutoencoder:
+        state = {f"autoencoder.{k}": v.clone() for k, v in model.state_dict().items()}
+        state[f"autoencoder.{change}"] += 0.5
+        payload = autoencoder_payload({"format": 2, "model": state, "step": 3, "metrics": {}}, base)
+        (out / "model.pt").parent.mkdir(parents=True)
+        (out / "model.pt").write_bytes(to_bytes(payload))
+        return TunedAutoencoder.open(str(out))
+
+    good = tuned(tmp_path / "t", "dec.net.0.weight")
+    assert good.codes_digest == base.codes_digest == base.digest != good.digest
+    assert good.decoder_of == base.model_uri and good.kind == base.kind and good.config == base.config
+    assert good.verify(Upstream({Autoencoder: base.uri})) == {} and good.verify(Upstream()) == {}
+    top = PixelCNNConfig(num_codes=32, shape=(4, 4), channels=8, layers=1)
+    bottom = PixelCNNConfig(num_codes=32, shape=(8, 8), channels=8, layers=1, cond_num_codes=32, cond_shape=(4, 4))
+    priors = Priors.open(artifacts.priors(tmp_path / "p", base.codes_digest, top=top, bottom=bottom))
+    assert priors.check_against(good) == 0
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(good.load().encode(x).codes, model.encode(x).codes, strict=True))
+
+    bad = tuned(tmp_path / "t2", "enc_bottom.net.0.weight")
+    with pytest.raises(CheckpointError, match=r"its encoder or codebooks differ from .*enc_bottom.net.0.weight"):
+        bad.verify(Upstream({Autoencoder: base.uri}))
+    plain = TunedAutoencoder.open(artifacts.autoencoder(tmp_path / "plain", model))
+    with pytest.raises(CheckpointError, match="does not record the autoencoder its decoder was tuned from"):
+        plain.verify(Upstream({Autoencoder: base.uri}))

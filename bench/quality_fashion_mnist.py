@@ -50,8 +50,11 @@ FULL = [
     "evaluate.max_samples=500",
     "evaluate.kid_subset_size=250",
 ]
-# Sample-time ablations: each reruns only sample and evaluate (the upstream steps come from the cache).
+# Ablations: each reruns only what it changes (sample and evaluate; tune_decoder too for the decoder), the rest from
+# the cache. "tune_decoder" retrains the decoder against a patch discriminator with the codes frozen
+# (steps/tune_decoder.py): the same codes and priors, so the same sampled codes, decoded by another decoder.
 ABLATIONS = {
+    "tune_decoder": ["tune_decoder.enabled=true"],
     "temperature=1.0": ["sample.temperature=1.0"],
     "guidance_scale=2.0": ["sample.guidance_scale=2.0"],
     "top_p=1.0": ["sample.top_p=1.0"],
@@ -153,6 +156,8 @@ def headline(m: dict[str, float]) -> dict[str, float]:
         "fd_ratio": round(m["fd_effnet"] / m["fd_effnet_real"], 2),
         "precision": round(m["precision"], 3),
         "recall": round(m["recall"], 3),
+        "coverage": round(m.get("coverage", float("nan")), 3),
+        "recon_fd_ratio": round(m["fd_effnet_recon"] / m["fd_effnet_real"], 2),
     }
 
 
@@ -180,6 +185,10 @@ def print_report(m: dict[str, float], counts: dict[str, int], knn_k: int, minute
         f"precision / recall (k={knn_k}): {g('precision'):.3f} / {g('recall'):.3f} "
         f"(floor {g('precision_real'):.3f} +- {g('precision_real_std'):.3f} / {g('recall_real'):.3f} "
         f"+- {g('recall_real_std'):.3f}; reconstructions {g('precision_recon'):.3f} / {g('recall_recon'):.3f})"
+    )
+    print(
+        f"density / coverage: {g('density'):.3f} / {g('coverage'):.3f} (floor {g('density_real'):.3f} / "
+        f"{g('coverage_real'):.3f}; reconstructions {g('density_recon'):.3f} / {g('coverage_recon'):.3f})"
     )
 
 
@@ -234,12 +243,13 @@ def main() -> None:
         variant_steps, variant_minutes = run_pipeline([*cmd, *extra], work)
         rows[name] = {**headline(evaluation(variant_steps)["metrics"]), "minutes": round(variant_minutes, 1)}
     if len(rows) > 1:
-        print("\nablation (sample time; 500 samples unless quick):")
-        print(f"{'variant':<20} {'fd_effnet':>9} {'x floor':>8} {'precision':>9} {'recall':>7}")
+        print("\nablation (500 samples unless quick; recon: the reconstructions' fd, x floor):")
+        print(f"{'variant':<20} {'fd_effnet':>9} {'x floor':>8} {'precision':>9} {'recall':>7} {'coverage':>8} "
+              f"{'recon':>6}")  # fmt: skip
         for name, row in rows.items():
             print(
                 f"{name:<20} {row['fd_effnet']:>9.2f} {row['fd_ratio']:>8.2f} "
-                f"{row['precision']:>9.3f} {row['recall']:>7.3f}"
+                f"{row['precision']:>9.3f} {row['recall']:>7.3f} {row['coverage']:>8.3f} {row['recon_fd_ratio']:>6.2f}"
             )
         result["ablation"] = rows
 

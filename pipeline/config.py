@@ -105,6 +105,13 @@ class _Run(ConfigBase):
     def model_kind(self) -> str:
         return self.train_vqvae.kind
 
+    def validate(self) -> None:
+        if self.tune_decoder.enabled and not registry.makes_codes(self.model_kind):
+            raise FieldError(
+                "PipelineConfig", "tune_decoder.enabled", f"must be false with model={self.model_kind}: it retrains "
+                "a VQ model's decoder for its codes, and this model has none"
+            )  # fmt: skip
+
 
 # The whole run, typed and validated: what ``pipeline/`` hands to the step graph. One field per step of the graph,
 # named after it and typed with its settings, then the rest.

@@ -153,6 +153,21 @@ def test_graph_skips_code_steps_for_the_vae():
     assert graph.inputs_of(steps["evaluate"], vae) == ("shard", "train_vqvae", "sample")
 
 
+def test_tune_decoder_is_off_by_default_and_reruns_only_what_decodes(tmp_path):
+    store = cache.ArtifactStore(str(tmp_path))
+    base = {p.step.name: p.fingerprint for p in plan(make("debug=tiny"), store)}
+    assert "tune_decoder" not in base and graph.decoder_of(make("debug=tiny")).name == "train_vqvae"
+    on = make("debug=tiny", "tune_decoder.enabled=true")
+    tuned = {p.step.name: p.fingerprint for p in plan(on, store)}
+    assert list(tuned) == [s.name for s in graph.active(on)] and graph.decoder_of(on).name == "tune_decoder"
+    assert all(base[s] == tuned[s] for s in ("shard", "train_vqvae", "encode", "train_prior")), "codes, priors cached"
+    assert all(base[s] != tuned[s] for s in ("sample", "evaluate"))
+    steps = {s.name: s for s in graph.GRAPH}
+    assert graph.inputs_of(steps["sample"], on) == ("train_vqvae", "tune_decoder", "train_prior")
+    with pytest.raises(ConfigError, match=r"tune_decoder.enabled must be false with model=vae"):
+        make("model=vae", "tune_decoder.enabled=true")
+
+
 def test_plan_changes_propagate_downstream(tmp_path):
     store = cache.ArtifactStore(str(tmp_path))
     base = {p.step.name: p.fingerprint for p in plan(make("debug=tiny"), store)}

@@ -13,10 +13,13 @@ the cache, as a table. The per-class sample grid is copied to bench/plots/. A fi
 or ``{"bench": "quality_fashion_mnist", "skipped": "..."}`` when the data is not installed. ``--quick`` is a
 smoke run (4k images, 150 steps, 100 samples, one ablation, about 5 minutes) that checks the recipe end to end; its
 numbers are not the recipe's. ``--long`` gives the same recipe about an hour (the priors 9600 steps), the figure
-for the quality-against-minutes curve. The fd/kid values compare only with runs scored with the
+for the quality-against-minutes curve. ``--decoder`` is the decoder ablation: the recipe with 800 prior steps, then
+the same sampled codes decoded by tune_decoder's adversarially tuned decoder and, the control, by a decoder trained as
+long on L1 + MSE alone. The fd/kid values compare only with runs scored with the
 same counts (see steps/evaluate.py).
 
-Usage: python bench/quality_fashion_mnist.py [--quick | --long] [--no-ablations] [--workdir DIR] [-- overrides]
+Usage: python bench/quality_fashion_mnist.py [--quick | --long | --decoder] [--no-ablations] [--workdir DIR]
+       [-- overrides]
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "/usr/share/datasets/fashion-mnist"
 IDX = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 PLOTS = ROOT / "bench" / "plots"
-GRID_NAME = {"full": "quality_fashion_mnist_samples.png", "long": "quality_fashion_mnist_60_samples.png", "quick": ""}
+GRID_NAME = {"full": "quality_fashion_mnist_samples.png", "long": "quality_fashion_mnist_60_samples.png", "quick": "",
+             "decoder": ""}  # fmt: skip
 # A row of the pipeline's closing summary: step, status, seconds, output folder.
 SUMMARY = re.compile(r"^(?P<step>[a-z_]+)\s+(?P<status>[a-z]+)\s+(?P<seconds>\d+\.\d)\s+(?P<out>/\S*)$")
 
@@ -84,7 +88,20 @@ QUICK = [  # an end-to-end smoke run of the recipe (about 5 minutes); its number
     "evaluate.kid_subset_size=50",
     "evaluate.num_kid_subsets=50",
 ]
-MODES = {"full": (FULL, ABLATIONS), "long": (LONG, LONG_ABLATIONS), "quick": (QUICK, QUICK_ABLATIONS)}
+# --decoder: the decoder ablation. The recipe with its priors cut to 800 steps (so that the three runs fit in an hour on
+# a slow 2-core CPU), then the same codes, priors and sampled codes decoded by tune_decoder's decoder (600 updates, the
+# adversarial term from update 200) and, as the control at equal updates, by the decoder trained 600 more updates on
+# L1 + MSE alone (gan_weight=0).
+DECODER = [*FULL, "train_prior.train.steps=800", "train_prior.train.checkpoint_every=400"]
+TUNE = ["tune_decoder.enabled=true", "tune_decoder.train.steps=600", "tune_decoder.train.cpus_per_worker=2",
+        "tune_decoder.train.checkpoint_every=300"]  # fmt: skip
+DECODER_ABLATIONS = {"tune_decoder": TUNE, "tune_decoder gan_weight=0": [*TUNE, "tune_decoder.gan_weight=0"]}
+MODES = {
+    "full": (FULL, ABLATIONS),
+    "long": (LONG, LONG_ABLATIONS),
+    "quick": (QUICK, QUICK_ABLATIONS),
+    "decoder": (DECODER, DECODER_ABLATIONS),
+}
 CURVES = {  # series -> (MLflow step name, {our name: MLflow metric})
     "train_vqvae": ("train_vqvae", {"recon_mse": "train/recon_mse"}),
     "codebook_top": ("train_vqvae", {"usage": "train/usage_top"}),
@@ -197,6 +214,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="an end-to-end smoke run (about 5 minutes)")
     parser.add_argument("--workdir", default=None, help="keep artifacts and MLflow here (a rerun reuses the cache)")
     parser.add_argument("--long", action="store_true", help="the recipe given about an hour (priors 9600 steps)")
+    parser.add_argument("--decoder", action="store_true", help="the decoder ablation (priors 800 steps; about an hour)")
     parser.add_argument("--no-ablations", action="store_true", help="run the recipe only, not its sample-time variants")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, after --")
     args = parser.parse_args()
@@ -209,7 +227,7 @@ def main() -> None:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench-quality-")
     work = Path(args.workdir or tmp.name).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    mode = "quick" if args.quick else "long" if args.long else "full"
+    mode = "quick" if args.quick else "long" if args.long else "decoder" if args.decoder else "full"
     recipe, ablations = MODES[mode]
     cmd = [
         sys.executable,
@@ -243,7 +261,7 @@ def main() -> None:
         variant_steps, variant_minutes = run_pipeline([*cmd, *extra], work)
         rows[name] = {**headline(evaluation(variant_steps)["metrics"]), "minutes": round(variant_minutes, 1)}
     if len(rows) > 1:
-        print("\nablation (500 samples unless quick; recon: the reconstructions' fd, x floor):")
+        print("\nablation (500 samples unless quick; recon: the reconstructions' fd, x floor):")  # minutes: its rerun
         print(f"{'variant':<20} {'fd_effnet':>9} {'x floor':>8} {'precision':>9} {'recall':>7} {'coverage':>8} "
               f"{'recon':>6}")  # fmt: skip
         for name, row in rows.items():

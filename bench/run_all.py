@@ -47,15 +47,18 @@ BENCHES = (
     "scale",
     "quality_fashion_mnist",
     "quality_fashion_mnist_60",
+    "quality_fashion_mnist_decoder",
     "levels",
 )
 # Benchmarks that run another one's script with extra arguments (--quick runs skip those marked full-only).
 VARIANTS = {
     "sample_cuda": ("sample", ["--device", "cuda"]),
     "quality_fashion_mnist_60": ("quality_fashion_mnist", ["--long"]),
+    "quality_fashion_mnist_decoder": ("quality_fashion_mnist", ["--decoder"]),
 }
-FULL_ONLY = {"quality_fashion_mnist_60"}  # its quick run would repeat quality_fashion_mnist's
-TIMEOUTS = {"quality_fashion_mnist_60": 5400.0}  # seconds, full runs: about an hour of training
+FULL_ONLY = {"quality_fashion_mnist_60", "quality_fashion_mnist_decoder"}  # quick runs would repeat the recipe's
+# seconds, full runs: about an hour of training
+TIMEOUTS = {"quality_fashion_mnist_60": 5400.0, "quality_fashion_mnist_decoder": 5400.0}
 WHAT = {
     "codebook": "fraction of the 512 codes per level in use, with and without dead-code restart (digits)",
     "encode": "encode throughput, Ray Data step vs a plain torch loop (ratio = ray / plain)",
@@ -69,6 +72,8 @@ WHAT = {
     "scale": "shard -> encode -> verify at 20k and 200k images: rows/s and driver peak RSS (ratios = 200k / 20k)",
     "quality_fashion_mnist": "the Fashion-MNIST 32x32 quality recipe: recon, codes, bits, fd/kid against the floor",
     "quality_fashion_mnist_60": "the same recipe given about an hour (--long): the quality-against-minutes curve",
+    "quality_fashion_mnist_decoder": "the same codes and priors decoded by the MSE decoder, by tune_decoder's "
+    "adversarially tuned one and by an MSE-only tune of as many updates (--decoder)",
     "levels": "two levels vs three, Fashion-MNIST 64x64 (same data and steps); completions scored against real images",
 }
 

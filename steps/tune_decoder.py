@@ -21,8 +21,7 @@ from steps.artifacts.autoencoder import CODES_OF, DECODER_OF, RECON_GRID, Autoen
 from steps.artifacts.checkpoints import CheckpointFile
 from steps.artifacts.images import ImageShards
 from steps.core.step import MetricsSink, StepResult, TaskWrap, require_input
-from steps.nn.adversarial import DecoderGANConfig
-from steps.nn.config import ConfigBase
+from steps.nn.adversarial import AdversaryConfig, DecoderGANConfig
 from steps.training.images import AutoencoderTask, image_dataset
 from steps.training.loop import checkpoint_file, final_payload, fit
 from steps.training.task import TrainConfig
@@ -32,8 +31,9 @@ PREFIX = "autoencoder."  # where DecoderGAN keeps the autoencoder's weights
 
 
 @dataclass(frozen=True)
-class TuneDecoderConfig(ConfigBase):
-    """Settings of the tune_decoder step (the loss weights: :class:`steps.nn.adversarial.DecoderGANConfig`).
+class TuneDecoderConfig(AdversaryConfig):
+    """Settings of the tune_decoder step: the discriminator and loss weights
+    (:class:`steps.nn.adversarial.AdversaryConfig`), and how to train.
 
     Attributes:
         enabled: run the step; off, sample and evaluate decode with train_vqvae's decoder.
@@ -44,26 +44,17 @@ class TuneDecoderConfig(ConfigBase):
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=1000, lr=1e-4, warmup_steps=0, lr_schedule="constant")
     )
-    disc_channels: int = 64
-    disc_layers: int = 2
-    l1_weight: float = 1.0
-    mse_weight: float = 1.0
-    gan_weight: float = 0.5
-    gan_start: int = 200
     grid_images: int = 16  # val images shown in recon.png
 
     def validate(self) -> None:
+        super().validate()
         self.require("grid_images", self.grid_images >= 1, ">= 1")
-        self.require_min(0, "l1_weight", "mse_weight", "gan_weight", "gan_start")
         self.require("gan_start", self.gan_start < self.train.steps or self.gan_weight == 0,
                      f"< train.steps ({self.train.steps}), or the adversarial term never starts")  # fmt: skip
 
     def model(self, autoencoder: Any) -> DecoderGANConfig:
         """The trained model of ``autoencoder``'s config (a VQ kind) with this step's discriminator and losses."""
-        return DecoderGANConfig(
-            autoencoder=autoencoder, disc_channels=self.disc_channels, disc_layers=self.disc_layers,
-            l1_weight=self.l1_weight, mse_weight=self.mse_weight, gan_weight=self.gan_weight, gan_start=self.gan_start,
-        )  # fmt: skip
+        return DecoderGANConfig(autoencoder=autoencoder, **self.adversary())
 
 
 class DecoderTuneTask(AutoencoderTask):

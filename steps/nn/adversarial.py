@@ -22,8 +22,8 @@ gets exactly its own gradient from one backward pass and one optimiser. Pure tor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,10 @@ MAX_LAMBDA = 1e4
 
 
 @dataclass(frozen=True)
-class DecoderGANConfig(ConfigBase):
-    """An autoencoder's decoder with a patch discriminator, for adversarial fine-tuning (the role ``adversarial``).
+class AdversaryConfig(ConfigBase):
+    """The discriminator and the loss weights of an adversarial decoder fine-tune (what ``tune_decoder`` sets).
 
     Attributes:
-        autoencoder: the trained model's config (a kind with codes); its encoder and codebooks stay frozen.
         disc_channels: width of the discriminator's first layer (doubling per stride-2 layer, at most 8x).
         disc_layers: stride-2 layers; with the two stride-1 layers after them a logit sees a patch of
             ``16 * 2**disc_layers - 10`` pixels (22 for 2, 54 for 3).
@@ -53,9 +52,6 @@ class DecoderGANConfig(ConfigBase):
         gan_start: updates with the discriminator alone before the decoder sees its loss.
     """
 
-    role: ClassVar[str] = "adversarial"
-
-    autoencoder: AutoencoderConfig = field(default_factory=VQVAE2Config)
     disc_channels: int = 64
     disc_layers: int = 2
     l1_weight: float = 1.0
@@ -64,16 +60,37 @@ class DecoderGANConfig(ConfigBase):
     gan_start: int = 200
 
     def validate(self) -> None:
+        self.require("disc_channels", self.disc_channels >= 8 and self.disc_channels % 8 == 0, "a multiple of 8")
+        self.require_min(1, "disc_layers")
+        self.require_min(0, "l1_weight", "mse_weight", "gan_weight", "gan_start")
+        self.require("l1_weight", self.l1_weight + self.mse_weight > 0, "> 0 where mse_weight is 0")
+
+    def adversary(self) -> dict[str, Any]:
+        """These settings, for a subclass's sibling (``DecoderGANConfig(autoencoder=..., **cfg.adversary())``)."""
+        return {f.name: getattr(self, f.name) for f in fields(AdversaryConfig)}
+
+
+@dataclass(frozen=True)
+class DecoderGANConfig(AdversaryConfig):
+    """An autoencoder's decoder with a patch discriminator, for adversarial fine-tuning (the role ``adversarial``).
+
+    Attributes:
+        autoencoder: the trained model's config (a kind with codes); its encoder and codebooks stay frozen.
+    """
+
+    role: ClassVar[str] = "adversarial"
+
+    autoencoder: AutoencoderConfig = field(default_factory=VQVAE2Config)
+
+    def validate(self) -> None:
+        super().validate()
         if not self.autoencoder.levels:
             raise self.error(
                 "autoencoder", f"must be a model with codes ({registry.kind_of(self.autoencoder)} has none): only a "
                 "VQ model's decoder can be retrained with its codes frozen"
             )  # fmt: skip
-        self.require("disc_channels", self.disc_channels >= 8 and self.disc_channels % 8 == 0, "a multiple of 8")
-        self.require("disc_layers", self.disc_layers >= 1 and 2**self.disc_layers <= self.autoencoder.image_size // 4,
+        self.require("disc_layers", 2**self.disc_layers <= self.autoencoder.image_size // 4,
                      f"in [1, log2(image_size / 4)] for {self.autoencoder.image_size}px images")  # fmt: skip
-        self.require_min(0, "l1_weight", "mse_weight", "gan_weight", "gan_start")
-        self.require("l1_weight", self.l1_weight + self.mse_weight > 0, "> 0 where mse_weight is 0")
 
 
 class PatchDiscriminator(nn.Module):

@@ -108,7 +108,7 @@ def concurrent(ws: Workspace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             kill(proc)
             rcs.append(-1)
-    outputs = {step: len(ws.finished(step)) for step in NAMES}
+    outputs = {step: len(ws.finished(step)) for step in NAMES if step != "tune_decoder"}  # the one step left off
     waited = sum("another pipeline is working on it" in log.read_text(errors="replace") for _, log in procs)
     facts = {"rcs": rcs, "outputs_per_step": outputs, "pipelines_that_waited": waited}
     left = glob.glob(str(ws.root / "*" / "*.partial"))

@@ -97,7 +97,8 @@ class QuantizerOutput(NamedTuple):
     perplexity: torch.Tensor  # scalar, exp(entropy) of this batch's code histogram (all ranks under DDP)
 
 
-def _distributed(sync: bool | None) -> bool:
+def sync_ranks(sync: bool | None) -> bool:
+    """Whether a quantiser built with ``sync`` all-reduces its statistics now (None: when torch.distributed is up)."""
     if sync is not None:
         return sync
     return dist.is_available() and dist.is_initialized()
@@ -107,27 +108,40 @@ class Quantizer(nn.Module):
     """What a VQ model needs of a quantiser (the role ``quantizer``): quantise, look codes up, count usage.
 
     ``forward(z (B, D, H, W)) -> QuantizerOutput``; ``lookup(codes (B, H, W)) -> (B, D, H, W)``; usage statistics
-    since :meth:`reset_usage` for the training logs and the evaluate step.
+    since :meth:`reset_usage` for the training logs and the evaluate step, from the ``usage`` buffer (codebook_size,)
+    int64 a subclass registers (not persistent: it is no part of the model) and adds each forward's code counts to.
     """
 
     config_cls: ClassVar[type[QuantizerConfig]]
     config: QuantizerConfig
+    usage: torch.Tensor
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def reset_usage(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def usage_fraction(self) -> float:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def usage_perplexity(self) -> float:  # pragma: no cover - interface
         raise NotImplementedError
 
     def restart_count(self) -> int:
         """Codes re-seeded since the model was built (0 for quantisers that never restart codes)."""
         return 0
+
+    def reset_usage(self) -> None:
+        """Start a new dataset-level usage count (e.g. before an evaluation pass)."""
+        self.usage.zero_()
+
+    def usage_fraction(self) -> float:
+        """Fraction of codes chosen at least once since :meth:`reset_usage`."""
+        return float((self.usage > 0).float().mean())
+
+    def dead_codes(self) -> int:
+        """Number of codes not chosen since :meth:`reset_usage`."""
+        return int((self.usage == 0).sum())
+
+    def usage_perplexity(self) -> float:
+        """Perplexity of the dataset-level code histogram; equals codebook_size when usage is uniform."""
+        total = self.usage.sum()
+        if total == 0:
+            return 0.0
+        p = self.usage.double() / total
+        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
 
 
 class VectorQuantizerEMA(Quantizer):
@@ -184,7 +198,7 @@ class VectorQuantizerEMA(Quantizer):
             z = z.float()
             b, d, h, w = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (N, D)
-            distributed = _distributed(self.sync)
+            distributed = sync_ranks(self.sync)
             if self.training and not bool(self.initialized):
                 self._kmeans_init(flat.detach(), distributed)
             codes = self._nearest(flat.detach())  # (N,)
@@ -272,29 +286,8 @@ class VectorQuantizerEMA(Quantizer):
         self.embedding.copy_(centroids)
         self.initialized.fill_(True)
 
-    # ----------------------------------------------------------------------------------------------- usage
-    def reset_usage(self) -> None:
-        """Start a new dataset-level usage count (e.g. before an evaluation pass)."""
-        self.usage.zero_()
-
-    def usage_fraction(self) -> float:
-        """Fraction of codes chosen at least once since :meth:`reset_usage`."""
-        return float((self.usage > 0).float().mean())
-
     def restart_count(self) -> int:
         return int(self.restarts)
-
-    def dead_codes(self) -> int:
-        """Number of codes not chosen since :meth:`reset_usage`."""
-        return int((self.usage == 0).sum())
-
-    def usage_perplexity(self) -> float:
-        """Perplexity of the dataset-level code histogram; equals codebook_size when usage is uniform."""
-        total = self.usage.sum()
-        if total == 0:
-            return 0.0
-        p = self.usage.double() / total
-        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
 
     def extra_repr(self) -> str:
         c = self.config

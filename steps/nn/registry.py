@@ -64,6 +64,7 @@ KINDS: dict[str, Kind] = {
             sampler="steps.nn.transformer:TransformerSampler",
         ),
         Kind("ema", "quantizer", "steps.nn.quantize:VectorQuantizerEMA"),
+        Kind("fsq", "quantizer", "steps.nn.fsq:FSQuantizer"),
         Kind("classifier", "classifier", "steps.nn.classifier:ImageClassifier"),
         Kind("patchgan", "adversarial", "steps.nn.adversarial:DecoderGAN"),
     )

@@ -205,8 +205,8 @@ def test_atomic_publish_and_force(tmp_path):
     "override,message",
     [
         ("prior.top.shape=[4,4]", "prior.top.shape"),  # derived from the code dataset: not in the schema
-        ("model/quantizer=fsq", "fsq"),  # no such option
-        ("model.quantizer.kind=fsq", "model.quantizer.kind: unknown quantizer kind 'fsq'"),
+        ("model/quantizer=nope", "nope"),  # no such option
+        ("model.quantizer.kind=nope", "model.quantizer.kind: unknown quantizer kind 'nope'"),
         ("prior.bottom.kind=nope", "prior.bottom.kind: unknown prior kind 'nope'"),
     ],
 )

@@ -48,6 +48,7 @@ BENCHES = (
     "quality_fashion_mnist",
     "quality_fashion_mnist_60",
     "quality_fashion_mnist_decoder",
+    "quality_fashion_mnist_codes",
     "levels",
 )
 # Benchmarks that run another one's script with extra arguments (--quick runs skip those marked full-only).
@@ -55,10 +56,13 @@ VARIANTS = {
     "sample_cuda": ("sample", ["--device", "cuda"]),
     "quality_fashion_mnist_60": ("quality_fashion_mnist", ["--long"]),
     "quality_fashion_mnist_decoder": ("quality_fashion_mnist", ["--decoder"]),
+    "quality_fashion_mnist_codes": ("quality_fashion_mnist", ["--codes"]),
 }
-FULL_ONLY = {"quality_fashion_mnist_60", "quality_fashion_mnist_decoder"}  # quick runs would repeat the recipe's
-# seconds, full runs: about an hour of training
-TIMEOUTS = {"quality_fashion_mnist_60": 5400.0, "quality_fashion_mnist_decoder": 5400.0}
+# quick runs would repeat the recipe's
+FULL_ONLY = {"quality_fashion_mnist_60", "quality_fashion_mnist_decoder", "quality_fashion_mnist_codes"}
+# seconds, full runs: about an hour of training (--codes: three VQ-VAE-2 trainings, about two and a half hours)
+TIMEOUTS = {"quality_fashion_mnist_60": 5400.0, "quality_fashion_mnist_decoder": 5400.0,
+            "quality_fashion_mnist_codes": 10800.0}  # fmt: skip
 WHAT = {
     "codebook": "fraction of the 512 codes per level in use, with and without dead-code restart (digits)",
     "encode": "encode throughput, Ray Data step vs a plain torch loop (ratio = ray / plain)",
@@ -74,6 +78,8 @@ WHAT = {
     "quality_fashion_mnist_60": "the same recipe given about an hour (--long): the quality-against-minutes curve",
     "quality_fashion_mnist_decoder": "the same codes and priors decoded by the MSE decoder, by tune_decoder's "
     "adversarially tuned one and by an MSE-only tune of as many updates (--decoder)",
+    "quality_fashion_mnist_codes": "codes easier to model: a 128-code top level, and FSQ (64 top, 512 bottom codes), "
+    "each a new VQ-VAE-2 with its priors; bits per code, reconstructions and samples in both feature spaces (--codes)",
     "levels": "two levels vs three, Fashion-MNIST 64x64 (same data and steps); completions scored against real images",
 }
 

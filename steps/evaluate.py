@@ -16,6 +16,16 @@ What it measures, from the upstream outputs it finds (a Gaussian VAE has no code
   them; coverage is the share of real images with a sample nearby, the diversity figure). They are named
   ``*_effnet``, never FID: the numbers are not comparable with Inception FID from papers, only between runs of this
   pipeline evaluated with the same settings.
+- **The same figures in a second feature space** that is not ImageNet-trained, with ``classifier_steps`` > 0 and
+  labelled shards: the project's small image classifier (:mod:`steps.nn.classifier`), trained here on up to
+  ``classifier_images`` labelled train images with ``seed`` (the same shards give the same network in every run), its
+  pooled features: ``fd_clf``, ``kid_clf``, ``precision_clf`` / ``recall_clf``, ``density_clf`` / ``coverage_clf``,
+  with their floors (``*_clf_real``) and reconstructions (``*_clf_recon``). A gain in one feature space only is a
+  gain in what that network looks at, not in the images. Its accuracy on real half A is ``classifier_accuracy``; on
+  class-conditional samples, the share it gives the class they were drawn for is ``sample_class_accuracy``.
+- **Recall per class** (EfficientNet-Lite0 space): the samples drawn for each class against the real images of that
+  class, ``recall_class_<c>``, and the worst class's, ``recall_class_min`` (class-conditional samples, labelled
+  shards).
 
 The real images are the val split of the shard step (the train split if val is empty), at most ``max_val_images``,
 shuffled with ``seed`` and cut into halves A and B. Samples are compared with A. B against A gives the floor, the
@@ -54,9 +64,12 @@ from steps.artifacts.samples import Samples
 from steps.core.progress import duration
 from steps.core.step import MetricsSink, StepResult, require_input
 from steps.evaluation.quality import (
+    batches,
+    class_recall,
     code_metrics,
     decode_codes,
     distances,
+    feature_classifier,
     features,
     floor_spread,
     inception_fid,
@@ -68,8 +81,9 @@ from steps.nn.config import ConfigBase
 
 log = logging.getLogger(__name__)
 STEP = "evaluate"
-SHOWN = ("recon_mse", "bits_per_dim", "fd_effnet", "fd_effnet_real", "precision", "recall")  # in the step's last line
+SHOWN = ("recon_mse", "bits_per_dim", "fd_effnet", "fd_effnet_real", "precision", "recall", "coverage", "recall_clf")
 FEATURE_SPACE = "EfficientNet-Lite0 (ImageNet), global average pool of the 1280-d head, 224x224 bilinear"
+CLASSIFIER_SPACE = "the project's image classifier trained on the shards' labelled train images, pooled features"
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,8 @@ class EvaluateConfig(ConfigBase):
         floor_resamples: other random splits of the real images over which the floor is recomputed, for its spread
             (``fd_effnet_real_std`` / ``_min`` / ``_max``, ``precision_real_std``, ``recall_real_std``); 0: off.
         inception_fid: also compute the standard Inception FID (needs the ``fid`` extra and internet once).
+        classifier_steps: training steps of the second feature space's classifier (``*_clf``); 0: off.
+        classifier_images: labelled train images it trains on at most.
         num_cpus: CPUs of the evaluation task, and its torch thread count.
         use_gpu: run the evaluation task on a GPU.
     """
@@ -102,6 +118,8 @@ class EvaluateConfig(ConfigBase):
     recon_fd: bool = True
     floor_resamples: int = 5
     inception_fid: bool = False
+    classifier_steps: int = 600
+    classifier_images: int = 20000
     num_cpus: int = 1
     use_gpu: bool = False
 
@@ -109,16 +127,18 @@ class EvaluateConfig(ConfigBase):
         self.require_min(4, "max_val_images")
         self.require_min(2, "max_samples", "kid_subset_size")
         self.require_min(1, "batch_size", "num_kid_subsets", "knn_k", "num_cpus")
-        self.require_min(0, "seed", "floor_resamples")
+        self.require_min(0, "seed", "floor_resamples", "classifier_steps")
+        self.require_min(2, "classifier_images")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def real_images(shards: ImageShards, limit: int) -> tuple[np.ndarray, str]:
-    """Up to ``limit`` images of the val split (train if val is empty) as uint8 (N, C, S, S), and the split used."""
+def real_images(shards: ImageShards, limit: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Up to ``limit`` images of the val split (train if val is empty) as uint8 (N, C, S, S), their labels (N,; -1:
+    none), and the split used."""
     for split in ("val", "train"):
-        images = shards.read_images(split, limit)
+        images, labels = shards.read_images_and_labels(split, limit)
         if len(images):
-            return images, split
+            return images, labels, split
     raise ValueError(f"no images in the shards at {shards.uri}: run the shard step")
 
 
@@ -177,26 +197,64 @@ def _score_codes(report: Report, codes: CodeDataset, priors: Priors | None, imag
     return f"codes of {code_info['code_rows']} images{bits}"
 
 
-def _score_features(report: Report, sets: dict[str, np.ndarray], cfg: EvaluateConfig, device) -> None:
-    """Feature-space distances: samples against real half A, the floor (half B against A, and its spread over other
-    splits) and, with ``recon_fd``, the reconstructions of B against A."""
+def _classifier(shards: ImageShards, cfg: EvaluateConfig, report: Report):
+    """The second feature space's network, trained on the shards' labelled train images; None (with a note) without
+    two classes to learn."""
+    images, labels = shards.read_images_and_labels("train", cfg.classifier_images)
+    t0 = time.perf_counter()
+    classifier = feature_classifier(images, labels, cfg.classifier_steps, cfg.batch_size, cfg.seed)
+    if classifier is None:
+        report.notes.append("the shards' train split has fewer than two classes: no classifier feature space (*_clf)")
+        return None
+    report.counts.update(classifier_train_images=int((labels >= 0).sum()), classifier_seconds=time.perf_counter() - t0)
+    return classifier
+
+
+@torch.no_grad()
+def _score_classes(report: Report, classifier, sets: dict[str, np.ndarray], labels: dict[str, Any], cfg, device):
+    """How well the classifier knows the real images (``classifier_accuracy``, real half A), and how often it gives
+    a class-conditional sample the class it was drawn for (``sample_class_accuracy``)."""
+    for name, metric in (("a", "classifier_accuracy"), ("samples", "sample_class_accuracy")):
+        lab = labels.get(name)
+        if lab is None or not (lab >= 0).any():
+            continue
+        keep = lab >= 0
+        pred = np.concatenate(
+            [classifier(x).argmax(1).cpu().numpy() for x in batches(sets[name][keep], cfg.batch_size, device)]
+        )
+        report.metrics[metric] = float((pred == lab[keep]).mean())
+
+
+def _score_features(report: Report, sets: dict[str, np.ndarray], labels: dict[str, Any], cfg, device, classifier):
+    """Feature-space distances in each feature space (EfficientNet-Lite0; the classifier's, if there is one): samples
+    against real half A, the floor (half B against A, and its spread over other splits) and, with ``recon_fd``, the
+    reconstructions of B against A; recall per class."""
     from steps.nn.features import FeatureExtractor  # deferred: loads 17 MB of weights
 
-    extractor = FeatureExtractor().to(device)
+    spaces = {"effnet": FeatureExtractor().to(device)}
+    if classifier is not None:
+        spaces["clf"] = classifier.to(device).embed
     t0 = time.perf_counter()
-    feats = {name: features(extractor, images, cfg.batch_size, device) for name, images in sets.items()}
-    report.counts["feature_images_per_s"] = sum(len(f) for f in feats.values()) / (time.perf_counter() - t0)
-    n, n_real = len(feats["samples"]), len(feats["a"])
+    feats = {space: {name: features(fn, images, cfg.batch_size, device) for name, images in sets.items()}
+             for space, fn in spaces.items()}  # fmt: skip
+    report.counts["feature_images_per_s"] = (
+        sum(len(s) for s in sets.values()) * len(spaces) / (time.perf_counter() - t0)
+    )
+    n, n_real = len(sets["samples"]), len(sets["a"])
     if n < 2 or n_real < 2:
         report.notes.append(f"too few images for feature distances ({n} samples, {n_real} real): skipped")
         return
     settings = (cfg.num_kid_subsets, cfg.kid_subset_size, cfg.knn_k, cfg.seed)
-    report.metrics.update(distances(feats["samples"], feats["a"], *settings))
-    report.metrics.update(distances(feats["b"], feats["a"], *settings, suffix="_real"))
-    if "recon" in feats:
-        report.metrics.update(distances(feats["recon"], feats["a"], *settings, suffix="_recon"))
+    for space, f in feats.items():
+        report.metrics.update(distances(f["samples"], f["a"], *settings, space=space))
+        report.metrics.update(distances(f["b"], f["a"], *settings, suffix="_real", space=space))
+        if "recon" in f:
+            report.metrics.update(distances(f["recon"], f["a"], *settings, suffix="_recon", space=space))
+    effnet = feats["effnet"]
     if cfg.floor_resamples and report.counts["real_images"] >= n_real + n:
-        report.metrics.update(floor_spread(feats["a"], feats["b"], n, cfg.floor_resamples, cfg.knn_k, cfg.seed))
+        report.metrics.update(floor_spread(effnet["a"], effnet["b"], n, cfg.floor_resamples, cfg.knn_k, cfg.seed))
+    if labels["samples"] is not None:
+        report.metrics.update(class_recall(effnet["a"], labels["a"], effnet["samples"], labels["samples"], cfg.knn_k))
     if n <= cfg.knn_k:
         report.notes.append(f"precision/recall need more than knn_k={cfg.knn_k} images per set: skipped")
 
@@ -214,7 +272,7 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
 
     shards, autoencoder, samples, codes, priors = _open(inputs)
     model = autoencoder.load(device)
-    real, split = real_images(shards, cfg.max_val_images)
+    real, real_labels, split = real_images(shards, cfg.max_val_images)
     if split != "val":
         report.notes.append("the shards have no val split: real images come from the train split")
     report.counts.update(real_images=len(real), real_split=split)
@@ -227,17 +285,26 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
     fakes = sample_images(samples, autoencoder, model, cfg)
     if fakes.shape[1:] != real.shape[1:]:
         raise ValueError(f"samples {fakes.shape[1:]} and real images {real.shape[1:]} differ in shape")
+    fake_labels = samples.read_labels(len(fakes))
+    if fake_labels is not None and (len(fake_labels) != len(fakes) or not (fake_labels >= 0).any()):
+        fake_labels = None  # unconditional samples (or codes that do not match the images): no per-class figures
     perm = np.random.default_rng(cfg.seed).permutation(len(real))
     half_a, half_b = perm[: len(real) // 2], perm[len(real) // 2 :]
     n = min(len(fakes), len(half_b))  # FD is biased by the set size: samples and B are cut to the same count
     half_b, fakes = half_b[:n], fakes[:n]
+    labels = {"a": real_labels[half_a], "samples": None if fake_labels is None else fake_labels[:n]}
     report.counts.update(real_a=len(half_a), real_b=n, samples=n)
     # Distances compare only between runs scored with the same counts: keep the counts next to them in MLflow.
     report.metrics.update(n_samples=float(n), n_real=float(len(half_a)))
     sets = {"a": real[half_a], "b": real[half_b], "samples": fakes} | (
         {"recon": recons[half_b]} if cfg.recon_fd else {}
     )
-    _score_features(report, sets, cfg, device)
+    classifier = _classifier(shards, cfg, report) if cfg.classifier_steps else None
+    if classifier is not None:
+        classifier.to(device)
+        _score_classes(report, classifier, sets, labels, cfg, device)
+        say(f"classifier feature space trained on {report.counts['classifier_train_images']} images")
+    _score_features(report, sets, labels, cfg, device, classifier)
     say(f"features of {sum(len(s) for s in sets.values())} images")
     if cfg.inception_fid:
         report.metrics["fid_inception"] = inception_fid(fakes, real[half_a], cfg.use_gpu)
@@ -246,7 +313,8 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
     grid = grid_png(np.concatenate([real[half_a][:grid_n], fakes[:grid_n]]), nrow=grid_n)
     report.counts["seconds"] = time.perf_counter() - t0
     record = {"metrics": report.metrics, "counts": report.counts, "notes": report.notes,
-              "feature_space": FEATURE_SPACE, "config": cfg.to_dict(), "inputs": dict(inputs)}  # fmt: skip
+              "feature_space": FEATURE_SPACE, "classifier_space": CLASSIFIER_SPACE if classifier else None,
+              "config": cfg.to_dict(), "inputs": dict(inputs)}  # fmt: skip
     EvaluationWriter(out).write(record, grid)
     return record
 

@@ -145,8 +145,10 @@ class Artifacts:
         return str(out)
 
     @staticmethod
-    def samples(out: Path, images: np.ndarray, codes: dict[str, torch.Tensor] | None, pngs: bool = True) -> str:
-        """A sample output of uint8 ``images`` (N, C, S, S) and, optionally, the codes per level (N, H, W)."""
+    def samples(out: Path, images: np.ndarray, codes: dict[str, torch.Tensor] | None, pngs: bool = True,
+                labels: list[int] | None = None) -> str:  # fmt: skip
+        """A sample output of uint8 ``images`` (N, C, S, S) and, optionally, the codes per level (N, H, W) and the
+        class each sample was drawn for."""
 
         from steps.artifacts.code_format import CodeMeta
         from steps.artifacts.samples import SamplesWriter, sample_id, sampled_codes
@@ -162,7 +164,7 @@ class Artifacts:
             sizes = {lv: int(c.max()) + 1 for lv, c in codes.items()}
             meta = CodeMeta(tuple(codes), shapes, sizes, vqvae="0" * 16, image_size=images.shape[-1])
             ids, seeds = [sample_id(i) for i in range(len(images))], list(range(len(images)))
-            writer.write_codes(0, sampled_codes(ids, None, codes, meta, seeds))
+            writer.write_codes(0, sampled_codes(ids, labels, codes, meta, seeds))
         writer.finish(grid_png(images), {"num_samples": len(images)}, pngs=pngs, codes=bool(codes))
         return str(out)
 

@@ -1,6 +1,7 @@
 """The evaluation contract: what the evaluate step writes.
 
-<out>/metrics.json          {"metrics", "counts", "notes", "feature_space", "config", "inputs"}; written last
+<out>/metrics.json          {"metrics", "counts", "notes", "feature_space", "classifier_space", "config", "inputs"};
+                            written last (classifier_space: null when the second feature space was off)
 <out>/real_vs_samples.png   real images (top row) above samples (bottom row)
 """
 
@@ -20,7 +21,8 @@ GRID = "real_vs_samples.png"
 
 # The figures a parent run shows as metrics and a registered model version carries as tags: what runs are compared by.
 HEADLINE = (
-    "fd_effnet", "kid_effnet", "precision", "recall", "coverage", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real"
+    "fd_effnet", "kid_effnet", "precision", "recall", "coverage", "psnr", "recon_mse", "bits_per_dim", "fd_effnet_real",
+    "fd_clf", "precision_clf", "recall_clf", "coverage_clf", "fd_clf_real", "recall_class_min", "sample_class_accuracy",
 )  # fmt: skip
 HEADLINE_PREFIXES = ("nll_bits_", "usage_")
 

@@ -140,13 +140,22 @@ class ImageShards(Artifact):
 
     def read_images(self, split: str, limit: int | None = None) -> np.ndarray:
         """Up to ``limit`` images of ``split`` as uint8 (N, C, S, S), in file order; (0, C, S, S) if none."""
+        return self.read_images_and_labels(split, limit)[0]
+
+    def read_images_and_labels(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``limit`` images of ``split`` as uint8 (N, C, S, S), in file order, and their labels as int64 (N,),
+        -1 where a row has none."""
         images: list[np.ndarray] = []
-        for table in self.tables(split, ["image"]):
-            for png in table.column("image").to_pylist():
+        labels: list[int] = []
+        for table in self.tables(split, ["image", "label"]):
+            for png, label in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), strict=True):
                 if limit is not None and len(images) == limit:
-                    return np.stack(images)
+                    break
                 images.append(decode_png(png, self.channels))
-        return np.stack(images) if images else np.zeros((0, *self.image_shape), np.uint8)
+                labels.append(-1 if label is None else label)
+        if not images:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
+        return np.stack(images), np.asarray(labels, dtype=np.int64)
 
     def read_labelled(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The labelled images of ``split``: uint8 (N, C, S, S) and int64 labels (N,); unlabelled rows skipped."""

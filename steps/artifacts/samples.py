@@ -133,6 +133,18 @@ class Samples(Artifact):
         paths = [storage.join(self.uri, IMAGES, n) for n in names[:limit]]
         return np.stack([decode_png(storage.read_bytes(p), channels) for p in paths])
 
+    def read_labels(self, limit: int) -> np.ndarray | None:
+        """The class each of the first ``limit`` samples was drawn for, int64 (N,) in index order (the order of
+        :meth:`read_pngs` and :meth:`read_codes`), -1 for an unconditional sample; None without codes."""
+        ids, labels = [], []
+        for uri in self.code_files():
+            table = storage.read_parquet(uri, ["id", "label"])
+            ids += table.column("id").to_pylist()
+            labels += [-1 if lb is None else lb for lb in table.column("label").to_pylist()]
+        if not ids:
+            return None
+        return np.asarray([lb for _, lb in sorted(zip(ids, labels, strict=True))][:limit], dtype=np.int64)
+
     def read_codes(self, levels: tuple[str, ...], limit: int) -> dict[str, np.ndarray]:
         """Up to ``limit`` sampled code rows per level, flat (N, H*W) int64, in file order; {} without codes."""
         parts: dict[str, list[np.ndarray]] = {lv: [] for lv in levels}

@@ -5,8 +5,13 @@
 - :func:`code_metrics`: per level ``usage_<level>`` (fraction of the codebook used) and ``perplexity_<level>``
   (the effective number of codes) over a code dataset, and the priors' ``nll_bits_<level>`` on it;
 - :func:`features` / :func:`distances`: sample quality in the pooled 1280-d feature space of ImageNet
-  EfficientNet-Lite0 (:mod:`steps.nn.features`): Frechet distance, KID, k-NN precision / recall. Named ``*_effnet``,
-  never FID: not comparable with Inception FID from papers, only between runs evaluated the same way;
+  EfficientNet-Lite0 (:mod:`steps.nn.features`): Frechet distance, KID, k-NN precision / recall, density / coverage.
+  Named ``*_effnet``, never FID: not comparable with Inception FID from papers, only between runs evaluated the same
+  way;
+- :func:`feature_classifier`: the second feature space, not ImageNet-trained: the project's small image classifier
+  (:mod:`steps.nn.classifier`) trained on the shards' own labelled images, its pooled features scored the same way
+  (``*_clf``), so that a gain that shows in one feature space only can be told from a real one;
+- :func:`class_recall`: recall per class, the samples drawn for a class against the real images of that class;
 - :func:`floor_spread`: how much the real-vs-real floor moves over other random splits of the real images;
 - :func:`inception_fid`: the standard Inception FID through torch-fidelity (the ``fid`` extra);
 - :func:`decode_codes`: images from sampled codes, when the sample step wrote no PNGs.
@@ -14,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,6 +28,7 @@ import torch
 from steps.artifacts.code_format import batch_to_tensors
 from steps.artifacts.codes import CodeDataset
 from steps.io.pixels import to_float, to_uint8_chw
+from steps.nn.classifier import ClassifierConfig, ImageClassifier, fit_classifier
 from steps.nn.metrics import (
     code_histogram,
     codebook_stats,
@@ -94,23 +100,81 @@ def code_metrics(
 
 
 @torch.no_grad()
-def features(extractor: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """EfficientNet-Lite0 features (N, 1280) as float64."""
+def features(
+    extractor: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Features (N, D) as float64 of uint8 images (N, C, S, S), e.g. EfficientNet-Lite0's (N, 1280)."""
     return np.concatenate([extractor(x).double().cpu().numpy() for x in batches(images, batch_size, device)])
 
 
 def distances(
-    fake: np.ndarray, real: np.ndarray, kid_subsets: int, kid_subset_size: int, knn_k: int, seed: int, suffix: str = ""
+    fake: np.ndarray,
+    real: np.ndarray,
+    kid_subsets: int,
+    kid_subset_size: int,
+    knn_k: int,
+    seed: int,
+    suffix: str = "",
+    space: str = "effnet",
 ) -> dict[str, float]:
     """FD, KID (mean, std over ``kid_subsets`` subsets), k-NN precision / recall and density / coverage of ``fake``
-    against ``real`` features; metric names end in ``suffix``."""
+    against ``real`` features of feature space ``space``: ``fd_<space><suffix>``, ``kid_<space><suffix>``, and
+    ``precision<suffix>`` ... for ``effnet`` (the first space keeps the plain names), ``precision_<space><suffix>``
+    ... for any other."""
     kid, kid_std = kernel_inception_distance(fake, real, kid_subsets, kid_subset_size, seed)
-    out = {f"fd_effnet{suffix}": frechet_distance_features(fake, real), f"kid_effnet{suffix}": kid}
-    out[f"kid_effnet{suffix}_std"] = kid_std
+    out = {f"fd_{space}{suffix}": frechet_distance_features(fake, real), f"kid_{space}{suffix}": kid}
+    out[f"kid_{space}{suffix}_std"] = kid_std
+    tag = suffix if space == "effnet" else f"_{space}{suffix}"
     if min(len(fake), len(real)) > knn_k:
-        out[f"precision{suffix}"], out[f"recall{suffix}"] = precision_recall(real, fake, k=knn_k)
-        out[f"density{suffix}"], out[f"coverage{suffix}"] = density_coverage(real, fake, k=knn_k)
+        out[f"precision{tag}"], out[f"recall{tag}"] = precision_recall(real, fake, k=knn_k)
+        out[f"density{tag}"], out[f"coverage{tag}"] = density_coverage(real, fake, k=knn_k)
     return out
+
+
+def class_recall(
+    real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray, knn_k: int
+) -> dict[str, float]:
+    """k-NN recall of each class: the samples drawn for class ``c`` against the real images labelled ``c``
+    (``recall_class_<c>``), for every class with more than ``knn_k`` of each; and ``recall_class_min``, the class the
+    generator covers worst. Unlabelled rows (label -1) are left out."""
+    out: dict[str, float] = {}
+    for c in sorted(set(real_labels[real_labels >= 0].tolist()) & set(fake_labels[fake_labels >= 0].tolist())):
+        r, f = real[real_labels == c], fake[fake_labels == c]
+        if min(len(r), len(f)) > knn_k:
+            out[f"recall_class_{c}"] = precision_recall(r, f, k=knn_k)[1]
+    if out:
+        out["recall_class_min"] = min(out.values())
+    return out
+
+
+def feature_classifier(
+    images: np.ndarray, labels: np.ndarray, steps: int, batch_size: int, seed: int
+) -> ImageClassifier | None:
+    """The project's image classifier trained on ``images`` uint8 (N, C, S, S) with ``labels`` (N,; -1: none), on the
+    CPU with a fixed seed, so that the same shards give the same feature space in every run; None with fewer than two
+    classes. Its :meth:`~steps.nn.classifier.ImageClassifier.embed` is the second feature space."""
+    keep = labels >= 0
+    classes = np.unique(labels[keep])
+    if len(classes) < 2:
+        return None
+    size = images.shape[-1]
+    stages = next(s for s in (3, 2, 1, 0) if size % 2**s == 0)
+    config = ClassifierConfig(
+        image_size=size, in_channels=images.shape[1], num_classes=int(classes.max()) + 1, stages=stages
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ImageClassifier(config)
+        fit_classifier(
+            model,
+            to_float(images[keep]),
+            torch.from_numpy(labels[keep]),
+            steps=steps,
+            batch_size=batch_size,
+            generator=generator,
+        )
+    return model.eval()
 
 
 def floor_spread(a: np.ndarray, b: np.ndarray, n: int, resamples: int, knn_k: int, seed: int) -> dict[str, float]:

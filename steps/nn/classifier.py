@@ -71,12 +71,16 @@ class ImageClassifier(nn.Module):
         self.out = nn.Linear(c, config.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.dropout(self.embed(x)))  # (B, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The globally average-pooled features (B, channels * 2**stages) the linear layer reads: the evaluate step's
+        second feature space, learnt on the shards' own images rather than on ImageNet."""
         cfg = self.config
         if x.dim() != 4 or tuple(x.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
             want = (cfg.in_channels, cfg.image_size, cfg.image_size)
             raise ValueError(f"expected images of shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
-        features = self.features(x).mean(dim=(2, 3))  # (B, C'), global average pooling
-        return self.out(self.dropout(features))  # (B, num_classes)
+        return self.features(x).mean(dim=(2, 3))  # (B, C'), global average pooling
 
     @torch.no_grad()
     def class_probability(self, x: Tensor, labels: Tensor) -> Tensor:

@@ -71,7 +71,7 @@ def upstream(digit_shards, tmp_path_factory, artifacts) -> dict[str, str]:
         "train_vqvae": autoencoder.uri,
         "encode": str(root / "encode"),
         "train_prior": priors,
-        "sample": artifacts.samples(root / "sample", images, codes),
+        "sample": artifacts.samples(root / "sample", images, codes, labels=[i % 10 for i in range(16)]),
         "sample_codes_only": artifacts.samples(root / "sample_codes_only", images, codes, pngs=False),
     }
 
@@ -96,7 +96,13 @@ def test_every_metric_is_reported_and_written(vq2_run):
     expected |= {"precision", "recall", "fd_effnet_real", "kid_effnet_real", "precision_real", "recall_real"}
     expected |= {"fd_effnet_recon", "kid_effnet_recon"}
     expected |= {f"{k}_{lv}" for k in ("usage", "perplexity", "nll_bits") for lv in ("top", "bottom")}
+    expected |= {"density", "coverage", "density_real", "coverage_real", "density_recon", "coverage_recon"}
+    # The second feature space, the classifier's, with the same figures; and how well that classifier knows the classes
+    clf = ("fd_clf", "kid_clf", "precision_clf", "recall_clf", "density_clf", "coverage_clf")
+    expected |= {f"{k}{suffix}" for k in clf for suffix in ("", "_real", "_recon")}
+    expected |= {"classifier_accuracy", "sample_class_accuracy"}
     assert expected <= set(m), expected - set(m)
+    assert m["fd_clf"] > m["fd_clf_real"] > 0 and m["classifier_accuracy"] > 0.5  # 60 steps on digits already learn
     assert all(math.isfinite(v) for v in m.values())
     assert m["recon_mse"] > 0 and m["psnr"] == pytest.approx(10 * math.log10(4 / m["recon_mse"]))
     assert -1 <= m["ssim"] <= 1
@@ -120,6 +126,7 @@ def test_every_metric_is_reported_and_written(vq2_run):
     assert counts["real_a"] + counts["real_b"] <= counts["real_images"] <= 48
     assert counts["samples"] == counts["real_b"] == min(16, counts["real_images"] - counts["real_images"] // 2)
     assert "EfficientNet-Lite0" in report["feature_space"] and report["config"]["knn_k"] == 3
+    assert "classifier" in report["classifier_space"] and counts["classifier_train_images"] > 0
     grid = Image.open(io.BytesIO((out / "real_vs_samples.png").read_bytes()))
     assert grid.mode == "L" and grid.size[1] == 2 * 34 + 2  # one row of real digits, one of samples
     assert result.artifacts == {"metrics": str(out / "metrics.json"), "grid": str(out / "real_vs_samples.png")}
@@ -148,11 +155,12 @@ def test_vae_gets_reconstruction_and_sample_metrics_only(ray_local, upstream, tm
     artifacts.autoencoder(tmp_path / "vae", vae)
     images = to_uint8_chw(vae.sample(8, generator=torch.Generator().manual_seed(0)))
     samples = artifacts.samples(tmp_path / "samples", images, None)
-    cfg = tiny.evaluate(max_val_images=16, batch_size=16, num_kid_subsets=5, recon_fd=False)
+    cfg = tiny.evaluate(max_val_images=16, batch_size=16, num_kid_subsets=5, recon_fd=False, classifier_steps=0)
     ins = {"shard": upstream["shard"], "train_vqvae": str(tmp_path / "vae"), "sample": samples}
     result = run(cfg, ins, str(tmp_path / "out"))
     m = result.metrics
     assert {"recon_mse", "psnr", "ssim", "fd_effnet", "kid_effnet", "precision", "fd_effnet_real"} <= set(m)
+    assert not [k for k in m if "clf" in k or "class" in k]  # classifier_steps=0; samples without labels
     assert not [k for k in m if k.startswith(("usage", "perplexity", "nll_bits", "bits_per_dim", "fd_effnet_recon"))]
 
 

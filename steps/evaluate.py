@@ -118,7 +118,7 @@ class EvaluateConfig(ConfigBase):
     recon_fd: bool = True
     floor_resamples: int = 5
     inception_fid: bool = False
-    classifier_steps: int = 600
+    classifier_steps: int = 400
     classifier_images: int = 20000
     num_cpus: int = 1
     use_gpu: bool = False

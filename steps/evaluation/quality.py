@@ -148,11 +148,12 @@ def class_recall(
 
 
 def feature_classifier(
-    images: np.ndarray, labels: np.ndarray, steps: int, batch_size: int, seed: int
+    images: np.ndarray, labels: np.ndarray, steps: int, batch_size: int, seed: int, channels: int = 16
 ) -> ImageClassifier | None:
     """The project's image classifier trained on ``images`` uint8 (N, C, S, S) with ``labels`` (N,; -1: none), on the
     CPU with a fixed seed, so that the same shards give the same feature space in every run; None with fewer than two
-    classes. Its :meth:`~steps.nn.classifier.ImageClassifier.embed` is the second feature space."""
+    classes. Its :meth:`~steps.nn.classifier.ImageClassifier.embed` is the second feature space. ``channels`` 16 (a
+    quarter of the sample step's classifier's work per image at 32) keeps its training well under a CPU minute."""
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
@@ -160,7 +161,11 @@ def feature_classifier(
     size = images.shape[-1]
     stages = next(s for s in (3, 2, 1, 0) if size % 2**s == 0)
     config = ClassifierConfig(
-        image_size=size, in_channels=images.shape[1], num_classes=int(classes.max()) + 1, stages=stages
+        image_size=size,
+        in_channels=images.shape[1],
+        num_classes=int(classes.max()) + 1,
+        channels=channels,
+        stages=stages,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():

@@ -52,7 +52,9 @@ class TrackingServer:
     def start(self, timeout: float = 90.0) -> None:
         assert self.proc is None, "already running"
         mlflow = Path(sys.executable).with_name("mlflow")
-        env, app = dict(os.environ), []
+        # Without MLflow's job runner (a pool of processes for its GenAI jobs, which the pipeline never starts), as
+        # cluster.yaml runs the server: on two cores its start-up otherwise competes with the pipeline under test.
+        env, app = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, []
         if self.auth:
             ini = self.where / "basic_auth.ini"
             ini.write_text(AUTH_INI.format(db=self.where / "basic_auth.db", user=self.auth[0]))

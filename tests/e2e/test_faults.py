@@ -3,9 +3,10 @@
 A killed driver takes its local Ray along (SIGKILL to the process group), as a preempted head node would. The
 artifact root is then checked with ``pipeline.verify``, the tool users run after an incident.
 
-The default run keeps the flagship drill (a driver killed mid-training resumes bitwise); the others are ``drill``
-tests (``python -m pytest -m drill``), each several whole pipelines, which ``bench/faults.py`` also runs. Their parts
-are in the default run too, one level down: encode and sample resume per finished file
+All of them are ``drill`` tests (``python -m pytest -m drill``), each several whole pipelines, which
+``bench/faults.py`` also runs. Their parts are in the default run, one level down: a training step that failed and is
+run again on the same output ends bitwise as an uninterrupted one (``tests/integration/test_exact_resume.py``, the
+rerun a killed driver's next invocation makes), encode and sample resume per finished file
 (``tests/integration/test_encode.py``, ``test_sample.py``) and two holders run a step once
 (``tests/integration/test_lease.py``).
 """
@@ -68,6 +69,7 @@ def test_two_pipelines_on_one_root(tmp_path):
     assert_sound(ws.root)
 
 
+@pytest.mark.drill
 def test_driver_killed_mid_training_resumes_exactly(tmp_path):
     """The driver is SIGKILLed once train_vqvae wrote a checkpoint; the rerun resumes from it and ends with the weights
     and metric values of an uninterrupted run, bitwise (CPU): steps.training.resume restores data order, random streams,

@@ -104,6 +104,7 @@ def test_mlflow_run_tree(workdir):
     assert parent.info.run_name == "digits32 debug=tiny"
     assert parent.data.params["debug"] == "tiny" and parent.data.params["model"] == "vqvae2"
     assert {"fd_effnet", "precision", "recall", "psnr", "nll_bits_top", "usage_bottom"} <= set(parent.data.metrics)
+    assert {"fd_clf", "recall_clf", "coverage", "coverage_clf"} <= set(parent.data.metrics)  # both feature spaces
     assert parent.data.metrics["fd_effnet"] == kids["evaluate"].data.metrics["final/fd_effnet"]
     assert client.get_experiment_by_name("vqvae2").tags["mlflow.experimentKind"] == "custom_model_development"
     assert {d.dataset.name for d in client.get_run(parent.info.run_id).inputs.dataset_inputs} == {"shard", "encode"}

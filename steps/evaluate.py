@@ -233,7 +233,7 @@ def _score_features(report: Report, sets: dict[str, np.ndarray], labels: dict[st
 
     spaces = {"effnet": FeatureExtractor().to(device)}
     if classifier is not None:
-        spaces["clf"] = classifier.to(device).embed
+        spaces["clf"] = classifier.embed  # already on ``device``
     t0 = time.perf_counter()
     feats = {space: {name: features(fn, images, cfg.batch_size, device) for name, images in sets.items()}
              for space, fn in spaces.items()}  # fmt: skip

@@ -159,15 +159,9 @@ class ImageShards(Artifact):
 
     def read_labelled(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The labelled images of ``split``: uint8 (N, C, S, S) and int64 labels (N,); unlabelled rows skipped."""
-        images, labels = [], []
-        for table in self.tables(split, ["image", "label"]):
-            for png, label in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), strict=True):
-                if label is not None:
-                    images.append(decode_png(png, self.channels))
-                    labels.append(label)
-        if not images:
-            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
-        return np.stack(images), np.asarray(labels, dtype=np.int64)
+        images, labels = self.read_images_and_labels(split)
+        keep = labels >= 0
+        return images[keep], labels[keep]
 
 
 class ShardWriter:

@@ -37,6 +37,9 @@ cut to the same count (``n_samples``; A holds ``n_real``), and only numbers comp
 ``inception_fid=true`` (extra ``[fid]``: torch-fidelity, which downloads the Inception weights on first use) the
 standard ``fid_inception`` of samples against A is added.
 
+Features of an image set seen before (the same images through the same network) and the classifier trained before
+on the same images come from ``feature_cache`` (:mod:`steps.evaluation.cache`), so scoring new samples of the same
+models computes only the samples' features; the metrics are the same as without it.
 The work runs in one Ray task (``num_cpus`` CPUs, a GPU with ``use_gpu``) that opens the upstream outputs through their
 artifact handles and checks that they belong together before reading any image. The measurements themselves are
 :mod:`steps.evaluation.quality`. Outputs (:mod:`steps.artifacts.evaluation`): ``metrics.json`` (metrics, counts, notes,
@@ -44,6 +47,7 @@ settings) and a grid of real images above samples."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import time
@@ -63,6 +67,7 @@ from steps.artifacts.priors import Priors
 from steps.artifacts.samples import Samples
 from steps.core.progress import duration
 from steps.core.step import MetricsSink, StepResult, require_input
+from steps.evaluation.cache import ContentCache, content_key
 from steps.evaluation.quality import (
     batches,
     class_recall,
@@ -77,7 +82,7 @@ from steps.evaluation.quality import (
 )
 from steps.io import storage
 from steps.io.pixels import grid_png
-from steps.nn.config import ConfigBase
+from steps.nn.config import ConfigBase, no_effect
 
 log = logging.getLogger(__name__)
 STEP = "evaluate"
@@ -106,6 +111,9 @@ class EvaluateConfig(ConfigBase):
         classifier_images: labelled train images it trains on at most.
         num_cpus: CPUs of the evaluation task, and its torch thread count.
         use_gpu: run the evaluation task on a GPU.
+        feature_cache: where feature vectors and the trained classifier are kept between runs, keyed by content
+            (:mod:`steps.evaluation.cache`): a rerun on the same shards and autoencoder computes only the samples'
+            features. Empty: off. The pipeline's default is ``<artifacts.root>/_cache/evaluate``; safe to delete.
     """
 
     max_val_images: int = 2000
@@ -122,6 +130,7 @@ class EvaluateConfig(ConfigBase):
     classifier_images: int = 20000
     num_cpus: int = 1
     use_gpu: bool = False
+    feature_cache: str = no_effect("")
 
     def validate(self) -> None:
         self.require_min(4, "max_val_images")
@@ -197,12 +206,12 @@ def _score_codes(report: Report, codes: CodeDataset, priors: Priors | None, imag
     return f"codes of {code_info['code_rows']} images{bits}"
 
 
-def _classifier(shards: ImageShards, cfg: EvaluateConfig, report: Report):
-    """The second feature space's network, trained on the shards' labelled train images; None (with a note) without
-    two classes to learn."""
+def _classifier(shards: ImageShards, cfg: EvaluateConfig, report: Report, cache: ContentCache):
+    """The second feature space's network, trained on the shards' labelled train images (or loaded from ``cache``);
+    None (with a note) without two classes to learn."""
     images, labels = shards.read_images_and_labels("train", cfg.classifier_images)
     t0 = time.perf_counter()
-    classifier = feature_classifier(images, labels, cfg.classifier_steps, cfg.batch_size, cfg.seed)
+    classifier = feature_classifier(images, labels, cfg.classifier_steps, cfg.batch_size, cfg.seed, cache=cache)
     if classifier is None:
         report.notes.append("the shards' train split has fewer than two classes: no classifier feature space (*_clf)")
         return None
@@ -225,21 +234,36 @@ def _score_classes(report: Report, classifier, sets: dict[str, np.ndarray], labe
         report.metrics[metric] = float((pred == lab[keep]).mean())
 
 
-def _score_features(report: Report, sets: dict[str, np.ndarray], labels: dict[str, Any], cfg, device, classifier):
+def _score_features(
+    report: Report, sets: dict[str, np.ndarray], labels: dict[str, Any], cfg, device, classifier, cache: ContentCache
+):
     """Feature-space distances in each feature space (EfficientNet-Lite0; the classifier's, if there is one): samples
     against real half A, the floor (half B against A, and its spread over other splits) and, with ``recon_fd``, the
-    reconstructions of B against A; recall per class."""
+    reconstructions of B against A; recall per class. Features of a set seen before come from ``cache``."""
     from steps.nn.features import FeatureExtractor  # deferred: loads 17 MB of weights
 
-    spaces = {"effnet": FeatureExtractor().to(device)}
+    effnet = FeatureExtractor().to(device)
+    spaces = {"effnet": (effnet, effnet)}
     if classifier is not None:
-        spaces["clf"] = classifier.embed  # already on ``device``
-    t0 = time.perf_counter()
-    feats = {space: {name: features(fn, images, cfg.batch_size, device) for name, images in sets.items()}
-             for space, fn in spaces.items()}  # fmt: skip
-    report.counts["feature_images_per_s"] = (
-        sum(len(s) for s in sets.values()) * len(spaces) / (time.perf_counter() - t0)
-    )
+        spaces["clf"] = (classifier.embed, classifier)  # already on ``device``
+    t0, computed = time.perf_counter(), 0
+
+    def compute(fn, images: np.ndarray) -> np.ndarray:
+        nonlocal computed
+        computed += len(images)
+        return features(fn, images, cfg.batch_size, device).astype(np.float32)  # the network's output, exactly
+
+    feats: dict[str, dict[str, np.ndarray]] = {}
+    for space, (fn, network) in spaces.items():
+        net_key = content_key("features", space, network)  # another checkpoint or weights file: another key
+        feats[space] = {}
+        for name, images in sets.items():
+            found = cache.array(content_key(net_key, images), lambda fn=fn, images=images: compute(fn, images))
+            feats[space][name] = found.astype(np.float64)
+    seconds = time.perf_counter() - t0
+    report.counts.update(feature_seconds=seconds, feature_images_computed=computed)
+    if computed:  # the feature networks' rate over the images not found in the cache
+        report.counts["feature_images_per_s"] = computed / seconds
     n, n_real = len(sets["samples"]), len(sets["a"])
     if n < 2 or n_real < 2:
         report.notes.append(f"too few images for feature distances ({n} samples, {n_real} real): skipped")
@@ -299,13 +323,16 @@ def evaluate(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str) -> dict[s
     sets = {"a": real[half_a], "b": real[half_b], "samples": fakes} | (
         {"recon": recons[half_b]} if cfg.recon_fd else {}
     )
-    classifier = _classifier(shards, cfg, report) if cfg.classifier_steps else None
+    cache = ContentCache(cfg.feature_cache)
+    classifier = _classifier(shards, cfg, report, cache) if cfg.classifier_steps else None
     if classifier is not None:
         classifier.to(device)
         _score_classes(report, classifier, sets, labels, cfg, device)
         say(f"classifier feature space trained on {report.counts['classifier_train_images']} images")
-    _score_features(report, sets, labels, cfg, device, classifier)
-    say(f"features of {sum(len(s) for s in sets.values())} images")
+    _score_features(report, sets, labels, cfg, device, classifier, cache)
+    report.counts.update(cache_hits=cache.hits, cache_misses=cache.misses)
+    cached = f", {cache.hits} of {cache.hits + cache.misses} from the cache" if cache.uri else ""
+    say(f"features of {sum(len(s) for s in sets.values())} images{cached}")
     if cfg.inception_fid:
         report.metrics["fid_inception"] = inception_fid(fakes, real[half_a], cfg.use_gpu)
 
@@ -340,6 +367,8 @@ def run(cfg: EvaluateConfig, inputs: Mapping[str, str], out: str, sink: MetricsS
     import ray
 
     inputs = {k: storage.absolute(v) for k, v in inputs.items()}  # the task may run in another working directory
+    if cfg.feature_cache:
+        cfg = dataclasses.replace(cfg, feature_cache=storage.absolute(cfg.feature_cache))
     for name in ("shard", "train_vqvae", "sample"):
         uri = require_input(inputs, STEP, name)
         if not storage.exists(uri):

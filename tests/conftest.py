@@ -71,6 +71,7 @@ class Tiny:
         return compose(*args, *overrides("encode", **kw)).encode
 
     def evaluate(self, *args: str, **kw):
+        kw.setdefault("feature_cache", "")  # off unless a test asks: the default is under ./outputs
         return compose(*args, *overrides("evaluate", **kw)).evaluate
 
     def train_vqvae(self, *args: str, **train):

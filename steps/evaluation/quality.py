@@ -27,6 +27,7 @@ import torch
 
 from steps.artifacts.code_format import batch_to_tensors
 from steps.artifacts.codes import CodeDataset
+from steps.evaluation.cache import ContentCache, content_key
 from steps.io.pixels import to_float, to_uint8_chw
 from steps.nn.classifier import ClassifierConfig, ImageClassifier, fit_classifier
 from steps.nn.metrics import (
@@ -148,12 +149,19 @@ def class_recall(
 
 
 def feature_classifier(
-    images: np.ndarray, labels: np.ndarray, steps: int, batch_size: int, seed: int, channels: int = 16
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    channels: int = 16,
+    cache: ContentCache | None = None,
 ) -> ImageClassifier | None:
     """The project's image classifier trained on ``images`` uint8 (N, C, S, S) with ``labels`` (N,; -1: none), on the
     CPU with a fixed seed, so that the same shards give the same feature space in every run; None with fewer than two
     classes. Its :meth:`~steps.nn.classifier.ImageClassifier.embed` is the second feature space. ``channels`` 16 (a
-    quarter of the sample step's classifier's work per image at 32) keeps its training well under a CPU minute."""
+    quarter of the sample step's classifier's work per image at 32) keeps its training well under a CPU minute.
+    With ``cache``, a network trained before on the same images, labels and settings is loaded instead."""
     keep = labels >= 0
     classes = np.unique(labels[keep])
     if len(classes) < 2:
@@ -167,18 +175,21 @@ def feature_classifier(
         channels=channels,
         stages=stages,
     )
-    generator = torch.Generator().manual_seed(seed)
+
+    def train(model: ImageClassifier) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        x, y = to_float(images[keep]), torch.from_numpy(labels[keep])
+        fit_classifier(model, x, y, steps=steps, batch_size=batch_size, generator=generator)
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = ImageClassifier(config)
-        fit_classifier(
-            model,
-            to_float(images[keep]),
-            torch.from_numpy(labels[keep]),
-            steps=steps,
-            batch_size=batch_size,
-            generator=generator,
-        )
+        if cache is None:
+            model = ImageClassifier(config)
+            train(model)
+        else:
+            key = content_key("feature_classifier", config.to_dict(), images[keep], labels[keep], steps, batch_size,
+                              seed)  # fmt: skip
+            model = cache.module(key, lambda: ImageClassifier(config), train)
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -171,6 +172,36 @@ def test_samples_without_pngs_are_decoded_from_their_codes(upstream, tiny):
     from_codes = evaluate.sample_images(Samples.open(upstream["sample_codes_only"]), autoencoder, model, cfg)
     assert from_pngs.shape == (10, 1, 32, 32) and from_pngs.dtype == np.uint8
     np.testing.assert_array_equal(from_codes, from_pngs)
+
+
+def test_a_rerun_takes_its_features_and_classifier_from_the_cache_and_scores_the_same(upstream, tmp_path, cfg,
+                                                                                     artifacts, vq2_run):  # fmt: skip
+    """The second evaluation of the same inputs computes no feature; new samples of the same models compute only
+    theirs; every metric equals an evaluation without the cache."""
+    ins = inputs(upstream, *ALL)
+    plain = vq2_run[0]  # the same inputs and settings, without a cache (through Ray, as the pipeline runs it)
+    cached = dataclasses.replace(cfg, feature_cache=str(tmp_path / "cache"))
+    first = evaluate.evaluate(cached, ins, str(tmp_path / "first"))
+    second = evaluate.evaluate(cached, ins, str(tmp_path / "second"))
+    assert first["metrics"] == second["metrics"]  # exactly: features are stored as the network computed them
+    assert first["metrics"] == pytest.approx(plain.metrics, rel=1e-6)  # a Ray task rounds differently in the last bits
+    sets = 2 * 4  # two feature spaces x (real A, real B, samples, reconstructions)
+    assert (first["counts"]["cache_hits"], first["counts"]["cache_misses"]) == (0, sets + 1)  # + the classifier
+    assert (second["counts"]["cache_hits"], second["counts"]["cache_misses"]) == (sets + 1, 0)
+    assert second["counts"]["feature_images_computed"] == 0 and "feature_images_per_s" not in second["counts"]
+    counts = plain.info["counts"]  # without a cache every image of every set goes through both networks
+    assert counts["cache_hits"] == 0
+    assert counts["feature_images_computed"] == 2 * (counts["real_a"] + 3 * counts["samples"])
+
+    # Other samples of the same models (a new sample run): only their features are computed.
+    autoencoder = Autoencoder.open(upstream["train_vqvae"])
+    images = evaluate.sample_images(Samples.open(upstream["sample"]), autoencoder, autoencoder.load(), cfg)
+    other = artifacts.samples(tmp_path / "other", 255 - images, None)
+    third = evaluate.evaluate(cached, {**ins, "sample": other}, str(tmp_path / "third"))
+    assert (third["counts"]["cache_hits"], third["counts"]["cache_misses"]) == (sets + 1 - 2, 2)
+    assert third["counts"]["feature_images_computed"] == 2 * len(images)
+    assert third["metrics"]["fd_effnet_real"] == first["metrics"]["fd_effnet_real"]
+    assert third["metrics"]["fd_effnet"] != first["metrics"]["fd_effnet"]
 
 
 def foreign_codes(up: dict[str, str], folder: Path, **changes) -> str:

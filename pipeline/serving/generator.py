@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from steps.artifacts import bundle, records
-from steps.artifacts.autoencoder import Autoencoder
+from steps.artifacts.autoencoder import Autoencoder, decoding
 from steps.artifacts.compat import check_compatible
 from steps.artifacts.priors import Priors
 from steps.core.step import MissingInputError
@@ -70,9 +70,14 @@ class Generator:
     @classmethod
     def load(cls, source: str, device: str | torch.device | None = None, **kwargs: Any) -> Generator:
         """A generator from a train_prior output folder (or a train_vqvae one: the VAE draws on its own, a VQ-VAE
-        only encodes and decodes), or from an MLflow model
+        only encodes and decodes), from a sample or evaluate output folder (the models that output was made with,
+        tune_decoder's decoder included), or from an MLflow model
         URI (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/generator``; the tracking
         URI comes from ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
+
+        A train_prior output decodes with train_vqvae's decoder: the priors do not depend on tune_decoder, which
+        may have run any number of times on them. For a tuned decoder, load the sample output it made (or the
+        registered model, or ``from_artifacts(<tune_decoder output>, <train_prior output>)``).
 
         Raises:
             MissingInputError: nothing usable at ``source``, or a train_prior output whose VQ-VAE is gone.
@@ -85,6 +90,11 @@ class Generator:
             raise MissingInputError(f"no generator at {source}: expected a train_prior output or an MLflow model URI")
         if Autoencoder.found_at(folder):  # a train_vqvae output: a VAE draws on its own
             return cls(Autoencoder.open(folder), None, device, **kwargs)
+        record = records.read(folder) or {}
+        if record.get("step") in ("sample", "evaluate"):  # what decoded those images: train_vqvae's or tune_decoder's
+            inputs = record.get("inputs", {})
+            priors = inputs.get("train_prior")
+            return cls(decoding(inputs, "Generator.load"), Priors.open(priors) if priors else None, device, **kwargs)
         return cls(Autoencoder.open(autoencoder_of(folder)), Priors.open(folder), device, **kwargs)
 
     @classmethod

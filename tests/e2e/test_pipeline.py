@@ -205,3 +205,7 @@ def test_a_tuned_decoder_reruns_only_what_decodes(workdir, monkeypatch):
     newest = max(int(v.version) for v in client.search_model_versions("name='vqvae2-generator'"))
     generator = Generator.load(f"models:/vqvae2-generator/{newest}")
     assert generator.autoencoder.digest == tuned.digest and generator.autoencoder.codes_digest == base.digest
+    # From the folders: a sample output decodes as it was decoded; the priors alone with train_vqvae's decoder.
+    (tuned_samples,) = [s for s in finished(root, "sample") if tuned.digest in (s / "samples.json").read_text()]
+    assert Generator.load(str(tuned_samples), device="cpu").autoencoder.digest == tuned.digest
+    assert Generator.load(str(kept["train_prior"][0]), device="cpu").autoencoder.digest == base.digest

@@ -95,6 +95,22 @@ def test_bad_requests_name_the_field(gen, kwargs, message):
         gen.generate(**kwargs)
 
 
+def test_a_sample_output_loads_the_models_that_made_it(outputs, gen, tmp_path):
+    """A sample (or evaluate) output's record names its decoder and priors: loading it gives those models."""
+    folder = tmp_path / "sample" / "s1"
+    folder.mkdir(parents=True)
+    storage.write_json(str(folder / records.SUCCESS), {"step": "sample", "inputs": dict(outputs)})
+    loaded = Generator.load(str(folder), device="cpu")
+    assert loaded.autoencoder.digest == gen.autoencoder.digest and loaded.priors.uri == gen.priors.uri
+    assert torch.equal(loaded.generate(2, seed=3), gen.generate(2, seed=3))
+    gone = tmp_path / "sample" / "s2"
+    gone.mkdir()
+    record = {"step": "sample", "inputs": {"train_prior": outputs["train_prior"]}}  # no decoder named
+    storage.write_json(str(gone / records.SUCCESS), record)
+    with pytest.raises(MissingInputError, match="train_vqvae"):
+        Generator.load(str(gone))
+
+
 def test_bad_sources_and_mismatched_models(outputs, artifacts, tmp_path):
     with pytest.raises(MissingInputError, match="no generator at"):
         Generator.load(str(tmp_path / "nowhere"))

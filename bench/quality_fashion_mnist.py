@@ -17,13 +17,16 @@ for the quality-against-minutes curve. ``--decoder`` is the decoder ablation: th
 the same sampled codes decoded by tune_decoder's adversarially tuned decoder and, the control, by a decoder trained as
 long on L1 + MSE alone. ``--codes`` compares codes that may be easier to model: the same recipe (800 prior steps)
 with a 128-code top level, and with FSQ (64 top codes, 512 bottom codes), each a new VQ-VAE-2 and everything after it.
+``--sampling`` sweeps the sampling controls on that 800-step base (temperature, top-p, classifier-free guidance): each
+variant reruns only sample and evaluate, and evaluate takes the real images', the reconstructions' features and its
+classifier from its cache (``<root>/_cache/evaluate``), so a variant costs the samples and their features only.
 
 The samples are scored in two feature spaces, EfficientNet-Lite0's (ImageNet) and the project's own classifier's
 (trained on the shards by the evaluate step: ``*_clf``), with recall per class. ``--scored N`` (default 2000) sets the
 counts: N samples against N + N held-out images. The fd/kid values compare only with runs scored with the same counts
 (see steps/evaluate.py).
 
-Usage: python bench/quality_fashion_mnist.py [--quick | --long | --decoder | --codes] [--no-ablations]
+Usage: python bench/quality_fashion_mnist.py [--quick | --long | --decoder | --codes | --sampling] [--no-ablations]
        [--only NAME,...] [--scored N] [--workdir DIR] [-- overrides]
 """
 
@@ -46,7 +49,7 @@ DATA = "/usr/share/datasets/fashion-mnist"
 IDX = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 PLOTS = ROOT / "bench" / "plots"
 GRID_NAME = {"full": "quality_fashion_mnist_samples.png", "long": "quality_fashion_mnist_60_samples.png", "quick": "",
-             "decoder": "", "codes": ""}  # fmt: skip
+             "decoder": "", "codes": "", "sampling": ""}  # fmt: skip
 # A row of the pipeline's closing summary: step, status, seconds, output folder.
 SUMMARY = re.compile(r"^(?P<step>[a-z_]+)\s+(?P<status>[a-z]+)\s+(?P<seconds>\d+\.\d)\s+(?P<out>/\S*)$")
 
@@ -116,12 +119,23 @@ DECODER = [*FULL, "train_prior.train.steps=800", "train_prior.train.checkpoint_e
 TUNE = ["tune_decoder.enabled=true", "tune_decoder.train.steps=600", "tune_decoder.train.cpus_per_worker=2",
         "tune_decoder.train.checkpoint_every=300"]  # fmt: skip
 DECODER_ABLATIONS = {"tune_decoder": TUNE, "tune_decoder gan_weight=0": [*TUNE, "tune_decoder.gan_weight=0"]}
+# --sampling: the sampling controls on the --decoder base (the recipe's are temperature 0.9, top-p 0.9, no guidance),
+# chosen for recall and coverage as well as precision.
+SAMPLING_ABLATIONS = {
+    "T=1.0 top_p=1.0": ["sample.temperature=1.0", "sample.top_p=1.0"],
+    "top_p=1.0": ["sample.top_p=1.0"],
+    "T=1.0": ["sample.temperature=1.0"],
+    "T=0.8": ["sample.temperature=0.8"],
+    "guidance 1.5": ["sample.guidance_scale=1.5"],
+    "T=1.0 p=1.0 g=1.5": ["sample.temperature=1.0", "sample.top_p=1.0", "sample.guidance_scale=1.5"],
+}
 MODES = {
     "full": (FULL, ABLATIONS),
     "long": (LONG, LONG_ABLATIONS),
     "quick": (QUICK, QUICK_ABLATIONS),
     "decoder": (DECODER, DECODER_ABLATIONS),
     "codes": (DECODER, CODES_ABLATIONS),
+    "sampling": (DECODER, SAMPLING_ABLATIONS),
 }
 CURVES = {  # series -> (MLflow step name, {our name: MLflow metric})
     "train_vqvae": ("train_vqvae", {"recon_mse": "train/recon_mse"}),
@@ -256,6 +270,7 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="the recipe given about an hour (priors 9600 steps)")
     parser.add_argument("--decoder", action="store_true", help="the decoder ablation (priors 800 steps; about an hour)")
     parser.add_argument("--codes", action="store_true", help="smaller top codebooks and FSQ (priors 800 steps)")
+    parser.add_argument("--sampling", action="store_true", help="temperature, top-p and guidance (priors 800 steps)")
     parser.add_argument("--no-ablations", action="store_true", help="run the recipe only, not its sample-time variants")
     parser.add_argument("--only", default=None, help="run only these ablations (comma-separated names)")
     parser.add_argument("--scored", type=int, default=2000, help="samples scored against as many + as many real images")
@@ -270,7 +285,7 @@ def main() -> None:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench-quality-")
     work = Path(args.workdir or tmp.name).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    mode = next((m for m in ("quick", "long", "decoder", "codes") if getattr(args, m)), "full")
+    mode = next((m for m in ("quick", "long", "decoder", "codes", "sampling") if getattr(args, m)), "full")
     recipe, ablations = MODES[mode]
     if args.only:
         unknown = set(args.only.split(",")) - set(ablations)

@@ -49,6 +49,7 @@ BENCHES = (
     "quality_fashion_mnist_60",
     "quality_fashion_mnist_decoder",
     "quality_fashion_mnist_codes",
+    "quality_fashion_mnist_sampling",
     "levels",
 )
 # Benchmarks that run another one's script with extra arguments (--quick runs skip those marked full-only).
@@ -57,12 +58,14 @@ VARIANTS = {
     "quality_fashion_mnist_60": ("quality_fashion_mnist", ["--long"]),
     "quality_fashion_mnist_decoder": ("quality_fashion_mnist", ["--decoder"]),
     "quality_fashion_mnist_codes": ("quality_fashion_mnist", ["--codes"]),
+    "quality_fashion_mnist_sampling": ("quality_fashion_mnist", ["--sampling"]),
 }
 # quick runs would repeat the recipe's
-FULL_ONLY = {"quality_fashion_mnist_60", "quality_fashion_mnist_decoder", "quality_fashion_mnist_codes"}
+FULL_ONLY = {"quality_fashion_mnist_60", "quality_fashion_mnist_decoder", "quality_fashion_mnist_codes",
+             "quality_fashion_mnist_sampling"}  # fmt: skip
 # seconds, full runs: about an hour of training (--codes: three VQ-VAE-2 trainings, about two and a half hours)
 TIMEOUTS = {"quality_fashion_mnist_60": 5400.0, "quality_fashion_mnist_decoder": 5400.0,
-            "quality_fashion_mnist_codes": 10800.0}  # fmt: skip
+            "quality_fashion_mnist_codes": 10800.0, "quality_fashion_mnist_sampling": 5400.0}  # fmt: skip
 WHAT = {
     "codebook": "fraction of the 512 codes per level in use, with and without dead-code restart (digits)",
     "encode": "encode throughput, Ray Data step vs a plain torch loop (ratio = ray / plain)",
@@ -80,6 +83,8 @@ WHAT = {
     "adversarially tuned one and by an MSE-only tune of as many updates (--decoder)",
     "quality_fashion_mnist_codes": "codes easier to model: a 128-code top level, and FSQ (64 top, 512 bottom codes), "
     "each a new VQ-VAE-2 with its priors; bits per code, reconstructions and samples in both feature spaces (--codes)",
+    "quality_fashion_mnist_sampling": "temperature, top-p and classifier-free guidance on the 800-step base, each "
+    "variant scored on 2000 samples in both feature spaces (--sampling)",
     "levels": "two levels vs three, Fashion-MNIST 64x64 (same data and steps); completions scored against real images",
 }
 

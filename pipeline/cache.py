@@ -4,6 +4,8 @@
     <root>/<step>/<fingerprint>.partial/    work in progress (a crashed attempt resumes or restarts here)
     <root>/<step>/<fingerprint>.lock        held while a pipeline works on that output (on an object store a prefix
                                             of lease objects: pipeline/lease.py)
+    <root>/_cache/evaluate/                 evaluate's features and classifier by content (steps/evaluation/cache.py);
+                                            not an output: nothing checks it, and deleting it is always safe
 
 fingerprint = sha256(step name, resolved step config, upstream fingerprints, project version). On local disk a step
 writes into ``.partial`` and the directory is renamed into place with ``_SUCCESS`` inside, so a directory without

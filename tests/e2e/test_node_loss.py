@@ -76,6 +76,9 @@ def run_and_lose_node(
     matching ``<root>/<progress>`` exists. Returns (exit status, the driver's output)."""
     log_path = ws.path / f"{steps.strip('[]').replace(',', '-')}.log"
     env = {**head.client_env(), "RAY_ADDRESS": f"127.0.0.1:{head.gcs_port}", "PYTHONUNBUFFERED": "1"}
+    # Ray Data hands out files as soon as one encode actor is up; on a loaded machine the head's actor could encode
+    # them all before the worker node's started. Waiting for the whole pool makes sure the node has work to lose.
+    env["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"] = "300"
     with open(log_path, "w") as out:
         proc = subprocess.Popen(
             ws.command(*SETTINGS, f"steps={steps}"), cwd=ws.path, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -49,7 +49,9 @@ def content_key(*parts: Any) -> str:
         if isinstance(p, torch.nn.Module):
             p = p.state_dict()
         if isinstance(p, torch.Tensor):
-            p = p.detach().cpu().contiguous().numpy() if p.dtype != torch.bfloat16 else p.float().cpu().numpy()
+            h.update(f"tensor {p.dtype}".encode())  # bfloat16 has no numpy dtype: hashed as its int16 bit patterns
+            p = p.detach().cpu().contiguous()
+            p = (p.view(torch.int16) if p.dtype == torch.bfloat16 else p).numpy()
         if isinstance(p, np.ndarray):
             h.update(f"array {p.dtype.str} {p.shape}".encode())
             h.update(np.ascontiguousarray(p).data)
@@ -72,7 +74,7 @@ class ContentCache:
     call computes). ``hits`` and ``misses`` count the lookups."""
 
     def __init__(self, uri: str | None) -> None:
-        self.uri = storage.absolute(uri) if uri else None
+        self.uri = uri or None  # absolute already: evaluate's run() resolves it where the driver runs
         self.hits = self.misses = 0
         self._broken = False  # a write failed: stop trying for the rest of this evaluation
 

@@ -181,15 +181,10 @@ def feature_classifier(
         x, y = to_float(images[keep]), torch.from_numpy(labels[keep])
         fit_classifier(model, x, y, steps=steps, batch_size=batch_size, generator=generator)
 
+    key = content_key("feature_classifier", config.to_dict(), images[keep], labels[keep], steps, batch_size, seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if cache is None:
-            model = ImageClassifier(config)
-            train(model)
-        else:
-            key = content_key("feature_classifier", config.to_dict(), images[keep], labels[keep], steps, batch_size,
-                              seed)  # fmt: skip
-            model = cache.module(key, lambda: ImageClassifier(config), train)
+        model = (cache or ContentCache(None)).module(key, lambda: ImageClassifier(config), train)
     return model.eval()
 
 

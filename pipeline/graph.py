@@ -93,6 +93,12 @@ def decoder_of(cfg: Config) -> Step:
     return [s for s in active(cfg) if issubclass(s.output, Autoencoder)][-1]
 
 
+def decoding_steps() -> set[str]:
+    """The steps whose images are decoded by :func:`decoder_of`'s autoencoder: those that read the tuned decoder
+    when it ran (an output of theirs was made with train_vqvae's model or tune_decoder's, as its inputs say)."""
+    return {s.name for s in GRAPH if any(issubclass(STEPS[u].output, TunedAutoencoder) for u in s.upstream)}
+
+
 def active(cfg: Config) -> list[Step]:
     """The steps this config uses, in dependency order."""
     return [s for s in GRAPH if s.enabled(cfg)]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.graph import decoding_steps, writer_of
 from steps.artifacts import bundle, records
 from steps.artifacts.autoencoder import Autoencoder, decoding
 from steps.artifacts.compat import check_compatible
@@ -91,9 +92,9 @@ class Generator:
         if Autoencoder.found_at(folder):  # a train_vqvae output: a VAE draws on its own
             return cls(Autoencoder.open(folder), None, device, **kwargs)
         record = records.read(folder) or {}
-        if record.get("step") in ("sample", "evaluate"):  # what decoded those images: train_vqvae's or tune_decoder's
+        if record.get("step") in decoding_steps():  # what decoded those images: train_vqvae's or tune_decoder's
             inputs = record.get("inputs", {})
-            priors = inputs.get("train_prior")
+            priors = inputs.get(writer_of(Priors).name)
             return cls(decoding(inputs, "Generator.load"), Priors.open(priors) if priors else None, device, **kwargs)
         return cls(Autoencoder.open(autoencoder_of(folder)), Priors.open(folder), device, **kwargs)
 

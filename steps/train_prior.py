@@ -31,6 +31,7 @@ from steps.nn.pixelcnn import PixelCNNConfig
 from steps.nn.prior import PriorConfig, drop_labels
 from steps.training.loop import final_payload, fit
 from steps.training.task import TrainConfig, TrainTask
+from steps.training.threads import ThreadLedger
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class TrainPriorConfig(ConfigBase):
     train: TrainConfig = field(default_factory=TrainConfig)
     class_conditional: bool = False
     parallel: bool = True  # train the levels at the same time
+    # With parallel: when a level finishes, its CPU threads go to the levels still training on the same node
+    # (steps/training/threads.py). Faster on CPU, but a level that took up threads is no longer bitwise what the same
+    # run without would be (the thread count changes a few reductions' order, and when it changes depends on timing).
+    share_threads: bool = False
 
 
 def prior_config(cfg: TrainPriorConfig, meta: CodeMeta, level: str) -> PriorConfig:
@@ -118,7 +123,8 @@ class PriorTask(TrainTask):
 
 
 def _train_level(
-    level: str, config: PriorConfig, codes: CodeDataset, cfg: TrainPriorConfig, storage: str, sink, wrap_task
+    level: str, config: PriorConfig, codes: CodeDataset, cfg: TrainPriorConfig, storage: str, sink, wrap_task,
+    threads: ThreadLedger | None = None,
 ):  # fmt: skip
     import ray.data
 
@@ -129,7 +135,8 @@ def _train_level(
         datasets["val"] = ray.data.read_parquet(val_files, columns=columns)
     task = PriorTask(level, config, codes.meta)
     prefixed = PrefixSink(sink, f"{level}/") if sink is not None else None
-    return fit(task, cfg.train, datasets, storage=storage, name=f"prior_{level}", sink=prefixed, wrap_task=wrap_task)
+    return fit(task, cfg.train, datasets, storage=storage, name=f"prior_{level}", sink=prefixed, wrap_task=wrap_task,
+               threads=threads)  # fmt: skip
 
 
 def run(
@@ -155,9 +162,14 @@ def run(
     writer = PriorsWriter(out)
     jobs = {lvl: (lvl, configs[lvl], codes, cfg, writer.train_state, sink, wrap_task) for lvl in meta.levels}
     if cfg.parallel and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="train_prior") as pool:
-            futures = {lvl: pool.submit(_train_level, *args) for lvl, args in jobs.items()}
-            results = {lvl: f.result() for lvl, f in futures.items()}
+        ledger = ThreadLedger() if cfg.share_threads else None
+        try:
+            with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="train_prior") as pool:
+                futures = {lvl: pool.submit(_train_level, *args, ledger) for lvl, args in jobs.items()}
+                results = {lvl: f.result() for lvl, f in futures.items()}
+        finally:
+            if ledger is not None:
+                ledger.close()
     else:
         results = {lvl: _train_level(*args) for lvl, args in jobs.items()}
 

@@ -32,6 +32,7 @@ from steps.nn.checkpoint import read_checkpoint
 from steps.training import resume, worker
 from steps.training.resume import STATE_FILE
 from steps.training.task import TrainConfig, TrainTask
+from steps.training.threads import ThreadLedger
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,11 +63,14 @@ def fit(
     name: str,
     sink: MetricsSink | None = None,
     wrap_task: TaskWrap | None = None,
+    threads: ThreadLedger | None = None,
 ):  # -> ray.train.Result
     """Train ``task`` on ``datasets`` ({"train": ..., "val": ...} Ray Datasets) and return the final checkpoint.
 
     ``storage``/``name`` locate Ray Train's run state: a second call with the same pair resumes from the latest
-    checkpoint there instead of starting over (a restarted driver continues the run).
+    checkpoint there instead of starting over (a restarted driver continues the run). With ``threads`` (the ledger of
+    runs training at the same time), the workers take up the CPU threads of those that finish before them on their
+    node (:mod:`steps.training.threads`).
     """
     import ray.data
     import ray.train
@@ -94,6 +98,7 @@ def fit(
             "train": tc,
             "sink": sink,
             "run_dir": run_dir,
+            "threads": threads,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}

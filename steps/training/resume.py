@@ -40,7 +40,8 @@ from steps.nn.checkpoint import checkpoint_dict, unwrap
 log = logging.getLogger(__name__)
 STATE_FILE = TRAIN_STATE_FILE  # a training checkpoint's file (steps.artifacts.checkpoints names it)
 SHUFFLE_WINDOW = 8  # batches whose rows are shuffled together (the local shuffle buffer of Ray Data before)
-UNREPRODUCIBLE = ("train/items_per_s", "train/resumed_from")  # metrics that differ between runs by nature
+# Metrics that differ between runs by nature (cpu_threads: when runs beside it finished, steps/training/threads.py)
+UNREPRODUCIBLE = ("train/items_per_s", "train/resumed_from", "train/cpu_threads")
 
 
 # ------------------------------------------------------------------------------------------------ data order

@@ -36,6 +36,7 @@ from steps.nn.checkpoint import unwrap
 from steps.training import resume
 from steps.training.resume import STATE_FILE
 from steps.training.task import TrainConfig, TrainTask
+from steps.training.threads import ThreadShare
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FLUSH_S = 60.0  # how long a checkpoint waits for the metrics logged before it to be delivered
@@ -236,18 +237,43 @@ class Run:
     val_shard: Any  # rank 0's, when there are val batches to score; None elsewhere
     autocast: torch.autocast
     progress: Progress | None  # rank 0's console line
+    threads: Threads | None = None  # takes up the CPU threads of runs that finish beside it
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.worker.rank == 0 and step > self.logged_until:
             self.sink.log_metrics(metrics, step)
 
 
-def train(task: TrainTask, tc: TrainConfig, worker: WorkerContext, run_dir: str, sink: MetricsSink) -> None:
+class Threads(Protocol):
+    """How a worker takes up CPU threads that runs beside it free (:class:`steps.training.threads.ThreadShare`)."""
+
+    def poll(self) -> None:
+        """Set the thread count the runs beside it now leave it (called after every step)."""
+
+    def leave(self) -> None:
+        """This worker has finished training: its threads are free."""
+
+
+def train(
+    task: TrainTask, tc: TrainConfig, worker: WorkerContext, run_dir: str, sink: MetricsSink,
+    threads: Threads | None = None,
+) -> None:  # fmt: skip
     """One worker's part of the run: from the newest checkpoint's state (or from scratch) on to ``tc.steps``
     updates, logging the metric window every ``log_every`` and checkpointing every ``checkpoint_every`` and at the
-    end. A loss that is not finite on any rank stops every rank, with a record in ``run_dir``."""
-    rank, device = worker.rank, worker.device
+    end. A loss that is not finite on any rank stops every rank, with a record in ``run_dir``. With ``threads``, the
+    worker starts on ``cpus_per_worker`` threads and takes up more as runs beside it finish."""
     torch.set_num_threads(tc.cpus_per_worker)
+    try:
+        _train(task, tc, worker, run_dir, sink, threads)
+    finally:
+        if threads is not None:
+            threads.leave()
+
+
+def _train(
+    task: TrainTask, tc: TrainConfig, worker: WorkerContext, run_dir: str, sink: MetricsSink, threads: Threads | None
+) -> None:  # fmt: skip
+    rank, device = worker.rank, worker.device
     learner = build(task, tc, worker)
     state = resume.resume_state(worker.latest_checkpoint(), run_dir)
     if state is not None:
@@ -263,7 +289,7 @@ def train(task: TrainTask, tc: TrainConfig, worker: WorkerContext, run_dir: str,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
     items = tc.batch_size * worker.world
     progress = Progress(task.name, tc.steps, learner.step, items_per_unit=items) if rank == 0 else None
-    run = Run(task, tc, worker, run_dir, sink, logged_until, stream, val_shard, autocast, progress)
+    run = Run(task, tc, worker, run_dir, sink, logged_until, stream, val_shard, autocast, progress, threads)
     window = MetricWindow.restore((state or {}).get("window"))
     if state is not None and learner.step >= tc.steps:  # resumed from the final checkpoint, which Ray Train may not
         checkpoint(run, learner, window, last=True)  # have registered before the crash: report it again
@@ -282,6 +308,8 @@ def train(task: TrainTask, tc: TrainConfig, worker: WorkerContext, run_dir: str,
         if run.progress is not None and (text := run.progress.update(learner.step, values["loss"])):
             log.info("%s", text)  # rank 0's console: one line at least every PROGRESS_EVERY_S, and the last
         task.end_step(learner.step, rank, run_dir)
+        if run.threads is not None:
+            run.threads.poll()
 
 
 def train_step(run: Run, learner: Learner) -> dict[str, float] | None:
@@ -318,6 +346,8 @@ def log_window(run: Run, learner: Learner, window: MetricWindow) -> None:
     metrics.update({f"train/{k}": v for k, v in run.task.window_stats(unwrap(learner.model)).items()})
     metrics["train/lr"] = learner.sched.get_last_lr()[0]
     metrics["train/items_per_s"] = window.seen * run.tc.batch_size * run.worker.world / max(elapsed, 1e-9)
+    if run.threads is not None:
+        metrics["train/cpu_threads"] = torch.get_num_threads()
     run.log(metrics, learner.step)
     window.restart(metrics)
 
@@ -383,7 +413,12 @@ def main(config: Mapping[str, Any]) -> None:
     try:
         if exists(marker):
             raise SinkUnavailableError(read_json(marker)["error"])
-        train(config["task"], config["train"], RayWorker(), config["run_dir"], sink)
+        context = RayWorker()
+        threads = None
+        if config.get("threads") is not None:  # a ThreadLedger: take up the threads of runs that finish beside it
+            task = config["task"]
+            threads = ThreadShare(config["threads"], f"{task.name}[{context.rank}]", config["train"].cpus_per_worker)
+        train(config["task"], config["train"], context, config["run_dir"], sink, threads)
         sink.flush()
     except SinkUnavailableError as exc:
         if not exists(marker):

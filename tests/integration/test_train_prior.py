@@ -1,10 +1,13 @@
 """train_prior on local Ray: both levels side by side, class conditioning, and the errors users hit."""
 
 import json
+import logging
+import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from steps import train_prior
@@ -14,7 +17,9 @@ from steps.artifacts.priors import Priors
 from steps.core.step import JsonlSink, MissingInputError
 from steps.nn import registry
 from steps.nn.draw import SamplingControls
+from steps.training import threads
 
+LEVELS = ("top", "bottom")
 TRAIN = dict(steps=12, lr=3e-3, checkpoint_every=6, log_every=6, val_batches=2, max_failures=0)
 
 
@@ -45,7 +50,19 @@ def write_codes(root, artifacts, labels: bool, levels=("top", "bottom"), n=160, 
     return artifacts.codes(root, meta, splits)
 
 
-def test_two_levels_in_parallel(ray_local, tmp_path, artifacts, cfg):
+def test_two_levels_in_parallel_and_the_first_to_finish_hands_its_threads_on(
+    ray_local, tmp_path, artifacts, tiny, monkeypatch
+):  # fmt: skip
+    """Both levels side by side with share_threads: the small top prior finishes long before a larger bottom prior,
+    whose worker then trains on its own thread and the top's (it logs its count: 1, then 2); the top's stays 1."""
+    monkeypatch.setattr(threads, "ASK_EVERY_S", 0.1)
+    closed = []
+    close = threads.ThreadLedger.close
+    monkeypatch.setattr(threads.ThreadLedger, "close", lambda self: (closed.append(self), close(self)))
+    cfg = tiny.train_prior(
+        "train_prior.class_conditional=false", "train_prior.share_threads=true", "prior.bottom.channels=48",
+        "prior.bottom.layers=4", **{**TRAIN, "steps": 40, "log_every": 2, "checkpoint_every": 20},
+    )  # fmt: skip
     codes = write_codes(tmp_path / "codes", artifacts, labels=False)
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
     result = train_prior.run(cfg, {"encode": codes}, str(tmp_path / "out"), sink=sink)
@@ -56,7 +73,7 @@ def test_two_levels_in_parallel(ray_local, tmp_path, artifacts, cfg):
     assert priors.checkpoint("top").extra("vqvae") == "feedbeefcafe0001"
     assert top.config.shape == (4, 4) and top.config.attn_heads == 4 and top.config.cond_num_codes == 0
     assert bottom.config.shape == (8, 8) and bottom.config.cond_shape == (4, 4) and bottom.config.cond_num_codes == 16
-    assert priors.checkpoint("top").extra("step") == priors.checkpoint("bottom").extra("step") == 12
+    assert priors.checkpoint("top").extra("step") == priors.checkpoint("bottom").extra("step") == 40
     assert 0 < result.metrics["top_val_nll_bits"] < 5 and 0 < result.metrics["bottom_val_nll_bits"] < 5
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*logged)
@@ -69,6 +86,39 @@ def test_two_levels_in_parallel(ray_local, tmp_path, artifacts, cfg):
         assert bottom.nll_bits(b, cond=torch.zeros(4, 4, 4, dtype=torch.long)) != bottom.nll_bits(
             b, cond=torch.full((4, 4, 4), 5, dtype=torch.long)
         )
+    # The threads: the bottom took up the top's once the top had finished; the ledger is gone afterwards.
+    counts = {lv: [m[f"{lv}/train/cpu_threads"] for m in logged if f"{lv}/train/cpu_threads" in m] for lv in LEVELS}
+    assert set(counts["top"]) == {1}, counts
+    assert counts["bottom"][0] == 1 and counts["bottom"][-1] == 2, counts
+    assert len(closed) == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(closed[0].actor.threads.remote("bottom[0]"), timeout=30)
+
+
+def test_a_worker_goes_on_with_its_threads_when_the_ledger_is_gone(ray_local, monkeypatch, caplog):
+    monkeypatch.setattr(threads, "ASK_EVERY_S", 0.0)
+    own = torch.get_num_threads()
+    ledger = threads.ThreadLedger()
+    try:
+        first, second = threads.ThreadShare(ledger, "a[0]", 1), threads.ThreadShare(ledger, "b[0]", 1)
+        second.leave()
+        deadline = time.monotonic() + 30
+        while first.threads != 2 and time.monotonic() < deadline:
+            first.poll()
+            time.sleep(0.05)
+        assert first.threads == 2 and torch.get_num_threads() == 2
+        ledger.close()
+        with caplog.at_level(logging.WARNING, logger="steps.training.threads"):
+            deadline = time.monotonic() + 30
+            while "cannot reach the thread ledger" not in caplog.text and time.monotonic() < deadline:
+                first.poll()
+                time.sleep(0.05)
+        assert "cannot reach the thread ledger" in caplog.text
+        first.poll()
+        first.leave()  # no error: the sharing has stopped, training goes on
+        assert first.threads == 2
+    finally:
+        torch.set_num_threads(own)
 
 
 def test_class_conditional_one_level(ray_local, tmp_path, artifacts, cfg):

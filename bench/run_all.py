@@ -51,6 +51,7 @@ BENCHES = (
     "quality_fashion_mnist_codes",
     "quality_fashion_mnist_sampling",
     "levels",
+    "prior_threads",
 )
 # Benchmarks that run another one's script with extra arguments (--quick runs skip those marked full-only).
 VARIANTS = {
@@ -86,6 +87,8 @@ WHAT = {
     "quality_fashion_mnist_sampling": "temperature, top-p and classifier-free guidance on the 800-step base, each "
     "variant scored on 2000 samples in both feature spaces (--sampling)",
     "levels": "two levels vs three, Fashion-MNIST 64x64 (same data and steps); completions scored against real images",
+    "prior_threads": "train_prior's wall time on a CPU: levels side by side (1 thread each), with share_threads, and "
+    "one after the other with every thread (ratio = variant / side by side)",
 }
 
 

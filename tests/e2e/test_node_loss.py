@@ -36,7 +36,8 @@ pytestmark = pytest.mark.e2e
 RUN_TIMEOUT_S = 12 * 60
 HEAD_CPUS, NODE_CPUS = 3, 2  # one 2-CPU training worker fits on each node, never two on one
 SETTINGS = (
-    "data.rows_per_shard=10",  # 20 image files: encode is still busy when the node goes
+    "data.limit=400",
+    "data.rows_per_shard=10",  # 40 image files: encode is still busy when the node goes
     "train_vqvae.train.num_workers=2",
     "train_vqvae.train.cpus_per_worker=2",
     "train_vqvae.train.min_workers=1",
@@ -86,8 +87,12 @@ def run_and_lose_node(
         )  # fmt: skip
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
+        placed = False  # once the actor is on the node it stays there until the step ends (or the node does)
         while proc.poll() is None and time.monotonic() < deadline:
-            if glob.glob(str(ws.root / progress), recursive=True) and actors_on(head, node.node_id, actor):
+            # The state query takes a second or more under load; the progress check is a cheap glob, so once the
+            # actor is placed the kill follows the first progress file within one poll, while the node still works.
+            placed = placed or actors_on(head, node.node_id, actor)
+            if placed and glob.glob(str(ws.root / progress), recursive=True):
                 node.kill()
                 break
             time.sleep(0.05)
@@ -101,8 +106,15 @@ def run_and_lose_node(
     return rc, log_path.read_text(errors="replace")
 
 
-def assert_node_lost(head: LocalCluster, node: WorkerNode) -> None:
-    states = {n["node_id"]: n["state"] for n in nodes(head)}
+def assert_node_lost(head: LocalCluster, node: WorkerNode, within_s: float = 120.0) -> None:
+    """The GCS declares the killed node DEAD once its health checks fail for a while, which can be after a short step
+    has already finished on the head: wait for it."""
+    deadline = time.monotonic() + within_s
+    while True:
+        states = {n["node_id"]: n["state"] for n in nodes(head)}
+        if states.get(node.node_id) == "DEAD" or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     assert states.get(node.node_id) == "DEAD", f"the killed node should be DEAD in the GCS: {states}"
 
 

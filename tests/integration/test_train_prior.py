@@ -50,18 +50,25 @@ def write_codes(root, artifacts, labels: bool, levels=("top", "bottom"), n=160, 
     return artifacts.codes(root, meta, splits)
 
 
-def test_two_levels_in_parallel_and_the_first_to_finish_hands_its_threads_on(
-    ray_local, tmp_path, artifacts, tiny, monkeypatch
-):  # fmt: skip
-    """Both levels side by side with share_threads: the small top prior finishes long before a larger bottom prior,
-    whose worker then trains on its own thread and the top's (it logs its count: 1, then 2); the top's stays 1."""
+def test_two_levels_in_parallel_taking_up_freed_threads(ray_local, tmp_path, artifacts, tiny, monkeypatch):
+    """Both levels side by side with share_threads, in a ledger where a one-thread run on this node has already
+    finished: its thread goes to the bottom level's worker (first by key among the unfinished), which trains on two
+    and logs it; no worker ever counts more than the node's three. Which level finishes first is up to the machine,
+    so that is all the test asserts of timing (tests/unit/test_threads.py: the arithmetic)."""
     monkeypatch.setattr(threads, "ASK_EVERY_S", 0.1)
-    closed = []
-    close = threads.ThreadLedger.close
-    monkeypatch.setattr(threads.ThreadLedger, "close", lambda self: (closed.append(self), close(self)))
+    made = []
+
+    class WithFinishedNeighbour(threads.ThreadLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            ray.get(self.actor.join.remote("a-finished-run[0]", ray.get_runtime_context().get_node_id(), 1))
+            ray.get(self.actor.leave.remote("a-finished-run[0]"))
+            made.append(self)
+
+    monkeypatch.setattr(train_prior, "ThreadLedger", WithFinishedNeighbour)
     cfg = tiny.train_prior(
-        "train_prior.class_conditional=false", "train_prior.share_threads=true", "prior.bottom.channels=48",
-        "prior.bottom.layers=4", **{**TRAIN, "steps": 40, "log_every": 2, "checkpoint_every": 20},
+        "train_prior.class_conditional=false", "train_prior.share_threads=true",
+        **{**TRAIN, "steps": 40, "log_every": 2, "checkpoint_every": 20},
     )  # fmt: skip
     codes = write_codes(tmp_path / "codes", artifacts, labels=False)
     sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
@@ -86,13 +93,14 @@ def test_two_levels_in_parallel_and_the_first_to_finish_hands_its_threads_on(
         assert bottom.nll_bits(b, cond=torch.zeros(4, 4, 4, dtype=torch.long)) != bottom.nll_bits(
             b, cond=torch.full((4, 4, 4), 5, dtype=torch.long)
         )
-    # The threads: the bottom took up the top's once the top had finished; the ledger is gone afterwards.
+    # The threads: the bottom took up the finished run's; the ledger is gone afterwards.
     counts = {lv: [m[f"{lv}/train/cpu_threads"] for m in logged if f"{lv}/train/cpu_threads" in m] for lv in LEVELS}
-    assert set(counts["top"]) == {1}, counts
-    assert counts["bottom"][0] == 1 and counts["bottom"][-1] == 2, counts
-    assert len(closed) == 1
+    assert len(counts["top"]) == len(counts["bottom"]) == 20, counts
+    assert max(counts["bottom"]) >= 2, counts
+    assert all(1 <= c <= 3 for lv in LEVELS for c in counts[lv]), counts
+    assert len(made) == 1
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(closed[0].actor.threads.remote("bottom[0]"), timeout=30)
+        ray.get(made[0].actor.threads.remote("train_prior[bottom][0]"), timeout=30)
 
 
 def test_a_worker_goes_on_with_its_threads_when_the_ledger_is_gone(ray_local, monkeypatch, caplog):

@@ -413,12 +413,10 @@ def main(config: Mapping[str, Any]) -> None:
     try:
         if exists(marker):
             raise SinkUnavailableError(read_json(marker)["error"])
-        context = RayWorker()
-        threads = None
+        task, tc, context, threads = config["task"], config["train"], RayWorker(), None
         if config.get("threads") is not None:  # a ThreadLedger: take up the threads of runs that finish beside it
-            task = config["task"]
-            threads = ThreadShare(config["threads"], f"{task.name}[{context.rank}]", config["train"].cpus_per_worker)
-        train(config["task"], config["train"], context, config["run_dir"], sink, threads)
+            threads = ThreadShare(config["threads"], f"{task.name}[{context.rank}]", tc.cpus_per_worker)
+        train(task, tc, context, config["run_dir"], sink, threads)
         sink.flush()
     except SinkUnavailableError as exc:
         if not exists(marker):
